@@ -1,0 +1,5 @@
+import sys
+
+from otelwatch.cli import main
+
+sys.exit(main())

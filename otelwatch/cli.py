@@ -1,0 +1,126 @@
+"""The `otelwatch` command: parses arguments and hands off to the module that owns
+each subcommand. Imports are lazy so that `otelwatch hook` and `otelwatch event`,
+which agents run on every tool call, start in a few tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_RUNTIME_ERROR = 1  # e.g. the process does not exist, the daemon is unreachable
+EXIT_USAGE = 2  # bad arguments or bad config
+
+
+def _parser() -> argparse.ArgumentParser:
+    from otelwatch import __version__
+
+    p = argparse.ArgumentParser(
+        prog="otelwatch",
+        description="Watchdog for AI coding-agent sessions: tells hung from working.",
+    )
+    p.add_argument("--version", action="version", version=f"otelwatch {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", metavar="FILE", help="TOML config (default: built-in defaults)")
+
+    ex = sub.add_parser("exec", help="run an agent under otelwatch: otelwatch exec -- CMD ...")
+    ex.add_argument("--session-id", help="session id (default: generated)")
+    ex.add_argument("--agent", help="agent name (default: the command's name)")
+    ex.add_argument("--mode", choices=("headless", "interactive"), help="default: headless")
+    ex.add_argument("--config", metavar="FILE", help="config for the registry/state directories")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+    hook = sub.add_parser("hook", help="record an agent hook payload read from stdin")
+    hook.add_argument("agent", choices=("claude",), help="whose hook format stdin holds")
+
+    ev = sub.add_parser("event", help="record one event for a session")
+    ev.add_argument("session_id")
+    ev.add_argument("type", help="event type, e.g. progress, heartbeat, PreToolUse, Stop")
+    ev.add_argument("--tool", help="tool name for tool events")
+    ev.add_argument("--agent", help="agent name")
+    ev.add_argument("--pid", type=int, help="the agent's PID (default: the parent of the caller)")
+
+    st = sub.add_parser("status", help="show sessions of a running daemon")
+    st.add_argument("--url", default=None, help="daemon base URL (default: from --config or 127.0.0.1:9464)")
+    st.add_argument("--config", metavar="FILE")
+    st.add_argument("--watch", action="store_true", help="refresh every interval until Ctrl-C")
+    st.add_argument("--interval", type=float, default=2.0, help="refresh period for --watch")
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    dg = sub.add_parser("diag", help="sample one process tree now and print the evidence")
+    dg.add_argument("pid", type=int)
+    dg.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    demo = sub.add_parser("demo", help="watch a zoo of synthetic agents get classified")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds before it stops itself")
+    demo.add_argument("--listen", default="127.0.0.1:9464", help="HTTP listener while it runs")
+
+    cc = sub.add_parser("check-config", help="validate a config file and exit")
+    cc.add_argument("file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command
+    if command is None:
+        _parser().print_help()
+        return EXIT_USAGE
+
+    if command == "hook":
+        from otelwatch.hooks import hook_main
+
+        return hook_main(args.agent, sys.stdin.buffer)
+    if command == "event":
+        from otelwatch.hooks import event_main
+
+        return event_main(args.session_id, args.type, tool=args.tool, agent=args.agent, pid=args.pid)
+    if command == "diag":
+        from otelwatch.diag import diag_main
+
+        return diag_main(args.pid, as_json=args.json)
+
+    from otelwatch.config import Config, ConfigError, load_config
+
+    config_path = getattr(args, "config", None) if command != "check-config" else args.file
+    try:
+        cfg = load_config(config_path) if config_path else Config()
+    except ConfigError as exc:
+        print(f"otelwatch: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if command == "check-config":
+        print(f"{args.file}: ok")
+        return EXIT_OK
+    if command == "run":
+        from otelwatch.daemon import run_daemon
+
+        return run_daemon(cfg)
+    if command == "exec":
+        from otelwatch.exec_wrapper import exec_main
+
+        cmd = list(args.cmd)
+        if cmd and cmd[0] == "--":
+            cmd = cmd[1:]
+        if not cmd:
+            print("otelwatch exec: no command given (usage: otelwatch exec -- CMD ARGS...)", file=sys.stderr)
+            return EXIT_USAGE
+        return exec_main(cmd, cfg, session_id=args.session_id, agent=args.agent, mode=args.mode)
+    if command == "status":
+        from otelwatch.status import status_main
+
+        url = args.url or f"http://{cfg.http.listen}"
+        return status_main(url, watch=args.watch, interval=args.interval, as_json=args.json)
+    if command == "demo":
+        from otelwatch.demo import demo_main
+
+        return demo_main(duration=args.duration, listen=args.listen)
+    raise AssertionError(command)  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""Configuration: the TOML shape of DESIGN.md, its defaults, and its validation.
+
+Every key has a default. Unknown keys and bad values raise `ConfigError` naming
+the dotted key and the reason. Durations are seconds (numbers) or strings such
+as "90s", "5m", "1h30m". This module does no I/O except reading the file named
+to `load_config`, and never looks at the environment except through the
+`environ` argument of `default_paths`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_AGENTS = ("claude", "codex", "gemini", "aider", "opencode")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: `key` is the dotted name, `reason` says what is wrong."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:9464"
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    startup_grace: float = 30.0
+    stall_after: float = 300.0
+    tool_stall_after: float = 1800.0
+    cpu_idle_percent: float = 1.0
+    repeat_base: float = 60.0
+    repeat_max: float = 3600.0
+    exited_retention: float = 600.0
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    enabled: bool = False
+    dry_run: bool = False
+    recover_after: float | None = None  # None: max(300, 3 * stall_after); see effective_recover_after
+    action: str = "signal"
+    command: tuple[str, ...] = ()
+    command_timeout: float = 30.0
+    grace: float = 10.0
+    max_per_hour: int = 6
+    protect: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    state_file: str = ""
+    # Extension (off by default): also recover `stalled/waiting_on_network` sessions
+    # after this much longer silence, like an idle-message timeout. 0 disables it.
+    waiting_on_network_after: float = 0.0
+
+
+@dataclass(frozen=True)
+class RegistrySourceConfig:
+    enabled: bool = True
+    dir: str = ""
+
+
+@dataclass(frozen=True)
+class ProcessSourceConfig:
+    enabled: bool = True
+    match: tuple[str, ...] = DEFAULT_AGENTS
+
+
+@dataclass(frozen=True)
+class TmuxSourceConfig:
+    enabled: bool = True
+    timeout: float = 1.0  # every tmux call is bounded by this
+
+
+@dataclass(frozen=True)
+class TranscriptSourceConfig:
+    enabled: bool = True
+    home: str = ""  # default: the home directory of the user otelwatch runs as
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    registry: RegistrySourceConfig = field(default_factory=RegistrySourceConfig)
+    processes: ProcessSourceConfig = field(default_factory=ProcessSourceConfig)
+    tmux: TmuxSourceConfig = field(default_factory=TmuxSourceConfig)
+    transcripts: TranscriptSourceConfig = field(default_factory=TranscriptSourceConfig)
+
+
+@dataclass(frozen=True)
+class PrometheusExportConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class OtlpExportConfig:
+    enabled: bool = False  # also on when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    endpoint: str = ""  # default: the OTEL_EXPORTER_OTLP_* variables, else the SDK default
+    protocol: str = ""  # "grpc" | "http/protobuf"; default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc
+    interval: float = 15.0  # metric export interval
+    timeout: float = 5.0  # one export may take this long before it is abandoned
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    prometheus: PrometheusExportConfig = field(default_factory=PrometheusExportConfig)
+    otlp: OtlpExportConfig = field(default_factory=OtlpExportConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    interval: float = 5.0
+    probe_timeout: float = 2.0
+    state_dir: str = ""  # default: $XDG_STATE_HOME/otelwatch or ~/.local/state/otelwatch
+    http: HttpConfig = field(default_factory=HttpConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def recover_after(self) -> float:
+        return effective_recover_after(self.recovery, self.classify)
+
+
+def effective_recover_after(recovery: RecoveryConfig, classify: ClassifyConfig) -> float:
+    """An explicit value is taken as given; unset means the larger of 5 minutes and
+    3 x stall_after (900 s with the defaults)."""
+    if recovery.recover_after is not None:
+        return recovery.recover_after
+    return max(300.0, 3.0 * classify.stall_after)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class Paths:
+    state_dir: Path
+    registry_dir: Path
+    spool_dir: Path  # hook and `otelwatch event` lines, one file per session
+    recovery_state: Path
+    lock_file: Path  # one daemon per state directory
+    home: Path
+
+
+def default_paths(cfg: Config, environ: Mapping[str, str] | None = None) -> Paths:
+    """Where otelwatch keeps things, from config first, then the environment.
+
+    `OTELWATCH_STATE_DIR` overrides the state directory for hooks and tests that
+    have no config file; `OTELWATCH_REGISTRY_DIR` likewise for the registry.
+    """
+    env = os.environ if environ is None else environ
+    home = Path(cfg.sources.transcripts.home or env.get("HOME") or Path.home())
+    if cfg.state_dir:
+        state = Path(cfg.state_dir)
+    elif env.get("OTELWATCH_STATE_DIR"):
+        state = Path(env["OTELWATCH_STATE_DIR"])
+    elif env.get("XDG_STATE_HOME"):
+        state = Path(env["XDG_STATE_HOME"]) / "otelwatch"
+    else:
+        state = Path(env.get("HOME") or Path.home()) / ".local" / "state" / "otelwatch"
+    if cfg.sources.registry.dir:
+        registry = Path(cfg.sources.registry.dir)
+    elif env.get("OTELWATCH_REGISTRY_DIR"):
+        registry = Path(env["OTELWATCH_REGISTRY_DIR"])
+    elif env.get("XDG_RUNTIME_DIR"):
+        registry = Path(env["XDG_RUNTIME_DIR"]) / "otelwatch" / "sessions"
+    else:
+        registry = state / "sessions"
+    recovery_state = Path(cfg.recovery.state_file) if cfg.recovery.state_file else state / "recovery.json"
+    return Paths(
+        state_dir=state,
+        registry_dir=registry,
+        spool_dir=state / "events",
+        recovery_state=recovery_state,
+        lock_file=state / "otelwatch.lock",
+        home=home,
+    )
+
+
+# --------------------------------------------------------------------------- parsing
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object, key: str = "") -> float:
+    """Seconds from a number or a string like "90s", "5m", "1h30m"."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration (seconds or '5m'), got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        pos, seconds = 0, 0.0
+        for m in _DURATION_RE.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+            pos = m.end()
+        if not text or pos != len(text):
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise ConfigError(
+                    key, f"bad duration {value!r}: use seconds or a string like '90s', '5m', '1h'"
+                ) from None
+    else:
+        raise ConfigError(key, f"expected a duration (seconds or '5m'), got {type(value).__name__}")
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):
+        raise ConfigError(key, f"duration must be a finite number >= 0, got {value!r}")
+    return seconds
+
+
+def split_listen(listen: str, key: str = "http.listen") -> tuple[str, int]:
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(key, f"expected HOST:PORT, got {listen!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(key, f"port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(key, f"port {port} is out of range 0-65535")
+    return host, port
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _number(value: object, key: str, *, minimum: float = 0.0, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if integer and not float(value).is_integer():
+        raise ConfigError(key, f"expected a whole number, got {value!r}")
+    if value != value or value < minimum:
+        raise ConfigError(key, f"must be >= {minimum:g}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _string(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _string_list(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _regex_list(value: object, key: str) -> tuple[str, ...]:
+    patterns = _string_list(value, key)
+    for i, pattern in enumerate(patterns):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{key}[{i}]", f"bad regular expression {pattern!r}: {exc}") from None
+    return patterns
+
+
+def _positive_duration(value: object, key: str) -> float:
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(key, f"must be > 0, got {value!r}")
+    return seconds
+
+
+def _choice(*choices: str) -> Any:
+    def check(value: object, key: str) -> str:
+        if value not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def _listen(value: object, key: str) -> str:
+    text = _string(value, key)
+    split_listen(text, key)
+    return text
+
+
+def _recover_after(value: object, key: str) -> float | None:
+    return _positive_duration(value, key)
+
+
+def _command(value: object, key: str) -> tuple[str, ...]:
+    argv = _string_list(value, key)
+    for i, arg in enumerate(argv):
+        bad = re.findall(r"\{([^{}]*)\}", arg)
+        unknown = [name for name in bad if name not in ("pid", "pgid", "session_id")]
+        if unknown:
+            raise ConfigError(
+                f"{key}[{i}]", f"unknown placeholder {{{unknown[0]}}}: use {{pid}}, {{pgid}} or {{session_id}}"
+            )
+    return argv
+
+
+# Validators by dotted key. Sections are the dataclass fields holding dataclasses.
+_VALIDATORS: dict[str, Any] = {
+    "interval": _positive_duration,
+    "probe_timeout": _positive_duration,
+    "state_dir": _string,
+    "http.listen": _listen,
+    "classify.startup_grace": parse_duration,
+    "classify.stall_after": _positive_duration,
+    "classify.tool_stall_after": _positive_duration,
+    "classify.cpu_idle_percent": lambda v, k: _number(v, k),
+    "classify.repeat_base": _positive_duration,
+    "classify.repeat_max": _positive_duration,
+    "classify.exited_retention": parse_duration,
+    "recovery.enabled": _bool,
+    "recovery.dry_run": _bool,
+    "recovery.recover_after": _recover_after,
+    "recovery.action": _choice("signal", "command"),
+    "recovery.command": _command,
+    "recovery.command_timeout": _positive_duration,
+    "recovery.grace": parse_duration,
+    "recovery.max_per_hour": lambda v, k: _number(v, k, integer=True),
+    "recovery.protect": _regex_list,
+    "recovery.users": _string_list,
+    "recovery.state_file": _string,
+    "recovery.waiting_on_network_after": parse_duration,
+    "sources.registry.enabled": _bool,
+    "sources.registry.dir": _string,
+    "sources.processes.enabled": _bool,
+    "sources.processes.match": _regex_list,
+    "sources.tmux.enabled": _bool,
+    "sources.tmux.timeout": _positive_duration,
+    "sources.transcripts.enabled": _bool,
+    "sources.transcripts.home": _string,
+    "export.prometheus.enabled": _bool,
+    "export.otlp.enabled": _bool,
+    "export.otlp.endpoint": _string,
+    "export.otlp.protocol": _choice("", "grpc", "http/protobuf"),
+    "export.otlp.interval": _positive_duration,
+    "export.otlp.timeout": _positive_duration,
+}
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix.rstrip("."), f"expected a table, got {data!r}")
+    by_name = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = prefix + name
+        if name not in by_name:
+            known = ", ".join(sorted(by_name))
+            raise ConfigError(key, f"unknown key (known here: {known})")
+        default = by_name[name].default_factory  # type: ignore[misc]
+        if key in _VALIDATORS:
+            kwargs[name] = _VALIDATORS[key](value, key)
+        elif callable(default):  # a nested section
+            kwargs[name] = _build(type(default()), value, key + ".")
+        else:  # pragma: no cover - every leaf has a validator
+            raise ConfigError(key, "no validator")
+    return cls(**kwargs)
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """A validated `Config` from already-parsed TOML data."""
+    cfg: Config = _build(Config, data, "")
+    c = cfg.classify
+    if c.repeat_max < c.repeat_base:
+        raise ConfigError("classify.repeat_max", f"must be >= classify.repeat_base ({c.repeat_base:g})")
+    if cfg.probe_timeout > cfg.interval:
+        raise ConfigError("probe_timeout", f"must be <= interval ({cfg.interval:g} s)")
+    r = cfg.recovery
+    if r.action == "command" and not r.command:
+        raise ConfigError("recovery.command", 'must be set when recovery.action = "command"')
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """The config in `path` (None: all defaults). Raises ConfigError naming the problem."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {os.fspath(path)!r} does not exist") from None
+    except PermissionError:
+        raise ConfigError("", f"config file {os.fspath(path)!r} is not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"config file {os.fspath(path)!r} is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{os.fspath(path)}: not valid TOML: {exc}") from None
+    return parse_config(data)
+
+
+def with_overrides(cfg: Config, **sections: Any) -> Config:
+    """A copy of `cfg` with whole values replaced, e.g. `with_overrides(cfg, interval=1)`.
+    Used by the demo and tests; values are not re-validated."""
+    return replace(cfg, **sections)

@@ -1,0 +1,470 @@
+"""Plain data that flows between otelwatch's stages: probe -> classify -> act -> export.
+
+Everything here is immutable and free of I/O. This module imports nothing from
+the package; every other module may import it. The state and reason names are
+a contract (dashboards, alert rules and users' scripts match on them).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"
+    ACTIVE = "active"
+    IDLE = "idle"
+    LONG_RUNNING = "long_running"
+    STALLED = "stalled"
+    STUCK = "stuck"
+    EXITED = "exited"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Reason(str, enum.Enum):
+    STARTUP_GRACE = "startup_grace"
+    RECENT_PROGRESS = "recent_progress"
+    NO_OPEN_TURN = "no_open_turn"
+    AWAITING_INPUT = "awaiting_input"
+    TOOL_RUNNING = "tool_running"
+    WAITING_ON_NETWORK = "waiting_on_network"
+    API_RETRYING = "api_retrying"
+    CPU_SPIN = "cpu_spin"
+    TOOL_CALL_WITHOUT_PROGRESS = "tool_call_without_progress"
+    PROBE_TIMEOUT = "probe_timeout"
+    ACCESS_DENIED = "access_denied"
+    NO_ACTIVITY = "no_activity"
+    PROCESS_EXITED = "process_exited"
+    RUNTIME_ALIVE_PROCESS_DEAD = "runtime_alive_process_dead"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Which reasons belong to which state; the classifier and its tests use this.
+REASONS_BY_STATE: Mapping[State, frozenset[Reason]] = {
+    State.STARTING: frozenset({Reason.STARTUP_GRACE}),
+    State.ACTIVE: frozenset({Reason.RECENT_PROGRESS}),
+    State.IDLE: frozenset({Reason.NO_OPEN_TURN, Reason.AWAITING_INPUT}),
+    State.LONG_RUNNING: frozenset({Reason.TOOL_RUNNING}),
+    State.STALLED: frozenset(
+        {
+            Reason.WAITING_ON_NETWORK,
+            Reason.API_RETRYING,
+            Reason.CPU_SPIN,
+            Reason.TOOL_CALL_WITHOUT_PROGRESS,
+            Reason.PROBE_TIMEOUT,
+            Reason.ACCESS_DENIED,
+        }
+    ),
+    State.STUCK: frozenset({Reason.NO_ACTIVITY}),
+    State.EXITED: frozenset({Reason.PROCESS_EXITED, Reason.RUNTIME_ALIVE_PROCESS_DEAD}),
+}
+
+
+class Mode(str, enum.Enum):
+    """A headless session processes from start to exit; an interactive one only
+    while a turn is open."""
+
+    HEADLESS = "headless"
+    INTERACTIVE = "interactive"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# --------------------------------------------------------------------------- probe
+
+
+class ProcessIdentity(NamedTuple):
+    """A process is (pid, create_time): a PID whose create time changed is another
+    process (PID reuse) and never inherits the old one's history or signals."""
+
+    pid: int
+    create_time: float
+
+
+class SampleStatus(str, enum.Enum):
+    OK = "ok"
+    VANISHED = "vanished"  # root process gone, or its PID now belongs to another process
+    ZOMBIE = "zombie"  # root exited but not yet reaped
+    ACCESS_DENIED = "access_denied"  # something the classifier needs could not be read
+    PROBE_TIMEOUT = "probe_timeout"  # the probe overran its deadline
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class TcpConnection:
+    state: str  # "ESTABLISHED", "SYN_SENT", ... (LISTEN kept apart)
+    local: str  # "127.0.0.1:5555" / "[::1]:5555"
+    remote: str
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    """One process of a session's tree at one tick. None means unknown (not zero)."""
+
+    pid: int
+    ppid: int
+    create_time: float
+    name: str
+    status: str  # kernel state letter: R S D Z T I ...
+    cpu_seconds: float  # user + system, cumulative
+    cpu_percent: float | None  # of one core since this process's previous sample; None: no rate yet
+    rss_bytes: int
+    threads: int
+    pgid: int = 0
+    uid: int | None = None
+    num_fds: int | None = None  # None: /proc/PID/fd not readable
+    tcp: Mapping[str, int] | None = None  # state -> count, LISTEN excluded; None: unknown
+    listen: int = 0
+    connections: tuple[TcpConnection, ...] = ()  # non-LISTEN, for diagnostics
+    read_bytes: int | None = None
+    write_bytes: int | None = None
+    cmdline: tuple[str, ...] = ()
+    wchan: str | None = None  # only filled for reports (diag), not every tick
+
+    @property
+    def identity(self) -> ProcessIdentity:
+        return ProcessIdentity(self.pid, self.create_time)
+
+
+@dataclass(frozen=True)
+class TreeSample:
+    """A session's whole process tree (root + descendants) at one tick."""
+
+    time: float  # wall clock, seconds
+    status: SampleStatus
+    root: ProcessIdentity | None = None
+    processes: tuple[ProcessSample, ...] = ()  # root first
+    cpu_percent: float | None = None  # tree total, percent of one core (100.0 = one core)
+    cpu_seconds: float = 0.0
+    rss_bytes: int = 0
+    threads: int = 0
+    num_fds: int | None = None
+    tcp: Mapping[str, int] | None = None  # non-LISTEN states; None: unknown for some process
+    listen: int = 0
+    children: int = 0  # descendants of the root
+    read_bytes: int | None = None
+    write_bytes: int | None = None
+    error: str = ""  # human-readable detail for non-OK statuses
+
+    @property
+    def tcp_total(self) -> int | None:
+        """Open non-LISTEN TCP connections of the tree; None when unknown."""
+        return None if self.tcp is None else sum(self.tcp.values())
+
+    @property
+    def alive(self) -> bool:
+        return self.status not in (SampleStatus.VANISHED, SampleStatus.ZOMBIE)
+
+
+# --------------------------------------------------------------------------- events
+
+
+class EventKind(str, enum.Enum):
+    """Progress moves the agent's work; a heartbeat only shows its loop is alive."""
+
+    PROGRESS = "progress"
+    HEARTBEAT = "heartbeat"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float  # wall clock when it happened (or was seen)
+    type: str  # normalised name: "assistant", "tool_use", "result", "PreToolUse", ...
+    kind: EventKind = EventKind.PROGRESS
+    tool: str | None = None
+    tool_id: str | None = None
+    turn: str | None = None  # "open" | "close" | None
+    tool_call: str | None = None  # "open" | "close" | None
+    awaiting_input: bool | None = None  # True: now waiting on a person; False: no longer
+    retry: bool = False  # an API retry heartbeat (api_retrying evidence)
+    source: str = ""  # "stream", "transcript", "hook", "http", "exec", ...
+    detail: str = ""  # short text for diagnostics
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"time": self.time, "type": self.type, "kind": self.kind.value}
+        for key in ("tool", "tool_id", "turn", "tool_call", "awaiting_input", "detail"):
+            value = getattr(self, key)
+            if value not in (None, ""):
+                out[key] = value
+        if self.retry:
+            out["retry"] = True
+        if self.source:
+            out["source"] = self.source
+        return out
+
+
+@dataclass(frozen=True)
+class OpenTool:
+    tool_id: str
+    tool: str
+    since: float
+
+
+RECENT_EVENTS = 20
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What a session's event history says, folded event by event (see `apply`)."""
+
+    events: int = 0
+    malformed: int = 0
+    first_event_time: float | None = None
+    last_event_time: float | None = None
+    last_progress_time: float | None = None
+    last_heartbeat_time: float | None = None
+    last_retry_time: float | None = None
+    turn_open: bool = False
+    turn_opened_at: float | None = None
+    open_tools: tuple[OpenTool, ...] = ()
+    awaiting_input: bool = False
+    recent: tuple[Event, ...] = ()
+
+    def apply(self, event: Event, ring: int = RECENT_EVENTS) -> Activity:
+        """The activity after `event`. Pure; out-of-order times never move clocks back."""
+        t = event.time
+        changes: dict[str, Any] = {
+            "events": self.events + 1,
+            "first_event_time": t if self.first_event_time is None else min(self.first_event_time, t),
+            "last_event_time": _latest(self.last_event_time, t),
+            "recent": (*self.recent, event)[-ring:] if ring > 0 else (),
+        }
+        if event.kind is EventKind.PROGRESS:
+            changes["last_progress_time"] = _latest(self.last_progress_time, t)
+        else:
+            changes["last_heartbeat_time"] = _latest(self.last_heartbeat_time, t)
+            if event.retry:
+                changes["last_retry_time"] = _latest(self.last_retry_time, t)
+
+        open_tools = self.open_tools
+        turn_open = self.turn_open
+        turn_opened_at = self.turn_opened_at
+        if event.turn == "open":
+            turn_open, turn_opened_at = True, t
+        if event.tool_call == "open":
+            tool_id = event.tool_id or f"{event.tool or 'tool'}@{t}"
+            open_tools = (*(o for o in open_tools if o.tool_id != tool_id),
+                          OpenTool(tool_id, event.tool or "", t))
+        elif event.tool_call == "close":
+            open_tools = _close_tool(open_tools, event.tool_id, event.tool)
+        if event.turn == "close":
+            # A finished turn leaves no tool call open, whatever we missed.
+            turn_open, turn_opened_at, open_tools = False, None, ()
+        changes.update(turn_open=turn_open, turn_opened_at=turn_opened_at, open_tools=open_tools)
+
+        if event.awaiting_input is not None:
+            changes["awaiting_input"] = event.awaiting_input
+        elif event.kind is EventKind.PROGRESS:
+            # Work moved, so nobody is being waited on any more.
+            changes["awaiting_input"] = False
+        return replace(self, **changes)
+
+    def count_malformed(self, n: int = 1) -> Activity:
+        return replace(self, malformed=self.malformed + n)
+
+
+def _latest(current: float | None, t: float) -> float:
+    return t if current is None else max(current, t)
+
+
+def _close_tool(
+    open_tools: tuple[OpenTool, ...], tool_id: str | None, tool: str | None
+) -> tuple[OpenTool, ...]:
+    if tool_id is not None and any(o.tool_id == tool_id for o in open_tools):
+        return tuple(o for o in open_tools if o.tool_id != tool_id)
+    # No id (hooks without tool_use_id): close the oldest call of that tool, else the oldest.
+    for candidate in open_tools:
+        if tool is None or candidate.tool == tool:
+            return tuple(o for o in open_tools if o is not candidate)
+    return open_tools[1:]
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+@dataclass(frozen=True)
+class Runtime:
+    kind: str  # "tmux", "exec", ...
+    target: str = ""  # e.g. tmux "sess:0.1"
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """A session as a source describes it, before probing. Sources emit these
+    every refresh; the daemon merges them by session_id (and root pid)."""
+
+    session_id: str
+    pid: int | None  # None: known only from events so far (e.g. a hook)
+    agent: str = "unknown"
+    source: str = ""  # "registry", "process", "tmux", "exec", "hook", "api"
+    mode: Mode = Mode.HEADLESS
+    events_path: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    runtime: Runtime | None = None
+    runtime_alive: bool | None = None  # e.g. the tmux pane still exists
+    create_time: float | None = None  # when the source knows the process identity
+    stderr_path: str | None = None  # exec wrapper's stderr ring, for diagnostics
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the classifier needs to know about a session besides samples and events."""
+
+    mode: Mode
+    started_at: float  # wall clock when we first saw it
+    has_event_source: bool
+    runtime_alive: bool | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: State
+    reason: Reason
+    silence_s: float  # progress silence as the classifier counted it
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def recoverable(self) -> bool:
+        return self.state is State.STUCK
+
+
+# --------------------------------------------------------------------------- act
+
+
+class RecoveryStatus(str, enum.Enum):
+    TERMINATED = "terminated"
+    KILLED = "killed"
+    UNKILLABLE = "unkillable"
+    VANISHED = "vanished"
+    IDENTITY_CHANGED = "identity_changed"
+    FAILED = "failed"
+    DRY_RUN = "dry_run"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class RecoveryStep:
+    """One step of a recovery, recorded as it happens (request, each signal, result)."""
+
+    session_id: str
+    agent: str
+    action: str  # "signal" | "command"
+    step: str  # "requested", "sigterm", "sigkill", "command", "completed", "skipped"
+    time: float
+    pid: int
+    reason: str = ""
+    status: RecoveryStatus | None = None  # set on "completed"
+    duration_s: float | None = None  # set on "completed"
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "session_id": self.session_id,
+            "agent": self.agent,
+            "action": self.action,
+            "step": self.step,
+            "time": self.time,
+            "pid": self.pid,
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        if self.status is not None:
+            out["status"] = self.status.value
+        if self.duration_s is not None:
+            out["duration_s"] = round(self.duration_s, 3)
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """One session as the exporters and `/api/sessions` see it after a tick.
+
+    Scrapes and OTLP exports read these; they never touch /proc.
+    """
+
+    session_id: str
+    agent: str
+    pid: int | None
+    state: State
+    reason: Reason
+    state_since: float  # wall clock
+    last_event_time: float | None  # wall clock of the last event of any kind
+    last_event_age_s: float | None  # None: no event yet (and no process activity seen)
+    silence_s: float  # progress silence as classified
+    cpu_percent: float | None  # tree, percent of one core
+    rss_bytes: int
+    open_fds: int | None
+    threads: int
+    tcp: Mapping[str, int]  # TCP state -> count, non-LISTEN
+    mode: Mode = Mode.HEADLESS
+    source: str = ""
+    create_time: float | None = None
+    started_at: float = 0.0
+    events: int = 0
+    malformed: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    runtime: Runtime | None = None
+    children: tuple[Mapping[str, Any], ...] = ()  # {pid, name, cmdline, status, cpu_percent}
+    recent_events: tuple[Event, ...] = ()
+    recoveries: tuple[RecoveryStep, ...] = ()
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    sample_status: SampleStatus = SampleStatus.OK
+
+    @property
+    def live(self) -> bool:
+        return self.state is not State.EXITED
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "agent": self.agent,
+            "pid": self.pid,
+            "create_time": self.create_time,
+            "mode": self.mode.value,
+            "source": self.source,
+            "state": self.state.value,
+            "reason": self.reason.value,
+            "state_since": self.state_since,
+            "started_at": self.started_at,
+            "last_event_time": self.last_event_time,
+            "last_event_age_s": _round(self.last_event_age_s),
+            "silence_s": _round(self.silence_s),
+            "cpu_percent": _round(self.cpu_percent),
+            "rss_bytes": self.rss_bytes,
+            "open_fds": self.open_fds,
+            "threads": self.threads,
+            "tcp": dict(self.tcp),
+            "children": [dict(c) for c in self.children],
+            "events": self.events,
+            "malformed": self.malformed,
+            "labels": dict(self.labels),
+            "runtime": None if self.runtime is None else {"kind": self.runtime.kind, "target": self.runtime.target},
+            "sample_status": self.sample_status.value,
+            "evidence": dict(self.evidence),
+            "recent_events": [e.to_json() for e in self.recent_events],
+            "recoveries": [r.to_json() for r in self.recoveries],
+        }
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)

@@ -1,0 +1,176 @@
+"""The host's process table, read once per tick from /proc/*/stat.
+
+Discovery (process matchers, tmux) and the probe share one table per tick, so
+each process on the host costs one small read per tick, and cmdlines are read
+once per process identity (pid, create_time) and cached. Processes that vanish
+or cannot be read while the table is built are simply absent: this module
+never raises for one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from otelwatch.model import ProcessIdentity
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    state: str  # kernel state letter
+    comm: str  # kernel's 15-char name
+    cpu_seconds: float  # utime + stime
+    threads: int
+    create_time: float  # Unix time, from boot time + starttime ticks
+    rss_bytes: int
+
+    @property
+    def identity(self) -> ProcessIdentity:
+        return ProcessIdentity(self.pid, self.create_time)
+
+
+def read_boot_time(proc_root: str = "/proc") -> float:
+    with open(os.path.join(proc_root, "stat"), "rb") as fh:
+        for line in fh:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    raise OSError(f"no btime in {proc_root}/stat")
+
+
+def parse_stat(pid: int, data: bytes, boot_time: float) -> ProcInfo:
+    """A ProcInfo from the bytes of /proc/PID/stat. The name may hold spaces and
+    parentheses, so it is cut at the last ')'."""
+    head, _, rest = data.rpartition(b")")
+    comm = head.partition(b"(")[2].decode("utf-8", "replace")
+    f = rest.split()
+    # f[0] is field 3 (state) of proc(5); field N is f[N - 3].
+    return ProcInfo(
+        pid=pid,
+        ppid=int(f[1]),
+        pgid=int(f[2]),
+        sid=int(f[3]),
+        state=f[0].decode(),
+        comm=comm,
+        cpu_seconds=(int(f[11]) + int(f[12])) / CLK_TCK,
+        threads=int(f[17]),
+        create_time=boot_time + int(f[19]) / CLK_TCK,
+        rss_bytes=int(f[21]) * PAGE_SIZE,
+    )
+
+
+def read_proc(pid: int, proc_root: str = "/proc", boot_time: float | None = None) -> ProcInfo | None:
+    """One process's ProcInfo now, or None when it does not exist (any more)."""
+    bt = read_boot_time(proc_root) if boot_time is None else boot_time
+    try:
+        with open(f"{proc_root}/{pid}/stat", "rb") as fh:
+            return parse_stat(pid, fh.read(), bt)
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+class ProcessTable:
+    """An immutable view of all processes at one instant, with parent->children links."""
+
+    def __init__(self, procs: dict[int, ProcInfo], reader: ProcessTableReader) -> None:
+        self._procs = procs
+        self._reader = reader
+        children: dict[int, list[int]] = {}
+        for info in procs.values():
+            children.setdefault(info.ppid, []).append(info.pid)
+        self._children = children
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self._procs
+
+    def __iter__(self) -> Iterator[ProcInfo]:
+        return iter(self._procs.values())
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def get(self, pid: int) -> ProcInfo | None:
+        return self._procs.get(pid)
+
+    def children(self, pid: int) -> list[int]:
+        return self._children.get(pid, [])
+
+    def descendants(self, pid: int) -> list[int]:
+        """All descendants of pid, breadth first (not including pid)."""
+        out: list[int] = []
+        queue = list(self._children.get(pid, ()))
+        seen = {pid}
+        while queue:
+            child = queue.pop(0)
+            if child in seen:  # a PID reused mid-read can make a cycle
+                continue
+            seen.add(child)
+            out.append(child)
+            queue.extend(self._children.get(child, ()))
+        return out
+
+    def ancestors(self, pid: int) -> list[int]:
+        """Parent, grandparent, ... up to (not including) PID 0."""
+        out: list[int] = []
+        info = self._procs.get(pid)
+        while info is not None and info.ppid > 0 and info.ppid not in out and len(out) < 4096:
+            out.append(info.ppid)
+            info = self._procs.get(info.ppid)
+        return out
+
+    def cmdline(self, pid: int) -> tuple[str, ...]:
+        """argv of pid (cached per process identity); () for kernel threads or on error."""
+        info = self._procs.get(pid)
+        return () if info is None else self._reader.cmdline(info)
+
+
+class ProcessTableReader:
+    """Reads ProcessTables; keeps the cmdline cache between ticks."""
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self.proc_root = proc_root
+        self.boot_time = read_boot_time(proc_root)
+        self._cmdlines: dict[ProcessIdentity, tuple[str, ...]] = {}
+
+    def read(self) -> ProcessTable:
+        procs: dict[int, ProcInfo] = {}
+        root = self.proc_root
+        boot_time = self.boot_time
+        for entry in os.listdir(root):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                with open(f"{root}/{entry}/stat", "rb") as fh:
+                    data = fh.read()
+                procs[pid] = parse_stat(pid, data, boot_time)
+            except (OSError, IndexError, ValueError):
+                continue  # vanished between listdir and open, or unreadable
+        # Forget cmdlines of processes that are gone, so the cache stays bounded.
+        if len(self._cmdlines) > 2 * len(procs) + 64:
+            live = {p.identity for p in procs.values()}
+            self._cmdlines = {k: v for k, v in self._cmdlines.items() if k in live}
+        return ProcessTable(procs, self)
+
+    def cmdline(self, info: ProcInfo) -> tuple[str, ...]:
+        key = info.identity
+        cached = self._cmdlines.get(key)
+        if cached is not None:
+            return cached
+        try:
+            with open(f"{self.proc_root}/{info.pid}/cmdline", "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            return ()
+        argv = tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a)
+        # An empty cmdline can be a process still in exec; do not cache it.
+        if argv:
+            self._cmdlines[key] = argv
+        return argv

@@ -1,0 +1,117 @@
+"""Real processes for tests: spawn fake agents and local servers, always cleaned up.
+
+Use through the fixtures in conftest.py (`spawn`, `tcp_server`, `tcp_server6`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+FAKE = [sys.executable, "-m", "otelwatch.fake_agents"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> object:
+    """Poll predicate until it returns something truthy; fail the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def require_binary(name: str) -> str:
+    """Path of a binary tests need. Missing: fail on CI (it must be installed), skip locally."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is required on CI but not installed (.ci/run should install it)")
+    pytest.skip(f"{name} not installed")
+    raise AssertionError  # unreachable
+
+
+class Spawner:
+    """Starts processes in their own process group and kills every group at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __call__(self, *args: str, ready: bool = False, fake: bool = True, lifetime: float = 120.0,
+                 **popen: object) -> subprocess.Popen[bytes]:
+        """Start `python -m otelwatch.fake_agents ARGS` (or ARGS itself with fake=False).
+
+        ready=True waits for the first line on stdout (kinds that print when set up).
+        """
+        argv = [*FAKE, *args, "--lifetime", str(lifetime)] if fake else list(args)
+        popen.setdefault("stdout", subprocess.PIPE if ready else subprocess.DEVNULL)
+        popen.setdefault("cwd", str(REPO))
+        proc = subprocess.Popen(argv, start_new_session=True, **popen)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        if ready:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line, f"{argv} exited before it was ready"
+            proc.ready_line = line.decode().strip()  # type: ignore[attr-defined]
+        return proc
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                pass
+            if proc.stdout:
+                proc.stdout.close()
+
+
+class TcpServer:
+    """A loopback server that accepts and holds connections, answering nothing."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(128)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=2)
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
