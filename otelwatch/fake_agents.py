@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--period", type=float, default=1.0, help="seconds between events")
     p.add_argument("--warmup", type=float, default=0.0, help="seconds of normal events first")
     p.add_argument("--lifetime", type=float, default=3600.0)
+    p.add_argument("--tool-child", default="busy", help="fake agent kind the tool call runs")
     args = p.parse_args(argv)
     deadline = time.time() + args.lifetime
     out: IO[str] = open(args.events, "a", encoding="utf-8") if args.events else sys.stdout  # noqa: SIM115
@@ -155,7 +156,7 @@ def _stream_agent(kind: str, out: IO[str], args: argparse.Namespace, deadline: f
         _hold(deadline)
     elif kind == "tool":  # a long, legitimate tool call with a working child
         _emit(out, _tool_use("toolu_1", "Bash", "make -j2"))
-        child = subprocess.Popen([sys.executable, "-m", "otelwatch.fake_agents", "busy",
+        child = subprocess.Popen([sys.executable, "-m", "otelwatch.fake_agents", args.tool_child,
                                   "--lifetime", str(max(0.0, deadline - time.time()))])
         keep.append(child)
         while time.time() < deadline and child.poll() is None:

@@ -221,6 +221,7 @@ class Activity:
     """What a session's event history says, folded event by event (see `apply`)."""
 
     events: int = 0
+    progress_events: int = 0  # the backoff fingerprint counts these: heartbeats alone change nothing
     malformed: int = 0
     first_event_time: float | None = None
     last_event_time: float | None = None
@@ -244,6 +245,7 @@ class Activity:
         }
         if event.kind is EventKind.PROGRESS:
             changes["last_progress_time"] = _latest(self.last_progress_time, t)
+            changes["progress_events"] = self.progress_events + 1
         else:
             changes["last_heartbeat_time"] = _latest(self.last_heartbeat_time, t)
             if event.retry:
@@ -255,6 +257,10 @@ class Activity:
         if event.turn == "open":
             turn_open, turn_opened_at = True, t
         if event.tool_call == "open":
+            # A tool call is work in progress: if we missed the prompt that opened the
+            # turn (a hook not installed, a transcript joined late), the turn is open now.
+            if not turn_open:
+                turn_open, turn_opened_at = True, t
             tool_id = event.tool_id or f"{event.tool or 'tool'}@{t}"
             open_tools = (*(o for o in open_tools if o.tool_id != tool_id),
                           OpenTool(tool_id, event.tool or "", t))

@@ -10,7 +10,8 @@ never raises for one process.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time as _time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from otelwatch.model import ProcessIdentity
@@ -70,18 +71,39 @@ def read_proc(pid: int, proc_root: str = "/proc", boot_time: float | None = None
     """One process's ProcInfo now, or None when it does not exist (any more)."""
     bt = read_boot_time(proc_root) if boot_time is None else boot_time
     try:
-        with open(f"{proc_root}/{pid}/stat", "rb") as fh:
-            return parse_stat(pid, fh.read(), bt)
+        return parse_stat(pid, _read_small(f"{proc_root}/{pid}/stat"), bt)
     except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
         return None
 
 
-class ProcessTable:
-    """An immutable view of all processes at one instant, with parent->children links."""
+def _read_small(path: str) -> bytes:
+    """The whole of a small /proc file in one read(2): /proc/PID/stat is well under
+    4 KiB, and a buffered file object would cost an fstat and a second read."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 4096)
+        if len(data) == 4096:  # a name or field longer than expected: read the rest
+            while chunk := os.read(fd, 4096):
+                data += chunk
+        return data
+    finally:
+        os.close(fd)
 
-    def __init__(self, procs: dict[int, ProcInfo], reader: ProcessTableReader) -> None:
+
+class ProcessTable:
+    """An immutable view of all processes at one instant, with parent->children links.
+
+    `time` (wall clock) and `monotonic` say when it was read: the CPU seconds in it
+    are as of then, so CPU rates divide by the difference of these, not of the
+    times the probe happened to look.
+    """
+
+    def __init__(self, procs: dict[int, ProcInfo], reader: ProcessTableReader,
+                 time: float | None = None, monotonic: float | None = None) -> None:
         self._procs = procs
         self._reader = reader
+        self.time = _time.time() if time is None else time
+        self.monotonic = _time.monotonic() if monotonic is None else monotonic
         children: dict[int, list[int]] = {}
         for info in procs.values():
             children.setdefault(info.ppid, []).append(info.pid)
@@ -134,30 +156,35 @@ class ProcessTable:
 class ProcessTableReader:
     """Reads ProcessTables; keeps the cmdline cache between ticks."""
 
-    def __init__(self, proc_root: str = "/proc") -> None:
+    def __init__(self, proc_root: str = "/proc", clock: Callable[[], float] = _time.time,
+                 monotonic: Callable[[], float] = _time.monotonic) -> None:
         self.proc_root = proc_root
         self.boot_time = read_boot_time(proc_root)
         self._cmdlines: dict[ProcessIdentity, tuple[str, ...]] = {}
+        self._clock = clock
+        self._monotonic = monotonic
 
     def read(self) -> ProcessTable:
         procs: dict[int, ProcInfo] = {}
         root = self.proc_root
         boot_time = self.boot_time
+        t0, m0 = self._clock(), self._monotonic()
+        read_small = _read_small
         for entry in os.listdir(root):
             if not entry.isdigit():
                 continue
             pid = int(entry)
             try:
-                with open(f"{root}/{entry}/stat", "rb") as fh:
-                    data = fh.read()
-                procs[pid] = parse_stat(pid, data, boot_time)
+                procs[pid] = parse_stat(pid, read_small(f"{root}/{entry}/stat"), boot_time)
             except (OSError, IndexError, ValueError):
                 continue  # vanished between listdir and open, or unreadable
+        # Stamp the table with the middle of the read: each process was read somewhere in it.
+        t1, m1 = self._clock(), self._monotonic()
         # Forget cmdlines of processes that are gone, so the cache stays bounded.
         if len(self._cmdlines) > 2 * len(procs) + 64:
             live = {p.identity for p in procs.values()}
             self._cmdlines = {k: v for k, v in self._cmdlines.items() if k in live}
-        return ProcessTable(procs, self)
+        return ProcessTable(procs, self, time=(t0 + t1) / 2, monotonic=(m0 + m1) / 2)
 
     def cmdline(self, info: ProcInfo) -> tuple[str, ...]:
         key = info.identity

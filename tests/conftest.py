@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import Spawner, TcpServer  # noqa: E402
+from procs import Spawner, TcpServer
 
 
 @pytest.fixture

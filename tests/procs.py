@@ -5,6 +5,7 @@ Use through the fixtures in conftest.py (`spawn`, `tcp_server`, `tcp_server6`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -71,14 +72,10 @@ class Spawner:
 
     def cleanup(self) -> None:
         for proc in self.procs:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                pass
             if proc.stdout:
                 proc.stdout.close()
 

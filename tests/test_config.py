@@ -10,7 +10,8 @@ from otelwatch.config import Config, ConfigError, default_paths, load_config, pa
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [(5, 5.0), (2.5, 2.5), ("90s", 90.0), ("5m", 300.0), ("1h", 3600.0), ("1h30m", 5400.0), ("250ms", 0.25), ("7", 7.0)],
+    [(5, 5.0), (2.5, 2.5), ("90s", 90.0), ("5m", 300.0), ("1h", 3600.0), ("1h30m", 5400.0), ("250ms", 0.25),
+     ("7", 7.0)],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds

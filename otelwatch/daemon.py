@@ -1,0 +1,855 @@
+"""The collector loop that wires the flow: sources -> probe -> classify -> act -> export.
+
+`Watcher` is both the daemon's engine and the public Python API for host
+applications that spawn agents themselves: `track()` a PID, `feed()` it event
+lines, read `sessions()`, `subscribe()` to reports. Only the loop thread mutates
+session state; other threads (HTTP, API callers) hand events over through a
+queue, so one tick sees one consistent world.
+
+The loop never dies of one session: every per-session step is guarded, and an
+error becomes a counted, logged probe error for that session only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from otelwatch.classify import ReportSchedule, classify, fingerprint, is_late_tick, next_report
+from otelwatch.config import Config, Paths, default_paths
+from otelwatch.events import parse_line
+from otelwatch.model import (
+    Activity,
+    Event,
+    Mode,
+    ProcessIdentity,
+    RecoveryStep,
+    SampleStatus,
+    SessionInfo,
+    SessionSnapshot,
+    SessionSpec,
+    State,
+    TreeSample,
+    Verdict,
+)
+from otelwatch.probe import Prober
+from otelwatch.proctable import ProcessTable, ProcessTableReader
+from otelwatch.recovery import Recovery, SessionView
+from otelwatch.report import build_report, children_detail, session_summary
+from otelwatch.sources.tail import FileTail
+
+# Lower wins when two sources describe the same process: an explicit registration
+# (exec wrapper, registry file, API) names the session better than discovery.
+SOURCE_PRIORITY = {"exec": 0, "registry": 0, "api": 0, "hook": 1, "tmux": 2, "process": 3}
+PENDING_EVENTS_MAX_SESSIONS = 1000
+PENDING_EVENTS_PER_SESSION = 50
+TRANSCRIPT_RETRY_S = 10.0
+
+Subscriber = Callable[[Mapping[str, Any]], None]
+
+
+@dataclass
+class _Tracked:
+    """Everything the loop knows about one session. Mutated only by the loop thread."""
+
+    key: str
+    spec: SessionSpec
+    started_at: float
+    identity: ProcessIdentity | None = None
+    samples: deque[TreeSample] = field(default_factory=deque)
+    activity: Activity = field(default_factory=Activity)
+    tail: FileTail | None = None
+    verdict: Verdict | None = None
+    state_since: float = 0.0
+    schedule: ReportSchedule | None = None
+    stalls: int = 0
+    longest_silence: float = 0.0
+    recoveries: list[RecoveryStep] = field(default_factory=list)
+    ended_at: float | None = None
+    snapshot: SessionSnapshot | None = None
+    transcript_checked_at: float = 0.0
+    untracked: bool = False  # its registration was removed: ends once the process is gone or at once
+    has_spool: bool = False  # its events arrive through the spool (exec wrapper, hooks)
+    dropped: bool = False  # no longer listed at all (untracked while alive)
+
+    @property
+    def latest(self) -> TreeSample | None:
+        return self.samples[-1] if self.samples else None
+
+    @property
+    def has_event_source(self) -> bool:
+        return self.tail is not None or self.has_spool or self.activity.events > 0
+
+
+class Watcher:
+    """One host's collector loop. Construct, then `start()` (background thread) or call
+    `tick()` yourself; `stop()` is idempotent."""
+
+    def __init__(
+        self,
+        cfg: Config | None = None,
+        *,
+        paths: Paths | None = None,
+        telemetry: Any | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        boottime: Callable[[], float] | None = None,
+        proc_root: str = "/proc",
+        environ: Mapping[str, str] | None = None,
+        log_stream: Any | None = None,
+    ) -> None:
+        self.cfg = cfg or Config()
+        self.paths = paths or default_paths(self.cfg, environ)
+        self._clock = clock
+        self._monotonic = monotonic
+        # Lag detection needs a clock that keeps counting while the host is suspended;
+        # CLOCK_MONOTONIC stops then, CLOCK_BOOTTIME does not.
+        self._boottime = boottime or _boottime_clock(monotonic)
+        self._proc_root = proc_root
+        self._reader = ProcessTableReader(proc_root)
+        self._prober = Prober(proc_root=proc_root, clock=clock)
+        if telemetry is None:
+            from otelwatch.telemetry import Telemetry
+
+            telemetry = Telemetry(self.cfg, environ=environ, log_stream=log_stream)
+        self.telemetry = telemetry
+        self.recovery = Recovery(self.cfg, self.paths.recovery_state, clock=clock)
+        self._sources = _Sources(self.cfg, self.paths, self.telemetry)
+
+        self._tracked: dict[str, _Tracked] = {}
+        self._aliases: dict[str, str] = {}  # other ids of a session (transcript uuid, hook id) -> key
+        self._explicit: dict[str, SessionSpec] = {}  # track() calls from the Python API
+        self._inbox: deque[tuple[str, Event | bytes, int | None]] = deque()
+        self._pending: dict[str, deque[Event]] = {}
+        self._subscribers: list[Subscriber] = []
+        self._snapshots: tuple[SessionSnapshot, ...] = ()
+        self._snap_lock = threading.Lock()
+
+        self._watch_since = clock()
+        self._last_tick_mono: float | None = None
+        self._last_tick_boot: float | None = None
+        self._last_tick_wall: float | None = None
+        self._ticks = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    # ------------------------------------------------------------------ public API
+
+    def track(self, pid: int, session_id: str | None = None, *, agent: str = "unknown",
+              mode: Mode | str = Mode.HEADLESS, events_path: str | os.PathLike[str] | None = None,
+              labels: Mapping[str, str] | None = None) -> str:
+        """Watch process `pid` as a session; returns its session id. Thread-safe."""
+        sid = session_id or f"{agent}-{pid}-{uuid.uuid4().hex[:8]}"
+        self._explicit[sid] = SessionSpec(
+            session_id=sid, pid=pid, agent=agent, source="api", mode=Mode(mode),
+            events_path=os.fspath(events_path) if events_path else None, labels=dict(labels or {}),
+        )
+        return sid
+
+    def untrack(self, session_id: str) -> None:
+        self._explicit.pop(session_id, None)
+
+    def feed(self, session_id: str, line: bytes | str) -> None:
+        """Hand one event line (stream-json, a transcript line, any JSON) to a session."""
+        raw = line.encode() if isinstance(line, str) else line
+        self._inbox.append((session_id, raw, None))
+
+    def add_event(self, session_id: str, event: Event, pid: int | None = None) -> None:
+        self._inbox.append((session_id, event, pid))
+
+    def post_event(self, payload: Any) -> str:
+        """A hook payload or `{"session_id", "type", "tool"}` from POST /api/events.
+        Raises ValueError naming what is wrong. Returns the session id."""
+        from otelwatch.hooks import payload_to_event
+
+        if not isinstance(payload, dict):
+            raise ValueError("each event must be a JSON object")
+        session_id = payload.get("session_id")
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError("event needs a non-empty string 'session_id'")
+        event = payload_to_event(payload, self._clock(), "http")
+        pid = payload.get("pid")
+        self.add_event(session_id, event, pid if isinstance(pid, int) and pid > 0 else None)
+        return session_id
+
+    def subscribe(self, callback: Subscriber) -> None:
+        """`callback(report)` for every stalled/stuck report, recovery step, state change and
+        session end, called on the loop thread. Exceptions are logged, never raised."""
+        self._subscribers.append(callback)
+
+    def sessions(self) -> list[SessionSnapshot]:
+        with self._snap_lock:
+            return list(self._snapshots)
+
+    def session(self, session_id: str) -> SessionSnapshot | None:
+        key = self._aliases.get(session_id, session_id)
+        for snap in self.sessions():
+            if snap.session_id in (session_id, key):
+                return snap
+        return None
+
+    def health(self) -> dict[str, Any]:
+        now = self._monotonic()
+        age = None if self._last_tick_mono is None else now - self._last_tick_mono
+        # 503 once the loop has not ticked for 3 intervals (DESIGN.md, Interfaces).
+        started = self._thread is not None and self._thread.is_alive()
+        ok = age is not None and age <= 3 * self.cfg.interval and not self._stopped
+        if age is None and started:
+            ok = False
+        return {"ok": ok, "ticks": self._ticks, "last_tick_age_s": None if age is None else round(age, 3),
+                "sessions": len(self._snapshots)}
+
+    def start(self) -> Watcher:
+        if self._thread is None:
+            self._sources.check()
+            self._thread = threading.Thread(target=self._run, name="otelwatch-loop", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the loop and release everything; safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        for part in (self._prober, self.recovery, self.telemetry):
+            with contextlib.suppress(Exception):
+                part.shutdown(max(0.1, deadline - time.monotonic()))
+        self._sources.close()
+
+    shutdown = stop
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        interval = self.cfg.interval
+        next_at = self._monotonic()
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception as exc:  # the loop must survive anything one tick throws
+                self._log("tick.error", {"error": repr(exc)}, "error")
+            next_at += interval
+            now = self._monotonic()
+            if next_at < now:  # overran: skip missed slots rather than tick back to back
+                next_at = now + interval - ((now - next_at) % interval)
+            self._stop.wait(max(0.0, next_at - now))
+
+    def tick(self) -> list[SessionSnapshot]:
+        """One collector tick; returns the sessions as classified. Call from one thread only."""
+        t0 = self._monotonic()
+        boot = self._boottime()
+        now = self._clock()
+        if self._last_tick_boot is not None and is_late_tick(
+            self._last_tick_boot + self.cfg.interval, boot, self.cfg.interval
+        ):
+            # The watchdog's own lag is not the agent's silence: windows start again.
+            self._watch_since = now
+            self.recovery.restart_windows(now)
+            self._log("tick.late", {"late_by_s": round(boot - self._last_tick_boot - self.cfg.interval, 3)},
+                      "warning")
+        table = self._reader.read()
+
+        self._refresh_sources(table, now)
+        self._drain_inbox(now)
+        self._poll_tails(now)
+        self._sample(table, now)
+        for tracked in list(self._tracked.values()):
+            try:
+                self._classify(tracked, now)
+            except Exception as exc:
+                self._probe_problem("classify", timeout=False)
+                self._log("session.error", {"session_id": tracked.key, "error": repr(exc)}, "error")
+        self._act(now)
+        self._publish(now)
+        self._ticks += 1
+        self._last_tick_boot = boot
+        self._last_tick_mono = self._monotonic()
+        self._last_tick_wall = now
+        with contextlib.suppress(Exception):
+            self.telemetry.on_tick(self._last_tick_mono - t0)
+        return self.sessions()
+
+    # ------------------------------------------------------------------ sources
+
+    def _refresh_sources(self, table: ProcessTable, now: float) -> None:
+        specs, spool_events = self._sources.scan(table, now, self._agent_pids())
+        specs.extend(self._explicit.values())
+        seen_registered: set[str] = set()
+        for spec in sorted(specs, key=lambda s: SOURCE_PRIORITY.get(s.source, 9)):
+            if spec.source in ("registry", "exec", "api"):
+                seen_registered.add(spec.session_id)
+            self._merge_spec(spec, now)
+        for sid, events in spool_events.items():
+            for event in events:
+                self._deliver(sid, event, None)
+        # A removed registration ends tracking (DESIGN: "Removing the file ends tracking").
+        if self._sources.registry_ok:
+            for tracked in self._tracked.values():
+                if (tracked.spec.source in ("registry", "exec", "api") and tracked.key not in seen_registered
+                        and tracked.ended_at is None):
+                    tracked.untracked = True
+        # Runtime liveness (tmux panes) for sessions under a pane.
+        alive = self._sources.runtime_alive
+        for tracked in self._tracked.values():
+            pid = tracked.spec.pid
+            if pid is not None and pid in alive:
+                tracked.spec = replace(tracked.spec, runtime_alive=alive[pid])
+        self._match_transcripts(table, now)
+
+    def _agent_pids(self) -> set[int]:
+        return {t.spec.pid for t in self._tracked.values() if t.spec.pid is not None and t.ended_at is None}
+
+    def _merge_spec(self, spec: SessionSpec, now: float) -> None:
+        key = self._aliases.get(spec.session_id, spec.session_id)
+        tracked = self._tracked.get(key)
+        if tracked is not None:
+            if tracked.ended_at is None or spec.pid == tracked.spec.pid:
+                tracked.spec = _merged(tracked.spec, spec)
+                tracked.untracked = False
+            return
+        if spec.pid is not None:
+            for other in self._tracked.values():
+                if other.spec.pid == spec.pid and other.ended_at is None and _same_process(other, spec):
+                    if SOURCE_PRIORITY.get(spec.source, 9) < SOURCE_PRIORITY.get(other.spec.source, 9):
+                        self._rekey(other, spec)
+                    else:
+                        self._aliases[spec.session_id] = other.key
+                        other.spec = _merged(other.spec, spec)
+                    return
+        if spec.pid is None:
+            return  # nothing to probe yet; its events wait in _pending
+        tracked = _Tracked(key=spec.session_id, spec=spec, started_at=now, state_since=now)
+        if spec.create_time is not None:
+            tracked.identity = ProcessIdentity(spec.pid, spec.create_time)
+        self._tracked[tracked.key] = tracked
+        for event in self._pending.pop(spec.session_id, ()):
+            tracked.activity = tracked.activity.apply(event)
+
+    def _rekey(self, tracked: _Tracked, spec: SessionSpec) -> None:
+        """A stronger source named a session we had discovered: take its id, keep its history."""
+        old_key = tracked.key
+        del self._tracked[old_key]
+        tracked.key = spec.session_id
+        tracked.spec = _merged(spec, tracked.spec)
+        self._tracked[tracked.key] = tracked
+        self._aliases[old_key] = tracked.key
+        for alias, target in list(self._aliases.items()):
+            if target == old_key:
+                self._aliases[alias] = tracked.key
+        self._prober.forget(old_key)
+
+    def _match_transcripts(self, table: ProcessTable, now: float) -> None:
+        locator = self._sources.transcripts
+        if locator is None:
+            return
+        for tracked in list(self._tracked.values()):
+            spec = tracked.spec
+            if (tracked.ended_at is not None or spec.events_path or spec.pid is None
+                    or spec.source not in ("process", "tmux")
+                    or now - tracked.transcript_checked_at < TRANSCRIPT_RETRY_S):
+                continue
+            tracked.transcript_checked_at = now
+            try:
+                cwd = os.readlink(f"{self._proc_root}/{spec.pid}/cwd")
+            except OSError:
+                cwd = None
+            try:
+                found = locator.find(spec.agent, spec.pid, cwd, tracked.started_at)
+            except Exception as exc:
+                self._log("transcript.error", {"session_id": tracked.key, "error": repr(exc)}, "warning")
+                continue
+            if found is None:
+                continue
+            transcript_id, path = found
+            tracked.spec = replace(spec, events_path=str(path))
+            self._aliases[transcript_id] = tracked.key
+            for event in self._pending.pop(transcript_id, ()):
+                tracked.activity = tracked.activity.apply(event)
+
+    # ------------------------------------------------------------------ events
+
+    def _drain_inbox(self, now: float) -> None:
+        while self._inbox:
+            sid, item, pid = self._inbox.popleft()
+            if isinstance(item, Event):
+                self._deliver(sid, item, pid)
+                continue
+            event = parse_line(item, now, "api", json_only=False)
+            key = self._aliases.get(sid, sid)
+            if event is None:
+                tracked = self._tracked.get(key)
+                if tracked is not None:
+                    tracked.activity = tracked.activity.count_malformed()
+                continue
+            self._deliver(sid, event, pid)
+
+    def _deliver(self, session_id: str, event: Event, pid: int | None) -> None:
+        key = self._aliases.get(session_id, session_id)
+        tracked = self._tracked.get(key)
+        if tracked is None and pid is not None:
+            tracked = next((t for t in self._tracked.values() if t.spec.pid == pid and t.ended_at is None), None)
+            if tracked is not None:
+                self._aliases[session_id] = tracked.key
+        if tracked is None:
+            # Not known yet (e.g. a hook fired before discovery matched its transcript):
+            # keep a few, bounded, for when the session appears.
+            if session_id not in self._pending and len(self._pending) >= PENDING_EVENTS_MAX_SESSIONS:
+                self._pending.pop(next(iter(self._pending)))
+            self._pending.setdefault(session_id, deque(maxlen=PENDING_EVENTS_PER_SESSION)).append(event)
+            return
+        tracked.activity = tracked.activity.apply(event)
+
+    def _poll_tails(self, now: float) -> None:
+        spool = str(self.paths.spool_dir) + os.sep
+        for tracked in self._tracked.values():
+            path = tracked.spec.events_path
+            if path and path.startswith(spool):
+                # The exec wrapper and hooks write to the spool, which the spool source
+                # already reads; tailing it again would count every event twice.
+                tracked.has_spool = True
+                continue
+            if path and (tracked.tail is None or str(tracked.tail.path) != path):
+                source = "transcript" if tracked.spec.source in ("process", "tmux") else "stream"
+                tracked.tail = FileTail(path, source=source)
+            if tracked.tail is None or tracked.ended_at is not None:
+                continue
+            try:
+                events, malformed = tracked.tail.poll(now)
+            except Exception as exc:
+                self._probe_problem("events", timeout=False)
+                self._log("events.error", {"session_id": tracked.key, "error": repr(exc)}, "warning")
+                continue
+            activity = tracked.activity
+            for event in events:
+                activity = activity.apply(event)
+            if malformed:
+                activity = activity.count_malformed(malformed)
+            tracked.activity = activity
+
+    # ------------------------------------------------------------------ probe
+
+    def _sample(self, table: ProcessTable, now: float) -> None:
+        targets: dict[str, ProcessIdentity | int] = {}
+        for tracked in self._tracked.values():
+            if tracked.ended_at is None and tracked.spec.pid is not None:
+                targets[tracked.key] = tracked.identity or tracked.spec.pid
+        if not targets:
+            return
+        samples = self._prober.sample(table, targets, self.cfg.probe_timeout)
+        for kind, what in self._prober.take_problems():
+            self._probe_problem(kind, timeout=(what == "timeout"))
+        horizon = now - (self.cfg.classify.stall_after + 3 * self.cfg.interval)
+        for key, sample in samples.items():
+            tracked = self._tracked.get(key)
+            if tracked is None:
+                continue
+            if tracked.identity is None and sample.root is not None:
+                tracked.identity = sample.root
+            tracked.samples.append(sample)
+            while len(tracked.samples) > 2 and tracked.samples[1].time < horizon:
+                tracked.samples.popleft()
+
+    # ------------------------------------------------------------------ classify
+
+    def _classify(self, tracked: _Tracked, now: float) -> None:
+        old = tracked.verdict.state if tracked.verdict else None
+        if tracked.ended_at is not None:
+            return
+        if tracked.untracked and (tracked.latest is None or tracked.latest.alive):
+            # Its registration was removed while the process lives: tracking ends now
+            # (summary line, series gone); it did not exit, so it is not listed as exited.
+            self._end(tracked, now)
+            tracked.dropped = True
+            return
+        latest = tracked.latest
+        if latest is not None and not latest.alive and tracked.spec.runtime_alive is None:
+            tracked.spec = replace(tracked.spec, runtime_alive=self._sources.runtime_target_alive(tracked.spec))
+        info = SessionInfo(
+            mode=tracked.spec.mode,
+            started_at=tracked.started_at,
+            has_event_source=tracked.has_event_source,
+            runtime_alive=tracked.spec.runtime_alive,
+        )
+        verdict = classify(self.cfg.classify, info, tuple(tracked.samples), tracked.activity, now,
+                           self._watch_since)
+        tracked.verdict = verdict
+        if verdict.state is not old:
+            tracked.state_since = now
+            if verdict.state in (State.STALLED, State.STUCK):
+                tracked.stalls += 1
+        if verdict.state is not State.EXITED:
+            tracked.longest_silence = max(tracked.longest_silence, verdict.silence_s)
+        tracked.snapshot = self._snapshot(tracked, now)
+        if verdict.state is not old:
+            # Before the report: entering stalled/stuck opens the incident span its events go on.
+            with contextlib.suppress(Exception):
+                self.telemetry.on_transition(tracked.snapshot, old)
+            self._emit({"event": "session.state", "session_id": tracked.key, "agent": tracked.spec.agent,
+                        "state": verdict.state.value, "reason": verdict.reason.value,
+                        "previous": None if old is None else old.value})
+        self._maybe_report(tracked, now)
+        if verdict.state is State.EXITED:
+            self._end(tracked, now)
+
+    def _maybe_report(self, tracked: _Tracked, now: float) -> None:
+        verdict = tracked.verdict
+        assert verdict is not None and tracked.snapshot is not None
+        fp = fingerprint(verdict, tracked.activity, tracked.latest)
+        schedule, due = next_report(tracked.schedule, fp, verdict.state, now, self.cfg.classify)
+        tracked.schedule = schedule
+        if not due or schedule is None:
+            return
+        wchans = _read_wchans(tracked.latest, self._proc_root)
+        report = build_report(
+            tracked.snapshot, tracked.latest, tracked.activity,
+            repeat=schedule.reports - 1, next_in_s=schedule.next_due - now, wchans=wchans,
+            stderr_tail=_read_tail(tracked.spec.stderr_path),
+        )
+        self.telemetry.on_report(tracked.snapshot, report)
+        self._emit(report)
+
+    def _end(self, tracked: _Tracked, now: float) -> None:
+        """A session ends: one summary line; it stays listed for exited_retention."""
+        tracked.ended_at = now
+        self._prober.forget(tracked.key)
+        self.recovery.session_ended(tracked.key)
+        if self._sources.transcripts is not None and tracked.spec.pid is not None:
+            with contextlib.suppress(Exception):
+                self._sources.transcripts.release(tracked.spec.pid)
+        snap = tracked.snapshot or self._snapshot(tracked, now)
+        summary = session_summary(snap, ended_at=now, longest_silence_s=tracked.longest_silence,
+                                  stalls=tracked.stalls,
+                                  recoveries=sum(1 for r in tracked.recoveries if r.step == "completed"))
+        with contextlib.suppress(Exception):
+            self.telemetry.on_session_end(snap, summary)
+        self._emit(summary)
+
+    # ------------------------------------------------------------------ act
+
+    def _act(self, now: float) -> None:
+        for tracked in self._tracked.values():
+            sample, verdict = tracked.latest, tracked.verdict
+            if (tracked.ended_at is not None or sample is None or verdict is None or sample.root is None
+                    or sample.status is not SampleStatus.OK or not sample.processes):
+                continue
+            root = sample.processes[0]
+            view = SessionView(
+                session_id=tracked.key, agent=tracked.spec.agent, identity=sample.root, pgid=root.pgid,
+                uid=root.uid, cmdline=root.cmdline, verdict=verdict, sample=sample,
+                events=tracked.activity.events,
+            )
+            try:
+                self.recovery.observe(view, now)
+            except Exception as exc:
+                self._log("recovery.error", {"session_id": tracked.key, "error": repr(exc)}, "error")
+        for step in self.recovery.drain():
+            key = self._aliases.get(step.session_id, step.session_id)
+            tracked = self._tracked.get(key)
+            if tracked is not None:
+                tracked.recoveries.append(step)
+                del tracked.recoveries[:-50]
+            with contextlib.suppress(Exception):
+                self.telemetry.on_recovery_step(step)
+            self._emit({"event": f"recovery.{step.step}", **step.to_json()})
+
+    # ------------------------------------------------------------------ export
+
+    def _snapshot(self, tracked: _Tracked, now: float) -> SessionSnapshot:
+        sample = tracked.latest
+        verdict = tracked.verdict
+        activity = tracked.activity
+        last_event = activity.last_event_time
+        live = sample is not None and sample.alive
+        return SessionSnapshot(
+            session_id=tracked.key,
+            agent=tracked.spec.agent,
+            pid=tracked.spec.pid,
+            state=verdict.state if verdict else State.STARTING,
+            reason=verdict.reason if verdict else _starting_reason(),
+            state_since=tracked.state_since,
+            last_event_time=last_event,
+            last_event_age_s=None if last_event is None else max(0.0, now - last_event),
+            silence_s=verdict.silence_s if verdict else 0.0,
+            cpu_percent=sample.cpu_percent if live and sample else None,
+            rss_bytes=sample.rss_bytes if live and sample else 0,
+            open_fds=sample.num_fds if live and sample else None,
+            threads=sample.threads if live and sample else 0,
+            tcp=dict(sample.tcp or {}) if live and sample else {},
+            mode=tracked.spec.mode,
+            source=tracked.spec.source,
+            create_time=tracked.identity.create_time if tracked.identity else None,
+            started_at=tracked.started_at,
+            events=activity.events,
+            malformed=activity.malformed,
+            labels=tracked.spec.labels,
+            runtime=tracked.spec.runtime,
+            children=tuple(children_detail(sample)) if live else (),
+            recent_events=activity.recent,
+            recoveries=tuple(tracked.recoveries),
+            evidence=verdict.evidence if verdict else {},
+            sample_status=sample.status if sample else SampleStatus.OK,
+        )
+
+    def _publish(self, now: float) -> None:
+        retention = self.cfg.classify.exited_retention
+        gone = [k for k, t in self._tracked.items()
+                if t.dropped or (t.ended_at is not None and now - t.ended_at >= retention)]
+        for key in gone:
+            tracked = self._tracked.pop(key)
+            if tracked.tail is not None:
+                tracked.tail.close()
+            for alias in [a for a, k in self._aliases.items() if k == key]:
+                del self._aliases[alias]
+        snapshots = tuple(t.snapshot for t in self._tracked.values() if t.snapshot is not None)
+        with self._snap_lock:
+            self._snapshots = snapshots
+        try:
+            self.telemetry.update(snapshots)
+        except Exception as exc:
+            self._log("telemetry.error", {"error": repr(exc)}, "error")
+
+    def _emit(self, report: Mapping[str, Any]) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(report)
+            except Exception as exc:
+                self._log("subscriber.error", {"error": repr(exc)}, "error")
+
+    def _probe_problem(self, kind: str, *, timeout: bool) -> None:
+        with contextlib.suppress(Exception):
+            self.telemetry.on_probe_problem(kind, timeout)
+
+    def _log(self, event: str, fields: Mapping[str, Any], level: str = "info") -> None:
+        try:
+            self.telemetry.log(event, fields, level)
+        except Exception:  # logging must never take the loop down
+            print(f"otelwatch: {event} {dict(fields)}", file=sys.stderr)
+
+
+def _boottime_clock(fallback: Callable[[], float]) -> Callable[[], float]:
+    clock_id = getattr(time, "CLOCK_BOOTTIME", None)
+    if clock_id is None:  # pragma: no cover - non-Linux
+        return fallback
+    return lambda: time.clock_gettime(clock_id)
+
+
+def _starting_reason() -> Any:
+    from otelwatch.model import Reason
+
+    return Reason.STARTUP_GRACE
+
+
+def _same_process(tracked: _Tracked, spec: SessionSpec) -> bool:
+    if spec.create_time is None or tracked.identity is None:
+        return True
+    return abs(spec.create_time - tracked.identity.create_time) < 0.01
+
+
+def _merged(primary: SessionSpec, other: SessionSpec) -> SessionSpec:
+    """`primary` with the blanks filled from `other` (a weaker or later description)."""
+    return replace(
+        primary,
+        agent=primary.agent if primary.agent != "unknown" else other.agent,
+        events_path=primary.events_path or other.events_path,
+        labels={**other.labels, **primary.labels},
+        runtime=primary.runtime or other.runtime,
+        runtime_alive=primary.runtime_alive if primary.runtime_alive is not None else other.runtime_alive,
+        create_time=primary.create_time if primary.create_time is not None else other.create_time,
+        stderr_path=primary.stderr_path or other.stderr_path,
+    )
+
+
+def _read_wchans(sample: TreeSample | None, proc_root: str) -> dict[int, str]:
+    """Where each process of the tree waits in the kernel (reports only, not every tick)."""
+    out: dict[int, str] = {}
+    for p in sample.processes if sample else ():
+        try:
+            with open(f"{proc_root}/{p.pid}/wchan", "rb") as fh:
+                out[p.pid] = fh.read(64).decode("ascii", "replace").strip() or "0"
+        except OSError:
+            continue
+    return out
+
+
+def _read_tail(path: str | None, limit: int = 4096) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - limit))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class _Sources:
+    """The configured session sources behind one `scan()`; each is optional and guarded."""
+
+    def __init__(self, cfg: Config, paths: Paths, telemetry: Any) -> None:
+        from otelwatch.sources.processes import ProcessMatcher
+        from otelwatch.sources.registry import RegistrySource
+        from otelwatch.sources.spool import SpoolSource
+        from otelwatch.sources.tmux import TmuxSource
+        from otelwatch.sources.transcripts import TranscriptLocator
+
+        s = cfg.sources
+        self._telemetry = telemetry
+        self.registry = RegistrySource(paths.registry_dir) if s.registry.enabled else None
+        self.spool = SpoolSource(paths.spool_dir)
+        self.processes = ProcessMatcher(s.processes.match, self_pid=os.getpid()) if s.processes.enabled else None
+        self.tmux = TmuxSource(timeout=s.tmux.timeout) if s.tmux.enabled else None
+        self.transcripts = TranscriptLocator(paths.home) if s.transcripts.enabled else None
+        self.registry_ok = False
+        self.runtime_alive: dict[int, bool] = {}
+        self._failed: set[str] = set()
+
+    def check(self) -> None:
+        """Refuse an unsafe registry directory at start (raises with a clear message)."""
+        if self.registry is not None:
+            self.registry.check()
+
+    def scan(self, table: ProcessTable, now: float,
+             agent_pids: Iterable[int]) -> tuple[list[SessionSpec], dict[str, list[Event]]]:
+        specs: list[SessionSpec] = []
+        events: dict[str, list[Event]] = {}
+        self.registry_ok = False
+        if self.registry is not None:
+            got = self._guard("registry", lambda: self.registry.scan(now))  # type: ignore[union-attr]
+            if got is not None:
+                specs.extend(got)
+                self.registry_ok = True
+        got_spool = self._guard("spool", lambda: self.spool.poll(now))
+        if got_spool is not None:
+            spool_specs, events, _malformed = got_spool
+            specs.extend(spool_specs)
+        if self.processes is not None:
+            specs.extend(self._guard("processes", lambda: self.processes.scan(table)) or ())  # type: ignore[union-attr]
+        if self.tmux is not None:
+            pids = set(agent_pids) | {s.pid for s in specs if s.pid is not None}
+            panes = self._guard("tmux", lambda: self.tmux.scan(table, pids))  # type: ignore[union-attr]
+            self.runtime_alive = {}
+            for pane in panes or ():
+                agent_pid = pane.agent_pid if pane.agent_pid is not None else getattr(pane, "last_agent_pid", None)
+                if agent_pid is not None:
+                    self.runtime_alive[agent_pid] = True
+        return specs, events
+
+    def runtime_target_alive(self, spec: SessionSpec) -> bool | None:
+        """For a session whose process is gone: does its runtime (a registered tmux pane)
+        live on? Asked once, when the process is found dead, not every tick."""
+        runtime = spec.runtime
+        if runtime is None or runtime.kind != "tmux" or not runtime.target or self.tmux is None:
+            return None
+        result = self._guard("tmux", lambda: self.tmux.pane_alive(runtime.target))  # type: ignore[union-attr]
+        return None if result is None else bool(result)
+
+    def _guard(self, name: str, fn: Callable[[], Any]) -> Any:
+        try:
+            result = fn()
+        except Exception as exc:
+            if name not in self._failed:  # log once per failing source, count every time
+                self._failed.add(name)
+                with contextlib.suppress(Exception):
+                    self._telemetry.log("source.error", {"source": name, "error": repr(exc)}, "error")
+            with contextlib.suppress(Exception):
+                self._telemetry.on_probe_problem(f"source_{name}", False)
+            return None
+        self._failed.discard(name)
+        return result
+
+    def close(self) -> None:
+        for part in (self.tmux, self.spool):
+            with contextlib.suppress(Exception):
+                getattr(part, "close", lambda: None)()
+
+
+# ---------------------------------------------------------------------- `otelwatch run`
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def state_dir_lock(paths: Paths) -> Any:
+    """One daemon per state directory: a second one refuses to start."""
+    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise AlreadyRunning(
+                f"another otelwatch (pid {holder}) is running on state directory {paths.state_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def run_daemon(cfg: Config, *, ready: Callable[[Watcher, Any], None] | None = None) -> int:
+    """`otelwatch run`: serve until SIGTERM/SIGINT. Returns the process exit code."""
+    from otelwatch.server import HttpServer
+
+    paths = default_paths(cfg)
+    try:
+        with state_dir_lock(paths):
+            watcher = Watcher(cfg, paths=paths)
+            try:
+                watcher._sources.check()
+            except Exception as exc:
+                print(f"otelwatch: {exc}", file=sys.stderr)
+                watcher.stop()
+                return 2
+            try:
+                server = HttpServer(
+                    cfg.http.host, cfg.http.port, watcher,
+                    watcher.telemetry.prometheus_exposition if cfg.export.prometheus.enabled else None,
+                ).start()
+            except OSError as exc:
+                print(f"otelwatch: cannot listen on {cfg.http.listen}: {exc.strerror or exc}", file=sys.stderr)
+                watcher.stop()
+                return 1
+            stop = threading.Event()
+
+            def on_signal(signum: int, frame: Any) -> None:
+                stop.set()
+
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            watcher.start()
+            watcher._log("daemon.started", {"listen": server.url, "state_dir": str(paths.state_dir),
+                                            "registry_dir": str(paths.registry_dir), "pid": os.getpid()})
+            if ready is not None:
+                ready(watcher, server)
+            while not stop.wait(0.5):
+                pass
+            watcher._log("daemon.stopping", {})
+            server.shutdown(1.0)
+            watcher.stop(1.5)
+            return 0
+    except AlreadyRunning as exc:
+        print(f"otelwatch: {exc}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:
+        print(f"otelwatch: cannot use state directory {paths.state_dir}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,180 @@
+"""`otelwatch demo`: a zoo of synthetic agents, classified live, in about a minute.
+
+Starts real processes (otelwatch.fake_agents) that behave like an active agent,
+a hung one, one spinning on CPU, one asleep on a socket that never answers, one
+in a long tool call, one retrying a failing API, an idle interactive session
+and one that exits; registers them through the registry directory as any
+orchestrator would; runs the real loop with thresholds of seconds, serves
+/metrics and /api/sessions, and prints the status table as verdicts arrive.
+Recovery runs in dry-run mode, so the hung agent shows what would be done and
+nothing is signalled. Everything is cleaned up at the end or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from otelwatch.config import parse_config
+from otelwatch.status import format_table
+
+# kind, mode, what a person should see, extra args for the fake agent
+ZOO: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("active", "headless", "active", ()),
+    ("hung", "headless", "stuck", ()),
+    ("spin", "headless", "stalled/cpu_spin", ()),
+    ("socket", "headless", "stalled/waiting_on_network", ()),
+    ("tool", "headless", "long_running", ("--tool-child", "sleeper")),
+    ("retry", "headless", "stalled/api_retrying", ()),
+    ("idle", "interactive", "idle", ()),
+    ("exit", "headless", "exited", ("--warmup", "6")),
+)
+
+
+def demo_config(state_dir: Path, listen: str) -> Any:
+    return parse_config({
+        "interval": 1,
+        "probe_timeout": 0.5,
+        "state_dir": str(state_dir),
+        "http": {"listen": listen},
+        "classify": {"startup_grace": 2, "stall_after": 6, "tool_stall_after": 300,
+                     "repeat_base": 10, "repeat_max": 60, "exited_retention": 300},
+        "recovery": {"enabled": True, "dry_run": True, "recover_after": 8},
+        "sources": {"registry": {"dir": str(state_dir / "sessions")}, "processes": {"enabled": False},
+                    "tmux": {"enabled": False}, "transcripts": {"enabled": False}},
+    })
+
+
+class _SilentServer:
+    """A loopback server that accepts connections and never answers: the API that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
+
+
+def _register(registry: Path, record: Mapping[str, Any]) -> None:
+    registry.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = registry / f".{record['session_id']}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, registry / f"{record['session_id']}.json")
+
+
+def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464") -> int:
+    from otelwatch.daemon import Watcher
+    from otelwatch.server import HttpServer
+
+    tmp = Path(tempfile.mkdtemp(prefix="otelwatch-demo-"))
+    os.chmod(tmp, 0o700)
+    server = _SilentServer()
+    procs: list[subprocess.Popen[bytes]] = []
+    watcher = None
+    http = None
+    color = sys.stdout.isatty()
+    try:
+        cfg = demo_config(tmp, listen)
+        watcher = Watcher(cfg, log_stream=open(tmp / "otelwatch.log", "a"))  # noqa: SIM115
+        reports: deque[str] = deque(maxlen=6)
+
+        def on_report(report: Mapping[str, Any]) -> None:
+            event = str(report.get("event", ""))
+            if event in ("session.stalled", "session.stuck"):
+                reports.append(f"{time.strftime('%H:%M:%S')} {report['session_id']}: "
+                               f"{report['state']}/{report['reason']}: {report.get('summary', '')}")
+            elif event.startswith("recovery.") and report.get("step") == "completed":
+                reports.append(f"{time.strftime('%H:%M:%S')} {report['session_id']}: recovery "
+                               f"{report.get('status')} (dry run: nothing was signalled)")
+
+        watcher.subscribe(on_report)
+        try:
+            http = HttpServer(cfg.http.host, cfg.http.port, watcher, watcher.telemetry.prometheus_exposition)
+        except OSError:
+            http = HttpServer("127.0.0.1", 0, watcher, watcher.telemetry.prometheus_exposition)
+        http.start()
+
+        expected: dict[str, str] = {}
+        for kind, mode, expect, extra in ZOO:
+            events = tmp / f"{kind}.jsonl"
+            argv = [sys.executable, "-m", "otelwatch.fake_agents", kind, "--events", str(events),
+                    "--port", str(server.port), "--period", "1", "--lifetime", str(duration + 30), *extra]
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+            procs.append(proc)
+            sid = f"demo-{kind}"
+            expected[sid] = expect
+            _register(tmp / "sessions", {"session_id": sid, "pid": proc.pid, "agent": f"fake-{kind}",
+                                         "events_path": str(events), "mode": mode,
+                                         "labels": {"demo": "true"}})
+        watcher.start()
+        print(f"otelwatch demo: {len(procs)} synthetic agents; thresholds: stall after 6 s, "
+              f"tick every 1 s.\n  {http.url}/metrics  {http.url}/api/sessions  "
+              f"(stops by itself in {duration:.0f} s; Ctrl-C to stop now)\n")
+        deadline = time.monotonic() + duration
+        while time.monotonic() < deadline:
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+            _show(watcher, expected, reports, http.url, color, deadline)
+        _show(watcher, expected, reports, http.url, color, deadline, final=True)
+        return 0
+    except KeyboardInterrupt:
+        print("\notelwatch demo: interrupted, cleaning up")
+        return 130
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=2)
+        if http is not None:
+            http.shutdown(1.0)
+        if watcher is not None:
+            watcher.stop(1.5)
+        server.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _show(watcher: Any, expected: Mapping[str, str], reports: deque[str], url: str, color: bool,
+          deadline: float, final: bool = False) -> None:
+    rows = [s.to_json() for s in watcher.sessions()]
+    if color and not final:
+        print("\x1b[H\x1b[2J", end="")
+    print(format_table(rows, time.time(), color=color))
+    got = {r["session_id"]: f"{r['state']}/{r['reason']}" for r in rows}
+    matched = sum(1 for sid, want in expected.items() if got.get(sid, "").startswith(want))
+    print(f"\n{matched}/{len(expected)} sessions show what they should "
+          f"({max(0, int(deadline - time.monotonic()))} s left; {url}/metrics)")
+    if reports:
+        print("\nlatest reports:")
+        for line in reports:
+            print("  " + line[:160])
+    if final:
+        for sid, want in expected.items():
+            mark = "ok " if got.get(sid, "").startswith(want) else "-- "
+            print(f"  {mark}{sid:<14} expected {want:<28} got {got.get(sid, 'not seen')}")

@@ -1,0 +1,181 @@
+"""`otelwatch diag PID [--json]`: sample one process tree now and print the evidence.
+
+Owns the one-off report a person reads at 3 a.m.: two samples one second apart
+(so CPU is a real rate), with kernel wait channels, as a table or as JSON. It
+only reads; it never signals, and never prints a traceback: every failure is
+one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from otelwatch.model import ProcessIdentity, ProcessSample, SampleStatus, TreeSample
+from otelwatch.probe import Prober
+from otelwatch.proctable import ProcessTableReader
+
+__all__ = ["diag_main", "format_table", "sample_to_json"]
+
+EXIT_OK = 0
+EXIT_NO_PROCESS = 1
+EXIT_UNREADABLE = 2
+INTERVAL = 1.0  # seconds between the two samples
+TIMEOUT = 5.0  # a one-off report may wait longer than a tick would
+SESSION = "diag"
+
+
+def diag_main(pid: int, as_json: bool = False, *, stdout: TextIO | None = None,
+              stderr: TextIO | None = None, interval: float = INTERVAL) -> int:
+    """Print pid's tree (table, or JSON with as_json). 0: printed; 1: no such process
+    (or it ended during the report); 2: printed, but some of it was not readable."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    prober: Prober | None = None
+    try:
+        reader = ProcessTableReader()
+        first = reader.read()
+        info = first.get(pid)
+        if info is None:
+            print(f"otelwatch diag: no process with PID {pid}", file=err)
+            return EXIT_NO_PROCESS
+        identity = info.identity
+        prober = Prober(max_workers=2)
+        prober.sample(first, {SESSION: identity}, TIMEOUT)
+        time.sleep(interval)
+        sample = prober.sample(reader.read(), {SESSION: identity}, TIMEOUT, with_wchan=True)[SESSION]
+        return _report(pid, identity, sample, as_json, out, err)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a report must end in one line, never a traceback
+        print(f"otelwatch diag: cannot read PID {pid}: {type(exc).__name__}: {exc}", file=err)
+        return EXIT_NO_PROCESS
+    finally:
+        if prober is not None:
+            prober.shutdown(1.0)
+
+
+def _report(pid: int, identity: ProcessIdentity, sample: TreeSample, as_json: bool,
+            out: TextIO, err: TextIO) -> int:
+    if sample.status is SampleStatus.VANISHED:
+        print(f"otelwatch diag: process {pid} exited during the report ({sample.error})", file=err)
+        return EXIT_NO_PROCESS
+    if sample.status is SampleStatus.PROBE_TIMEOUT:
+        print(f"otelwatch diag: reading process {pid} did not finish ({sample.error})", file=err)
+        return EXIT_UNREADABLE
+    if as_json:
+        json.dump(sample_to_json(sample), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_table(sample))
+    if sample.status is SampleStatus.ACCESS_DENIED:
+        print(f"otelwatch diag: some of process {pid}'s tree is not readable as uid {os.geteuid()} "
+              f"({sample.error}); run as its owner or root for FDs and TCP", file=err)
+        return EXIT_UNREADABLE
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1048576:.1f}M"
+
+
+def _opt(v: object) -> str:
+    return "?" if v is None else str(v)
+
+
+def _pct(v: float | None) -> str:
+    return "?" if v is None else f"{v:.1f}"
+
+
+def _tcp(tcp: Any, listen: int) -> str:
+    if tcp is None:
+        return "?"
+    parts = [f"{state}={n}" for state, n in sorted(tcp.items())]
+    if listen:
+        parts.append(f"LISTEN={listen}")
+    return ",".join(parts) or "-"
+
+
+def _cmd(p: ProcessSample, width: int = 100) -> str:
+    text = " ".join(p.cmdline) or f"[{p.name}]"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def format_table(s: TreeSample) -> str:
+    """A human-readable report: the tree's totals, one row per process, remote endpoints."""
+    lines = [
+        f"tree of PID {s.root.pid if s.root else '?'}: status {s.status.value}"
+        + (f" ({s.error})" if s.error else ""),
+        f"  cpu {_pct(s.cpu_percent)}% of a core, cpu time {s.cpu_seconds:.2f} s, rss {_mib(s.rss_bytes)}, "
+        f"threads {s.threads}, fds {_opt(s.num_fds)}, tcp {_tcp(s.tcp, s.listen)}, "
+        f"descendants {s.children}, io read {_opt(s.read_bytes)} B / write {_opt(s.write_bytes)} B",
+        "",
+    ]
+    header = ("PID", "PPID", "S", "WCHAN", "CPU%", "RSS", "THR", "FDS", "TCP", "CMD")
+    rows = [header]
+    for p in s.processes:
+        rows.append((str(p.pid), str(p.ppid), p.status, p.wchan or "-", _pct(p.cpu_percent),
+                     _mib(p.rss_bytes), str(p.threads), _opt(p.num_fds), _tcp(p.tcp, p.listen), _cmd(p)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1])
+    conns = [(p.pid, c) for p in s.processes for c in p.connections]
+    lines.append("")
+    if conns:
+        lines.append("TCP connections (non-LISTEN):")
+        for pid, c in conns:
+            lines.append(f"  {pid}: {c.state:<12} {c.local} -> {c.remote}")
+    else:
+        lines.append("TCP connections (non-LISTEN): none")
+    return "\n".join(lines) + "\n"
+
+
+def sample_to_json(s: TreeSample) -> dict[str, Any]:
+    """The sample as plain JSON types (the same field names as the model)."""
+    return {
+        "time": s.time,
+        "status": s.status.value,
+        "error": s.error,
+        "root": None if s.root is None else {"pid": s.root.pid, "create_time": s.root.create_time},
+        "cpu_percent": None if s.cpu_percent is None else round(s.cpu_percent, 2),
+        "cpu_seconds": round(s.cpu_seconds, 3),
+        "rss_bytes": s.rss_bytes,
+        "threads": s.threads,
+        "num_fds": s.num_fds,
+        "tcp": None if s.tcp is None else dict(s.tcp),
+        "listen": s.listen,
+        "children": s.children,
+        "read_bytes": s.read_bytes,
+        "write_bytes": s.write_bytes,
+        "processes": [
+            {
+                "pid": p.pid,
+                "ppid": p.ppid,
+                "pgid": p.pgid,
+                "uid": p.uid,
+                "name": p.name,
+                "status": p.status,
+                "wchan": p.wchan,
+                "create_time": p.create_time,
+                "cpu_percent": None if p.cpu_percent is None else round(p.cpu_percent, 2),
+                "cpu_seconds": round(p.cpu_seconds, 3),
+                "rss_bytes": p.rss_bytes,
+                "threads": p.threads,
+                "num_fds": p.num_fds,
+                "tcp": None if p.tcp is None else dict(p.tcp),
+                "listen": p.listen,
+                "connections": [{"state": c.state, "local": c.local, "remote": c.remote}
+                                for c in p.connections],
+                "read_bytes": p.read_bytes,
+                "write_bytes": p.write_bytes,
+                "cmdline": list(p.cmdline),
+            }
+            for p in s.processes
+        ],
+    }

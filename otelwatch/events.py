@@ -1,0 +1,330 @@
+"""Turning one line of an agent's output into an `Event`: the event parser.
+
+Owns the mapping from what agents write (Claude Code stream-json and
+transcripts, Codex `exec --json` and rollout transcripts, Claude Code hook
+payloads, otelwatch's own spool records, plain text) to otelwatch's `Event`.
+Pure: no I/O, no clock; the time a line was seen is passed in. It never
+raises for bad input: a line it cannot use is `None` and the caller counts it
+as malformed.
+
+Shapes follow the agents' public documentation (Claude Code hooks reference
+and Agent SDK message types, Codex `exec --json` events and rollout files) and
+are matched leniently: an unknown `type` is still an event, because any line
+proves the agent's loop is alive.
+
+Times: a line that carries its own time (transcripts' ISO `timestamp`, spool
+records' `time`) is dated by it, but never later than `seen_at`, so a skewed
+or forged timestamp cannot make a session look alive in the future.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from otelwatch.model import Activity, Event, EventKind
+
+__all__ = [
+    "MAX_LINE_BYTES",
+    "fold",
+    "hook_event",
+    "parse_events",
+    "parse_line",
+    "parse_object",
+]
+
+MAX_LINE_BYTES = 1 << 20  # a longer line is malformed (and never buffered whole by readers)
+DETAIL_CHARS = 120  # diagnostics keep a short excerpt, not the agent's output
+
+PROGRESS = EventKind.PROGRESS
+HEARTBEAT = EventKind.HEARTBEAT
+
+# Codex `exec --json` item types that are tool calls (open on item.started, close on item.completed).
+_CODEX_TOOL_ITEMS = frozenset({"command_execution", "mcp_tool_call", "web_search", "file_change"})
+# Codex rollout response items that open / close a tool call (linked by call_id).
+_ROLLOUT_TOOL_OPEN = frozenset({"function_call", "custom_tool_call", "local_shell_call"})
+_ROLLOUT_TOOL_CLOSE = frozenset({"function_call_output", "custom_tool_call_output"})
+# Claude Code Notification types that mean a person is being waited on.
+_WAITING_NOTIFICATIONS = frozenset({"permission_prompt", "idle_prompt", "elicitation_dialog"})
+_WAITING_PHRASES = ("needs your permission", "waiting for your input", "needs your approval")
+
+
+def parse_line(raw: bytes, seen_at: float, source: str, *, json_only: bool = True) -> Event | None:
+    """The event one line stands for; None when the line is malformed.
+
+    Malformed: over MAX_LINE_BYTES, NUL bytes (binary garbage), and with
+    json_only, anything that is not a JSON object. A line holding several
+    events (an assistant message with two tool calls) gives its first here;
+    readers use `parse_events` to get them all.
+    """
+    events = parse_events(raw, seen_at, source, json_only=json_only)
+    return None if events is None else events[0]
+
+
+def parse_events(raw: bytes, seen_at: float, source: str, *, json_only: bool = True) -> list[Event] | None:
+    """All events of one line (at least one), or None when it is malformed."""
+    if len(raw) > MAX_LINE_BYTES or b"\0" in raw:
+        return None
+    line = raw.strip()
+    if not line:
+        return None
+    if line[:1] == b"{":
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict):
+            return parse_object(obj, seen_at, source)
+    if json_only:
+        return None
+    text = line.decode("utf-8", "replace")
+    return [Event(time=seen_at, type="line", source=source, detail=_short(text))]
+
+
+def parse_object(obj: Mapping[str, Any], seen_at: float, source: str) -> list[Event]:
+    """Events of one decoded JSON object (never empty: an unknown object is liveness)."""
+    t = _event_time(obj, seen_at)
+    if obj.get("otelwatch") == 1:
+        return [_spool_record(obj, t, source)]
+    if isinstance(obj.get("hook_event_name"), str):
+        return [hook_event(obj, t, source)]
+    typ = obj.get("type")
+    if not isinstance(typ, str):
+        return [Event(time=t, type="unknown", source=source)]
+    if typ in ("assistant", "user"):
+        return _claude_message(obj, typ, t, source)
+    if typ == "system":
+        return [_claude_system(obj, t, source)]
+    if typ == "result":
+        return [Event(time=t, type="result", turn="close", source=source, detail=_str(obj.get("subtype")))]
+    if typ == "tool_progress":
+        return [Event(time=t, type="tool_progress", kind=HEARTBEAT, tool=_opt(obj.get("tool_name")),
+                      tool_id=_opt(obj.get("tool_use_id")), source=source)]
+    if typ == "stream_event":
+        inner = obj.get("event")
+        inner_type = inner.get("type") if isinstance(inner, dict) else None
+        # An SSE ping only shows the connection is alive; deltas are real output.
+        kind = HEARTBEAT if inner_type == "ping" else PROGRESS
+        return [Event(time=t, type="stream_event", kind=kind, source=source, detail=_str(inner_type))]
+    if "." in typ or typ == "error":
+        return [_codex_exec(obj, typ, t, source)]
+    if typ in ("session_meta", "response_item", "event_msg", "turn_context", "compacted"):
+        return [_codex_rollout(obj, typ, t, source)]
+    # Claude transcript bookkeeping (summary, file-history-snapshot, ...) and anything else.
+    return [Event(time=t, type=typ[:64], source=source)]
+
+
+def fold(activity: Activity, events: Iterable[Event]) -> Activity:
+    """`activity` after applying `events` in order."""
+    for event in events:
+        activity = activity.apply(event)
+    return activity
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def hook_event(payload: Mapping[str, Any], t: float, source: str) -> Event:
+    """The event of a Claude Code hook payload (`hook_event_name` plus its fields).
+
+    UserPromptSubmit opens a turn, Stop closes it; PreToolUse opens a tool call
+    that PostToolUse / PostToolUseFailure close (by tool_use_id when given).
+    SubagentStop ends a subagent, not the main turn. Notification and
+    PermissionRequest are heartbeats; when they mean a person is asked
+    something they set awaiting_input.
+    """
+    name = str(payload.get("hook_event_name"))[:64]
+    tool = _opt(payload.get("tool_name"))
+    tool_id = _opt(payload.get("tool_use_id"))
+    if name == "UserPromptSubmit":
+        return Event(time=t, type=name, turn="open", awaiting_input=False, source=source)
+    if name == "PreToolUse":
+        return Event(time=t, type=name, tool=tool, tool_id=tool_id, tool_call="open", source=source)
+    if name in ("PostToolUse", "PostToolUseFailure"):
+        return Event(time=t, type=name, tool=tool, tool_id=tool_id, tool_call="close", source=source)
+    if name in ("Stop", "SessionEnd"):
+        return Event(time=t, type=name, turn="close", source=source, detail=_str(payload.get("reason")))
+    if name == "PermissionRequest":
+        return Event(time=t, type=name, kind=HEARTBEAT, tool=tool, awaiting_input=True, source=source)
+    if name == "Notification":
+        ntype = _str(payload.get("notification_type"))
+        message = _str(payload.get("message"))
+        waiting = ntype in _WAITING_NOTIFICATIONS or (
+            not ntype and any(p in message.lower() for p in _WAITING_PHRASES)
+        )
+        return Event(time=t, type=name, kind=HEARTBEAT, awaiting_input=True if waiting else None,
+                     source=source, detail=ntype or _short(message))
+    # SessionStart, SubagentStop, PreCompact, PostCompact and future hooks: work moved.
+    return Event(time=t, type=name, tool=tool, tool_id=tool_id, source=source)
+
+
+# --------------------------------------------------------------------------- Claude Code
+
+
+def _claude_message(obj: Mapping[str, Any], typ: str, t: float, source: str) -> list[Event]:
+    message = obj.get("message")
+    content: Any = message.get("content") if isinstance(message, dict) else None
+    # A subagent's messages (stream-json parent_tool_use_id, transcripts' isSidechain)
+    # never open or close the main turn.
+    sidechain = bool(obj.get("parent_tool_use_id")) or obj.get("isSidechain") is True
+    blocks = [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+    out: list[Event] = []
+    if typ == "assistant":
+        for b in blocks:
+            if b.get("type") == "tool_use":
+                out.append(Event(time=t, type="tool_use", tool=_opt(b.get("name")),
+                                 tool_id=_opt(b.get("id")), tool_call="open", source=source))
+        stop = message.get("stop_reason") if isinstance(message, dict) else None
+        if stop == "end_turn" and not sidechain:
+            out.append(Event(time=t, type="assistant", turn="close", source=source, detail="end_turn"))
+        if not out:
+            out.append(Event(time=t, type="assistant", source=source, detail=_first_text(blocks)))
+        return out
+    for b in blocks:
+        if b.get("type") == "tool_result":
+            out.append(Event(time=t, type="tool_result", tool_id=_opt(b.get("tool_use_id")),
+                             tool_call="close", source=source))
+    if out:
+        return out
+    text = content if isinstance(content, str) else _first_text(blocks)
+    if sidechain or obj.get("isMeta") is True or _is_command_echo(text):
+        return [Event(time=t, type="user", source=source)]
+    if text.startswith("[Request interrupted by user"):
+        return [Event(time=t, type="interrupted", turn="close", source=source)]
+    if text:
+        return [Event(time=t, type="prompt", turn="open", awaiting_input=False, source=source)]
+    return [Event(time=t, type="user", source=source)]
+
+
+def _claude_system(obj: Mapping[str, Any], t: float, source: str) -> Event:
+    subtype = _str(obj.get("subtype"))
+    if subtype == "api_retry":
+        return Event(time=t, type="api_retry", kind=HEARTBEAT, retry=True, source=source,
+                     detail=_short(_str(obj.get("error"))))
+    if subtype == "init":
+        return Event(time=t, type="init", source=source)
+    if subtype == "status":  # "compacting" and similar: the loop is alive, nothing moved yet
+        return Event(time=t, type="system/status", kind=HEARTBEAT, source=source)
+    return Event(time=t, type=f"system/{subtype}"[:64] if subtype else "system", source=source)
+
+
+def _is_command_echo(text: str) -> bool:
+    # Transcripts record slash commands and their local output as user lines; no turn starts.
+    return text.startswith(("<command-", "<local-command-", "Caveat: "))
+
+
+# --------------------------------------------------------------------------- Codex
+
+
+def _codex_exec(obj: Mapping[str, Any], typ: str, t: float, source: str) -> Event:
+    if typ == "turn.started":
+        return Event(time=t, type=typ, turn="open", source=source)
+    if typ in ("turn.completed", "turn.failed"):
+        return Event(time=t, type=typ, turn="close", source=source)
+    if typ == "error":
+        # Codex reports stream disconnects it is about to retry as error events.
+        return Event(time=t, type=typ, kind=HEARTBEAT, retry=True, source=source,
+                     detail=_short(_str(obj.get("message"))))
+    item = obj.get("item")
+    if typ.startswith("item.") and isinstance(item, dict):
+        item_type = _str(item.get("type") or item.get("item_type"))
+        if item_type in _CODEX_TOOL_ITEMS and typ in ("item.started", "item.completed"):
+            tool = item_type
+            if item_type == "mcp_tool_call" and item.get("tool"):
+                tool = f"{_str(item.get('server'))}/{_str(item.get('tool'))}".lstrip("/")
+            return Event(time=t, type=typ, tool=tool[:64], tool_id=_opt(item.get("id")),
+                         tool_call="open" if typ == "item.started" else "close", source=source)
+        return Event(time=t, type=typ, source=source, detail=item_type)
+    return Event(time=t, type=typ[:64], source=source)
+
+
+def _codex_rollout(obj: Mapping[str, Any], typ: str, t: float, source: str) -> Event:
+    payload = obj.get("payload")
+    ptype = _str(payload.get("type")) if isinstance(payload, dict) else ""
+    if not isinstance(payload, dict):
+        return Event(time=t, type=typ, source=source)
+    call_id = _opt(payload.get("call_id"))
+    if typ == "response_item":
+        if ptype in _ROLLOUT_TOOL_OPEN:
+            tool = _opt(payload.get("name")) or ("shell" if ptype == "local_shell_call" else ptype)
+            return Event(time=t, type=ptype, tool=tool, tool_id=call_id, tool_call="open", source=source)
+        if ptype in _ROLLOUT_TOOL_CLOSE:
+            return Event(time=t, type=ptype, tool_id=call_id, tool_call="close", source=source)
+        return Event(time=t, type=f"response_item/{ptype}"[:64], source=source)
+    if typ == "event_msg":
+        if ptype in ("user_message", "task_started"):
+            return Event(time=t, type=ptype, turn="open", awaiting_input=False, source=source)
+        if ptype in ("task_complete", "turn_aborted"):
+            return Event(time=t, type=ptype, turn="close", source=source)
+        if ptype == "exec_command_begin":
+            return Event(time=t, type=ptype, tool="shell", tool_id=call_id, tool_call="open", source=source)
+        if ptype == "exec_command_end":
+            return Event(time=t, type=ptype, tool="shell", tool_id=call_id, tool_call="close", source=source)
+        if ptype == "stream_error":
+            return Event(time=t, type=ptype, kind=HEARTBEAT, retry=True, source=source)
+        return Event(time=t, type=f"event_msg/{ptype}"[:64], source=source)
+    return Event(time=t, type=typ, source=source)
+
+
+# --------------------------------------------------------------------------- otelwatch spool
+
+
+def _spool_record(obj: Mapping[str, Any], t: float, source: str) -> Event:
+    kind = HEARTBEAT if obj.get("kind") == "heartbeat" else PROGRESS
+    turn = obj.get("turn") if obj.get("turn") in ("open", "close") else None
+    tool_call = obj.get("tool_call") if obj.get("tool_call") in ("open", "close") else None
+    awaiting = obj.get("awaiting_input")
+    return Event(
+        time=t,
+        type=_str(obj.get("type"))[:64] or "event",
+        kind=kind,
+        tool=_opt(obj.get("tool")),
+        tool_id=_opt(obj.get("tool_id")),
+        turn=turn,
+        tool_call=tool_call,
+        awaiting_input=awaiting if isinstance(awaiting, bool) else None,
+        retry=obj.get("retry") is True,
+        source=_str(obj.get("source"))[:32] or source,
+        detail=_short(_str(obj.get("detail"))),
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _event_time(obj: Mapping[str, Any], seen_at: float) -> float:
+    """The line's own time when it has one, never later than when it was seen."""
+    value = obj.get("time") if obj.get("otelwatch") == 1 else obj.get("timestamp")
+    t: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        t = float(value)
+    elif isinstance(value, str) and 10 <= len(value) <= 40:
+        try:
+            t = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            t = None
+    if t is None or t != t:  # missing or NaN
+        return seen_at
+    return min(t, seen_at)
+
+
+def _first_text(blocks: list[dict[str, Any]]) -> str:
+    for b in blocks:
+        if b.get("type") == "text" and isinstance(b.get("text"), str):
+            return _short(b["text"])
+    return ""
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _opt(value: object) -> str | None:
+    return value[:200] if isinstance(value, str) and value else None
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 1] + "…"

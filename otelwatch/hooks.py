@@ -1,0 +1,232 @@
+"""`otelwatch hook claude` and `otelwatch event SESSION TYPE`: record one event, fast.
+
+Agents run these on every tool call, so they must never slow or break the
+agent: they append one record to the session's spool file (see
+`sources.spool`) and exit 0 whatever happens, printing nothing on stdout
+(Claude Code reads hook stdout) and at most one line on stderr. They do not
+talk to the daemon and work when it is not running. Imports stay minimal
+(no psutil, no OpenTelemetry, no logging): the whole command is budgeted at
+well under 100 ms including interpreter start.
+
+`payload_to_event` is shared with the daemon's `POST /api/events`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, BinaryIO
+
+from otelwatch.events import hook_event
+from otelwatch.model import Event, EventKind
+
+__all__ = ["MAX_PAYLOAD_BYTES", "agent_pid", "event_main", "hook_main", "payload_to_event"]
+
+MAX_PAYLOAD_BYTES = 4 << 20  # a PostToolUse payload carries the tool's output; we need the head
+_DRAIN_BYTES = 64 << 20  # read (and drop) at most this much more so the agent's write completes
+_TAIL_BYTES = 64 << 10  # of a truncated payload, the head and this much of the end are searched
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "fish", "ksh", "mksh", "busybox"})
+
+# `otelwatch event SESSION TYPE` types beyond the hook event names.
+_SIMPLE_TYPES: Mapping[str, dict[str, Any]] = {
+    "progress": {},
+    "heartbeat": {"kind": EventKind.HEARTBEAT},
+    "retry": {"kind": EventKind.HEARTBEAT, "retry": True},
+    "api_retry": {"kind": EventKind.HEARTBEAT, "retry": True},
+    "waiting": {"kind": EventKind.HEARTBEAT, "awaiting_input": True},
+    "awaiting_input": {"kind": EventKind.HEARTBEAT, "awaiting_input": True},
+    "turn_start": {"turn": "open", "awaiting_input": False},
+    "turn_end": {"turn": "close"},
+    "tool_start": {"tool_call": "open"},
+    "tool_end": {"tool_call": "close"},
+}
+_HOOK_NAMES = frozenset({
+    "UserPromptSubmit", "PreToolUse", "PostToolUse", "PostToolUseFailure", "PermissionRequest",
+    "Notification", "Stop", "SubagentStop", "SessionStart", "SessionEnd", "PreCompact", "PostCompact",
+})
+
+
+def payload_to_event(payload: Mapping[str, Any], now: float, source: str) -> Event:
+    """The event of a hook payload or an `{"type": ..., "tool": ...}` object.
+
+    Accepts Claude Code hook payloads (`hook_event_name`) and simple events
+    (`type`: progress, heartbeat, retry, waiting, turn_start, turn_end,
+    tool_start, tool_end, a hook event name, or any other name: progress).
+    A payload's own `time` is used when it is not in the future. Raises
+    ValueError saying what is wrong when neither field is usable.
+    """
+    if not isinstance(payload, Mapping):
+        raise ValueError("event payload must be a JSON object")
+    t = now
+    ptime = payload.get("time")
+    if isinstance(ptime, (int, float)) and not isinstance(ptime, bool) and ptime == ptime:
+        t = min(float(ptime), now)
+    if isinstance(payload.get("hook_event_name"), str) and payload["hook_event_name"]:
+        return hook_event(payload, t, source)
+    typ = payload.get("type")
+    if not isinstance(typ, str) or not typ.strip():
+        raise ValueError("event payload needs a non-empty string 'hook_event_name' or 'type'")
+    typ = typ.strip()[:64]
+    tool = payload.get("tool") if isinstance(payload.get("tool"), str) else None
+    tool_id = payload.get("tool_id") if isinstance(payload.get("tool_id"), str) else None
+    if typ in _HOOK_NAMES:
+        fields = {"hook_event_name": typ, "tool_name": tool, "tool_use_id": tool_id}
+        for key in ("notification_type", "message"):
+            if isinstance(payload.get(key), str):
+                fields[key] = payload[key]
+        return hook_event(fields, t, source)
+    extra = dict(_SIMPLE_TYPES.get(typ, {}))
+    detail = payload["detail"] if isinstance(payload.get("detail"), str) else ""
+    return Event(time=t, type=typ, tool=tool, tool_id=tool_id, source=source, detail=detail[:120], **extra)
+
+
+def hook_main(agent: str, stdin: BinaryIO) -> int:
+    """`otelwatch hook AGENT`: record the hook payload on stdin. Always returns 0."""
+    try:
+        data = stdin.read(MAX_PAYLOAD_BYTES + 1)
+        truncated = len(data) > MAX_PAYLOAD_BYTES
+        tail = _drain(stdin, data[-_TAIL_BYTES:]) if truncated else b""
+        payload = _decode_payload(data, tail, truncated)
+        sid = payload.get("session_id")
+        if not isinstance(sid, str) or not sid:
+            _warn("hook payload has no session_id; nothing recorded")
+            return 0
+        event = payload_to_event(payload, time.time(), "hook")
+        _record(sid, event, agent_name(agent), None)
+    except Exception as exc:  # a hook must never fail the agent
+        _warn(f"hook not recorded: {exc}")
+    return 0
+
+
+def event_main(session_id: str, type: str, *, tool: str | None = None, agent: str | None = None,
+               pid: int | None = None) -> int:
+    """`otelwatch event SESSION TYPE`: record one event. Always returns 0."""
+    try:
+        if not session_id:
+            _warn("empty session id; nothing recorded")
+            return 0
+        event = payload_to_event({"type": type, "tool": tool}, time.time(), "event")
+        _record(session_id, event, agent_name(agent) if agent else None, pid)
+    except Exception as exc:
+        _warn(f"event not recorded: {exc}")
+    return 0
+
+
+def agent_name(agent: str | None) -> str:
+    return "claude-code" if agent == "claude" else (agent or "unknown")
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _record(session_id: str, event: Event, agent: str | None, pid: int | None) -> None:
+    from otelwatch.config import Config, default_paths
+    from otelwatch.sources.spool import append_records, make_record
+
+    paths = default_paths(Config(), os.environ)
+    create_time = None
+    if pid is None:
+        pid, create_time = agent_pid()
+    record = make_record(event, session_id, pid=pid, agent=agent, create_time=create_time)
+    append_records(paths.spool_dir, session_id, [record])
+
+
+def agent_pid(start: int | None = None) -> tuple[int | None, float | None]:
+    """(pid, create_time) of the first non-shell ancestor, starting at our parent.
+
+    Reads /proc/PID/stat directly: psutil would cost more to import than the
+    whole hook may take.
+    """
+    pid = os.getppid() if start is None else start
+    boot = _boot_time()
+    for _ in range(16):
+        stat = _read_stat(pid)
+        if stat is None:
+            return (pid if pid > 1 else None), None
+        comm, ppid, start_ticks = stat
+        if comm not in SHELLS or ppid <= 1:
+            ct = None if boot is None else boot + start_ticks / _clk_tck()
+            return pid, (round(ct, 2) if ct is not None else None)
+        pid = ppid
+    return None, None
+
+
+def _read_stat(pid: int) -> tuple[str, int, int] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+        head, _, rest = data.rpartition(b")")
+        fields = rest.split()
+        return head.partition(b"(")[2].decode("utf-8", "replace"), int(fields[1]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _boot_time() -> float | None:
+    try:
+        with open("/proc/stat", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _clk_tck() -> int:
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return 100
+
+
+def _decode_payload(data: bytes, tail: bytes, truncated: bool) -> Mapping[str, Any]:
+    if not truncated:
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise ValueError("stdin is not a JSON object") from None
+        if not isinstance(obj, dict):
+            raise ValueError("stdin is not a JSON object")
+        return obj
+    # Too big to parse whole (a huge tool output): the identifying top-level fields come
+    # before it (session_id, hook_event_name, tool_name) or after it (tool_use_id).
+    import re
+
+    head = data[:_TAIL_BYTES].decode("utf-8", "replace")
+    end = tail.decode("utf-8", "replace")
+    out: dict[str, Any] = {}
+    for key in ("session_id", "hook_event_name", "tool_name", "tool_use_id", "notification_type"):
+        rx = re.compile(rf'"{key}"\s*:\s*"((?:[^"\\]|\\.){{0,256}})"')
+        m = rx.search(head)
+        if m is None:
+            found = rx.findall(end)
+            value = found[-1] if found else None
+        else:
+            value = m.group(1)
+        if value is not None:
+            out[key] = json.loads(f'"{value}"')
+    return out
+
+
+def _drain(stdin: BinaryIO, last: bytes) -> bytes:
+    """Read the rest of stdin (bounded), keeping only its last _TAIL_BYTES."""
+    left = _DRAIN_BYTES
+    while left > 0:
+        chunk = stdin.read(min(1 << 20, left))
+        if not chunk:
+            break
+        left -= len(chunk)
+        last = (last + chunk)[-_TAIL_BYTES:]
+    return last
+
+
+def _warn(message: str) -> None:
+    try:
+        sys.stderr.write(f"otelwatch: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass

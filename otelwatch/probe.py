@@ -1,0 +1,578 @@
+"""Sampling each session's process tree once per tick, with deadlines and PID-reuse safety.
+
+The Prober owns: turning one ProcessTable plus the raw /proc readers of
+procfs.py into one TreeSample per session, concurrently in a small pool of
+daemon threads, within a deadline; CPU rates from each session's previous
+sample; the per-tick sharing of TCP tables (one read per network namespace);
+and a count of its own problems for the daemon to export.
+
+It must never raise for one process or one session (the OS's errors become
+SampleStatus values or counted problems), never let one hung read delay the
+tick past its deadline, never merge the history of a reused PID, and never
+signal or change anything: it only reads.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from otelwatch import procfs
+from otelwatch.model import ProcessIdentity, ProcessSample, SampleStatus, TcpConnection, TreeSample
+from otelwatch.procfs import ProcessGone, TcpTable
+from otelwatch.proctable import ProcessTable, ProcInfo
+
+__all__ = ["CREATE_TIME_TOLERANCE", "Prober", "same_process"]
+
+# create_time is boot time + start ticks, and /proc/stat's btime is whole seconds
+# that can step by one between two reads (it is computed as now - uptime). Two
+# readings of one process's create time can so differ by up to a second; a PID
+# reused within a second of its previous owner's start is not a realistic case.
+CREATE_TIME_TOLERANCE = 1.1
+
+# Extra time the caller may wait beyond `timeout` (bookkeeping after the deadline).
+DEADLINE_MARGIN = 0.2
+
+
+def same_process(a: ProcessIdentity, create_time: float) -> bool:
+    """Whether a process with `create_time` is the process `a` (not a reuse of its PID)."""
+    return abs(a.create_time - create_time) <= CREATE_TIME_TOLERANCE
+
+
+# --------------------------------------------------------------------------- raw results
+
+
+@dataclass
+class _RawProc:
+    """One process as read by a worker; the coordinator adds the CPU rate."""
+
+    info: ProcInfo
+    uid: int | None
+    num_fds: int | None
+    tcp: dict[str, int] | None
+    listen: int
+    connections: tuple[TcpConnection, ...]
+    read_bytes: int | None
+    write_bytes: int | None
+    cmdline: tuple[str, ...]
+    wchan: str | None
+
+
+@dataclass
+class _RawTree:
+    status: SampleStatus
+    root: ProcessIdentity | None
+    error: str = ""
+    procs: list[_RawProc] = field(default_factory=list)
+    tcp: dict[str, int] | None = None  # tree totals, counted once per socket inode
+    listen: int = 0
+
+
+@dataclass
+class _History:
+    monotonic: float
+    wall: float
+    cpu: dict[int, tuple[float, float]]  # pid -> (create_time, cpu_seconds)
+
+
+# --------------------------------------------------------------------------- worker pool
+
+_PENDING, _RUNNING, _DONE, _CANCELLED = range(4)
+
+
+class _Batch:
+    """Counts the unfinished jobs of one tick so the coordinator can wait for all at once."""
+
+    def __init__(self, n: int) -> None:
+        self.cond = threading.Condition()
+        self.pending = n
+
+    def finish(self) -> None:
+        with self.cond:
+            self.pending -= 1
+            if self.pending <= 0:
+                self.cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.pending <= 0, timeout=max(0.0, timeout))
+
+
+class _Job:
+    __slots__ = ("args", "batch", "error", "fn", "result", "state", "worker")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], batch: _Batch) -> None:
+        self.fn = fn
+        self.args = args
+        self.batch = batch
+        self.state = _PENDING
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.worker: threading.Thread | None = None
+
+
+class _Pool:
+    """Daemon threads fed from one queue.
+
+    Not concurrent.futures: its threads are joined at interpreter exit, so one read
+    hung in the kernel would keep the daemon from ever exiting; and its pool cannot
+    replace a stuck worker. Here a worker stuck past its job's deadline is retired
+    and replaced, so a hung read costs one thread while it lasts, not the pool.
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self._size = max(1, size)
+        self._name = name
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._healthy: set[threading.Thread] = set()
+        self._retired: set[threading.Thread] = set()
+        self._closed = False
+        self._started = 0
+
+    def submit(self, jobs: Iterable[_Job], expected: int) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("pool is shut down")
+            while len(self._healthy) < min(self._size, expected):
+                self._start_locked()
+        for job in jobs:
+            self._queue.put(job)
+
+    def _start_locked(self) -> None:
+        self._started += 1
+        t = threading.Thread(target=self._run, name=f"{self._name}-{self._started}", daemon=True)
+        self._healthy.add(t)
+        t.start()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            with self._lock:
+                if job.state != _PENDING:
+                    continue  # cancelled at its deadline before it started
+                job.state, job.worker = _RUNNING, me
+            try:
+                job.result = job.fn(*job.args)
+            except BaseException as exc:  # one job's failure must not kill the worker
+                job.error = exc
+            with self._lock:
+                job.state = _DONE
+                retired = me in self._retired
+            job.batch.finish()
+            if retired:
+                break
+        with self._lock:
+            self._healthy.discard(me)
+            self._retired.discard(me)
+
+    def abandon(self, job: _Job) -> int:
+        """At a job's deadline: cancel it if it has not started; if it is running, retire its
+        worker and start a replacement. Returns the job's state after that."""
+        with self._lock:
+            if job.state == _PENDING:
+                job.state = _CANCELLED
+            elif job.state == _RUNNING and job.worker in self._healthy:
+                self._healthy.discard(job.worker)
+                self._retired.add(job.worker)
+                if not self._closed:
+                    self._start_locked()
+            return job.state
+
+    def hung_threads(self) -> int:
+        with self._lock:
+            return len(self._retired)
+
+    def shutdown(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            threads = list(self._healthy)
+        for _ in threads:
+            self._queue.put(None)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        # Retired workers are daemon threads stuck in the kernel; they cannot be
+        # interrupted and do not keep the process alive.
+
+
+# --------------------------------------------------------------------------- per-tick sharing
+
+
+class _Tick:
+    """What all sessions of one tick share: TCP tables, read at most once per namespace."""
+
+    def __init__(self, prober: Prober) -> None:
+        self._prober = prober
+        self._lock = threading.Lock()
+        self._ns_locks: dict[str, threading.Lock] = {}
+        self._tables: dict[str, TcpTable | None] = {}
+
+    def tcp_table(self, ns: str, pid: int) -> TcpTable | None:
+        """The TCP table of namespace ns (read through pid, a process in it); None: unknown."""
+        tables = self._tables
+        if ns in tables:
+            return tables[ns]
+        with self._lock:
+            ns_lock = self._ns_locks.setdefault(ns, threading.Lock())
+        with ns_lock:
+            if ns in tables:
+                return tables[ns]
+            try:
+                table = self._prober._read_tcp_table(ns, pid)
+            except ProcessGone:
+                return None  # pid went away; another process of the namespace will try again
+            tables[ns] = table
+            return table
+
+
+# --------------------------------------------------------------------------- the prober
+
+
+class Prober:
+    """Samples sessions' process trees. `sample` is called from one thread (the collector
+    loop); the reads themselves run in a pool of `max_workers` daemon threads."""
+
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        max_workers: int = 8,
+        clock: Callable[[], float] = time.time,
+        *,
+        _before_sample: Callable[[str], None] | None = None,
+    ) -> None:
+        self.proc_root = proc_root
+        self._clock = clock
+        # Test hook, called in the worker before a session is read. A real hang (a read
+        # of /proc blocked in the kernel, e.g. a process in D state on a dead NFS or FUSE
+        # mount) cannot be produced reliably and without privileges in a test, so tests
+        # make this block for one session instead.
+        self._before_sample = _before_sample
+        self._pool = _Pool(max_workers, "otelwatch-probe")
+        self._history: dict[str, _History] = {}
+        self._inflight: dict[str, _Job] = {}
+        self._problems: list[tuple[str, str]] = []
+        self._problems_lock = threading.Lock()
+        self._closed = False
+        try:
+            self._own_ns: str | None = procfs.net_namespace("self", proc_root)
+        except (OSError, ProcessGone):
+            self._own_ns = None
+        # Netlink sees only our own namespace; once it has failed, do not try it again.
+        self.netlink_ok = self._own_ns is not None
+
+    # ------------------------------------------------------------------ public
+
+    def sample(
+        self,
+        table: ProcessTable,
+        targets: Mapping[str, ProcessIdentity | int],
+        timeout: float,
+        *,
+        with_wchan: bool = False,
+    ) -> dict[str, TreeSample]:
+        """One TreeSample for every target (session_id -> root identity or bare pid),
+        returned within `timeout` plus a small margin whatever the reads do."""
+        now = self._clock()
+        deadline = time.monotonic() + max(0.0, timeout)
+        results: dict[str, TreeSample] = {}
+        if self._closed:
+            for sid, target in targets.items():
+                results[sid] = self._timeout_sample(now, target, table, "prober is shut down")
+            return results
+
+        to_run: dict[str, _Job] = {}
+        batch = _Batch(0)
+        tick = _Tick(self)
+        for sid, target in targets.items():
+            job = self._inflight.get(sid)
+            if job is not None:
+                if job.state not in (_DONE, _CANCELLED):
+                    # Its previous probe still hangs: do not pile another thread on it.
+                    self._problem("tree", "timeout")
+                    results[sid] = self._timeout_sample(now, target, table, "previous probe still running")
+                    continue
+                del self._inflight[sid]
+            to_run[sid] = _Job(self._read_tree, (sid, target, table, tick, with_wchan), batch)
+        batch.pending = len(to_run)
+        if to_run:
+            self._pool.submit(to_run.values(), len(to_run))
+            batch.wait(deadline - time.monotonic())
+
+        for sid, job in to_run.items():
+            state = job.state if job.state == _DONE else self._pool.abandon(job)
+            target = targets[sid]
+            if state != _DONE:
+                if state == _RUNNING:
+                    self._inflight[sid] = job
+                self._problem("tree", "timeout")
+                results[sid] = self._timeout_sample(now, target, table, f"probe overran {timeout:g} s")
+            elif job.error is not None:
+                self._problem("tree", "error")
+                # No status means "could not say"; a timeout is the closest and is never read
+                # as idle or stuck by the classifier.
+                results[sid] = self._timeout_sample(
+                    now, target, table, f"probe error: {type(job.error).__name__}: {job.error}")
+            else:
+                results[sid] = self._finish(sid, job.result, table, now)
+        return results
+
+    def forget(self, session_id: str) -> None:
+        """The session ended: drop its CPU history (and stop tracking a hung probe of it)."""
+        self._history.pop(session_id, None)
+        self._inflight.pop(session_id, None)
+
+    def take_problems(self) -> list[tuple[str, str]]:
+        """(kind, "timeout" | "error") for each probe problem since the last call.
+        Kinds: "tree" (a session's probe), "tcp_table", "fd", "io"."""
+        with self._problems_lock:
+            out, self._problems = self._problems, []
+        return out
+
+    @property
+    def hung_threads(self) -> int:
+        """Worker threads still stuck in a probe that overran its deadline."""
+        return self._pool.hung_threads()
+
+    def shutdown(self, timeout: float = 2.0) -> None:
+        """Stop the workers; idempotent. Threads hung in the kernel are daemons and are left."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(timeout)
+
+    # ------------------------------------------------------------------ internals
+
+    def _problem(self, kind: str, what: str) -> None:
+        with self._problems_lock:
+            self._problems.append((kind, what))
+            if len(self._problems) > 10000:  # nobody is taking them: stay bounded
+                del self._problems[:5000]
+
+    def _timeout_sample(self, now: float, target: ProcessIdentity | int, table: ProcessTable,
+                        error: str) -> TreeSample:
+        if isinstance(target, ProcessIdentity):
+            root: ProcessIdentity | None = target
+        else:
+            info = table.get(target)
+            root = None if info is None else info.identity
+        return TreeSample(time=now, status=SampleStatus.PROBE_TIMEOUT, root=root, error=error)
+
+    def _read_tcp_table(self, ns: str, pid: int) -> TcpTable | None:
+        """One namespace's TCP table; None when it cannot be read (counted as a problem)."""
+        if ns == self._own_ns and self.netlink_ok:
+            try:
+                return procfs.netlink_tcp_table()
+            except procfs.NetlinkUnsupported:
+                self.netlink_ok = False
+                self._problem("tcp_table", "error")
+            except OSError:
+                self._problem("tcp_table", "error")
+        try:
+            return procfs.proc_tcp_table(pid, self.proc_root)
+        except ProcessGone:
+            raise
+        except OSError:
+            self._problem("tcp_table", "error")
+            return None
+
+    def _read_tree(self, sid: str, target: ProcessIdentity | int, table: ProcessTable, tick: _Tick,
+                   with_wchan: bool) -> _RawTree:
+        """Runs in a worker: everything but the CPU rates (the coordinator owns history)."""
+        if self._before_sample is not None:
+            self._before_sample(sid)
+        pid = target.pid if isinstance(target, ProcessIdentity) else int(target)
+        info = table.get(pid)
+        if info is None:
+            root = target if isinstance(target, ProcessIdentity) else None
+            return _RawTree(SampleStatus.VANISHED, root, "no such process")
+        if isinstance(target, ProcessIdentity) and not same_process(target, info.create_time):
+            return _RawTree(SampleStatus.VANISHED, target, "pid reused")
+
+        raw = _RawTree(SampleStatus.OK, info.identity)
+        denied: list[str] = []
+        tree_sockets: dict[int, procfs.TcpSocket] = {}
+        tcp_known = True
+        for i, p in enumerate((info, *(table.get(c) for c in table.descendants(pid)))):
+            if p is None:
+                continue
+            try:
+                proc, sockets = self._read_proc(p, table, tick, with_wchan)
+            except ProcessGone:
+                if i == 0:
+                    return _RawTree(SampleStatus.VANISHED, info.identity, "exited")
+                continue  # a child that ended mid-sample is simply not in the tree
+            if proc.num_fds is None:
+                denied.append(str(p.pid))
+            if proc.tcp is None:
+                tcp_known = False
+            elif sockets:
+                tree_sockets.update(sockets)
+            raw.procs.append(proc)
+
+        if tcp_known:
+            # Per inode: a socket shared by parent and child is one connection.
+            tcp: dict[str, int] = {}
+            for sock in tree_sockets.values():
+                if sock.state == "LISTEN":
+                    raw.listen += 1
+                else:
+                    tcp[sock.state] = tcp.get(sock.state, 0) + 1
+            raw.tcp = tcp
+        else:
+            raw.listen = sum(p.listen for p in raw.procs)
+        if info.state == "Z":
+            raw.status, raw.error = SampleStatus.ZOMBIE, "exited, not yet reaped"
+        elif denied:
+            raw.status = SampleStatus.ACCESS_DENIED
+            raw.error = "file descriptors not readable for pid " + ",".join(denied[:5])
+        return raw
+
+    def _read_proc(self, p: ProcInfo, table: ProcessTable, tick: _Tick, with_wchan: bool,
+                   ) -> tuple[_RawProc, dict[int, procfs.TcpSocket] | None]:
+        """One process; raises ProcessGone if it ended while being read."""
+        root = self.proc_root
+        pid = p.pid
+        try:
+            uid: int | None = procfs.owner_uid(pid, root)
+        except ProcessGone:
+            raise
+        except OSError:
+            uid = None
+        num_fds: int | None = None
+        tcp: dict[str, int] | None = None
+        listen = 0
+        conns: list[TcpConnection] = []
+        matched: dict[int, procfs.TcpSocket] | None = None
+        if p.state == "Z":
+            num_fds, tcp, matched = 0, {}, {}  # a zombie holds no files
+        else:
+            try:
+                scan = procfs.scan_fds(pid, root)
+            except ProcessGone:
+                raise
+            except OSError:
+                self._problem("fd", "error")
+                scan = None
+            if scan is not None:
+                num_fds = scan.num_fds
+                matched = {}
+                if not scan.sockets:
+                    tcp = {}
+                else:
+                    tcp_table = self._table_for(pid, tick)
+                    if tcp_table is not None:
+                        tcp = {}
+                        for inode in scan.sockets:
+                            sock = tcp_table.get(inode)
+                            if sock is None:
+                                continue  # a UDP or unix socket
+                            matched[inode] = sock
+                            if sock.state == "LISTEN":
+                                listen += 1
+                            else:
+                                tcp[sock.state] = tcp.get(sock.state, 0) + 1
+                                conns.append(TcpConnection(sock.state, sock.local, sock.remote))
+        try:
+            io = procfs.read_io(pid, root)
+        except ProcessGone:
+            raise
+        except OSError:
+            self._problem("io", "error")
+            io = None
+        wchan = procfs.read_wchan(pid, root) if with_wchan else None
+        proc = _RawProc(
+            info=p,
+            uid=uid,
+            num_fds=num_fds,
+            tcp=tcp,
+            listen=listen,
+            connections=tuple(conns),
+            read_bytes=None if io is None else io.read_bytes,
+            write_bytes=None if io is None else io.write_bytes,
+            cmdline=table.cmdline(pid),
+            wchan=wchan,
+        )
+        return proc, matched
+
+    def _table_for(self, pid: int, tick: _Tick) -> TcpTable | None:
+        try:
+            ns = procfs.net_namespace(pid, self.proc_root)
+        except ProcessGone:
+            raise
+        except OSError:
+            ns = None
+        if ns is None:
+            return None
+        return tick.tcp_table(ns, pid)
+
+    def _finish(self, sid: str, raw: _RawTree, table: ProcessTable, now: float) -> TreeSample:
+        """Coordinator side: CPU rates from this session's history, then the TreeSample."""
+        if not raw.procs:
+            return TreeSample(time=now, status=raw.status, root=raw.root, error=raw.error)
+        prev = self._history.get(sid)
+        dt = 0.0 if prev is None else table.monotonic - prev.monotonic
+        samples: list[ProcessSample] = []
+        cpu_now: dict[int, tuple[float, float]] = {}
+        tree_rate = 0.0
+        root_rate: float | None = None
+        rss = threads = 0
+        cpu_seconds = 0.0
+        fds: int | None = 0
+        read_b: int | None = 0
+        write_b: int | None = 0
+        for i, rp in enumerate(raw.procs):
+            p = rp.info
+            cpu_now[p.pid] = (p.create_time, p.cpu_seconds)
+            rate: float | None = None
+            if prev is not None and dt > 0:
+                before = prev.cpu.get(p.pid)
+                if before is not None and abs(before[0] - p.create_time) <= CREATE_TIME_TOLERANCE:
+                    rate = max(0.0, p.cpu_seconds - before[1]) / dt * 100.0
+                elif p.create_time > prev.wall - CREATE_TIME_TOLERANCE:
+                    # Born since the previous sample: all its CPU time is new.
+                    rate = p.cpu_seconds / dt * 100.0
+            if rate is not None:
+                tree_rate += rate
+            if i == 0:
+                root_rate = rate
+            samples.append(ProcessSample(
+                pid=p.pid, ppid=p.ppid, create_time=p.create_time, name=p.comm, status=p.state,
+                cpu_seconds=p.cpu_seconds, cpu_percent=rate, rss_bytes=p.rss_bytes,
+                threads=p.threads, pgid=p.pgid, uid=rp.uid, num_fds=rp.num_fds, tcp=rp.tcp,
+                listen=rp.listen, connections=rp.connections, read_bytes=rp.read_bytes,
+                write_bytes=rp.write_bytes, cmdline=rp.cmdline, wchan=rp.wchan,
+            ))
+            rss += p.rss_bytes
+            threads += p.threads
+            cpu_seconds += p.cpu_seconds
+            fds = None if fds is None or rp.num_fds is None else fds + rp.num_fds
+            read_b = None if read_b is None or rp.read_bytes is None else read_b + rp.read_bytes
+            write_b = None if write_b is None or rp.write_bytes is None else write_b + rp.write_bytes
+        self._history[sid] = _History(table.monotonic, table.time, cpu_now)
+        return TreeSample(
+            time=now,
+            status=raw.status,
+            root=raw.root,
+            processes=tuple(samples),
+            cpu_percent=None if root_rate is None else tree_rate,
+            cpu_seconds=cpu_seconds,
+            rss_bytes=rss,
+            threads=threads,
+            num_fds=fds,
+            tcp=raw.tcp,
+            listen=raw.listen,
+            children=len(samples) - 1,
+            read_bytes=read_b,
+            write_bytes=write_b,
+            error=raw.error,
+        )

@@ -1,0 +1,392 @@
+"""The recovery actuator's OS side: identities, guarded signals, the command, the state file.
+
+This module owns every side effect of recovery: reading a process's identity
+fresh from /proc just before it is signalled, sending SIGTERM/SIGKILL to a
+process group or to single processes, running the configured command (an argv,
+never a shell), and the JSON state file (atomic write under an fcntl lock).
+
+It never decides whether to recover (policy.py does) and never signals a
+process it has not just re-identified: PID 1, otelwatch itself, its ancestors,
+and processes of users that are not allowed are refused here a second time,
+whatever the caller asked for. OS errors are returned as results, not raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import pwd
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from otelwatch.model import ProcessIdentity
+from otelwatch.proctable import ProcessTableReader, ProcInfo, read_boot_time, read_proc
+from otelwatch.recovery.policy import same_identity
+
+log = logging.getLogger("otelwatch.recovery")
+
+__all__ = [
+    "ProcView",
+    "SignalResult",
+    "StateStore",
+    "ancestors_of",
+    "resolve_users",
+    "run_command",
+    "send_signal",
+    "substitute",
+]
+
+_GONE_STATES = frozenset({"Z", "X", "x"})  # exited: a zombie does no work and holds nothing
+
+
+# --------------------------------------------------------------------------- who is who
+
+
+def resolve_users(names: Iterable[str], default_uid: int | None = None) -> frozenset[int]:
+    """recovery.users as uids; empty means the user otelwatch runs as. Unknown names are
+    dropped with a warning (an empty result allows nobody: fail closed)."""
+    names = list(names)
+    if not names:
+        return frozenset({os.getuid() if default_uid is None else default_uid})
+    out: set[int] = set()
+    for name in names:
+        if name.isdigit():
+            out.add(int(name))
+            continue
+        try:
+            out.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            log.warning("recovery.users: no such user %r; it is ignored", name)
+    return frozenset(out)
+
+
+def ancestors_of(pid: int, proc_root: str = "/proc") -> frozenset[int]:
+    """pid's ancestors (parent, grandparent, ...), read from /proc now."""
+    out: set[int] = set()
+    boot = read_boot_time(proc_root)
+    info = read_proc(pid, proc_root, boot)
+    while info is not None and info.ppid > 0 and info.ppid not in out and len(out) < 4096:
+        out.add(info.ppid)
+        info = read_proc(info.ppid, proc_root, boot)
+    return frozenset(out)
+
+
+class ProcView:
+    """Fresh reads of single processes (never a cached table): identity, state, owner."""
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self.proc_root = proc_root
+        self.boot_time = read_boot_time(proc_root)
+
+    def read(self, pid: int) -> ProcInfo | None:
+        if pid <= 0:
+            return None
+        return read_proc(pid, self.proc_root, self.boot_time)
+
+    def alive(self, ident: ProcessIdentity) -> bool:
+        """True while that very process (same pid AND create time) exists and has not exited."""
+        info = self.read(ident.pid)
+        return info is not None and same_identity(info.identity, ident) and info.state not in _GONE_STATES
+
+    def uid(self, pid: int) -> int | None:
+        """Real uid from /proc/PID/status; None when unreadable."""
+        try:
+            with open(f"{self.proc_root}/{pid}/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"Uid:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+    def table(self) -> Iterable[ProcInfo]:
+        return ProcessTableReader(self.proc_root).read()
+
+
+# --------------------------------------------------------------------------- signals
+
+
+@dataclass
+class SignalResult:
+    signalled: list[int] = field(default_factory=list)  # pids that were sent the signal
+    group: int | None = None  # pgid signalled as a group, if any
+    denied: list[int] = field(default_factory=list)  # EPERM
+    refused: list[str] = field(default_factory=list)  # our own guards said no
+    gone: list[int] = field(default_factory=list)  # vanished or reused before the signal
+
+    def describe(self) -> str:
+        parts = []
+        if self.group is not None:
+            parts.append(f"group {self.group}")
+        if self.signalled:
+            parts.append(f"pids {self.signalled}")
+        if self.denied:
+            parts.append(f"denied {self.denied}")
+        if self.refused:
+            parts.append("refused: " + ", ".join(self.refused))
+        if self.gone:
+            parts.append(f"already gone {self.gone}")
+        return "; ".join(parts) or "nothing to signal"
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Processes that are never signalled, whatever a caller asks."""
+
+    self_pid: int
+    self_ancestors: frozenset[int]
+    allowed_uids: frozenset[int]
+
+    def refuse(self, pid: int) -> str:
+        if pid <= 1:
+            return f"pid {pid} is init or invalid"
+        if pid == self.self_pid:
+            return f"pid {pid} is otelwatch"
+        if pid in self.self_ancestors:
+            return f"pid {pid} is an ancestor of otelwatch"
+        return ""
+
+
+def _group_refusal(pgid: int, root: ProcInfo, snapshot: Collection[ProcessIdentity],
+                   members: Sequence[ProcInfo], procs: ProcView, guard: Guard) -> str:
+    """Why the process group may NOT be signalled as a whole ("" when it may)."""
+    if pgid <= 1:
+        return f"pgid {pgid}"
+    with contextlib.suppress(OSError):
+        if pgid == os.getpgid(0):
+            return "otelwatch's own process group"
+    if root.pgid != pgid:
+        return f"root moved to group {root.pgid}"
+    if not members:
+        return "group is empty"
+    for m in members:
+        why = guard.refuse(m.pid)
+        if why:
+            return f"group has {why}"
+        uid = procs.uid(m.pid)
+        if uid is None or uid not in guard.allowed_uids:
+            return f"group has pid {m.pid} of uid {uid}"
+    leader = next((m for m in members if m.pid == pgid), None)
+    if leader is not None and same_identity(leader.identity, root.identity):
+        return ""
+    if all(any(same_identity(m.identity, s) for s in snapshot) for m in members):
+        return ""
+    return "group has processes outside the session's tree"
+
+
+def send_signal(
+    sig: int,
+    root: ProcessIdentity,
+    pgid: int,
+    snapshot: Sequence[ProcessIdentity],
+    procs: ProcView,
+    guard: Guard,
+    kill: Callable[[int, int], None] = os.kill,
+    killpg: Callable[[int, int], None] = os.killpg,
+) -> SignalResult:
+    """Send `sig` to the session: its process group when that group is safely its own,
+    then each snapshot process not reached through the group, each re-identified
+    (pid + create time read fresh from /proc) just before its own signal."""
+    res = SignalResult()
+    fresh_root = procs.read(root.pid)
+    group_members: set[int] = set()
+    if fresh_root is not None and same_identity(fresh_root.identity, root) \
+            and fresh_root.state not in _GONE_STATES:
+        members = [p for p in procs.table() if p.pgid == pgid] if pgid > 1 else []
+        why = _group_refusal(pgid, fresh_root, snapshot, members, procs, guard)
+        if why:
+            res.refused.append(f"group not signalled: {why}")
+        else:
+            # Who was in the group, so that they do not get a second signal below.
+            group_members = {p.pid for p in members}
+            try:
+                killpg(pgid, sig)
+                res.group = pgid
+            except ProcessLookupError:
+                group_members = set()
+            except PermissionError:
+                res.denied.append(-pgid)
+                group_members = set()
+    for ident in snapshot:
+        info = procs.read(ident.pid)
+        if info is None or not same_identity(info.identity, ident) or info.state in _GONE_STATES:
+            res.gone.append(ident.pid)
+            continue
+        if res.group is not None and ident.pid in group_members and info.pgid == pgid:
+            res.signalled.append(ident.pid)
+            continue
+        why = guard.refuse(ident.pid)
+        if not why:
+            uid = procs.uid(ident.pid)
+            if uid is None or uid not in guard.allowed_uids:
+                why = f"pid {ident.pid} owned by uid {uid}"
+        if why:
+            res.refused.append(why)
+            continue
+        try:
+            kill(ident.pid, sig)
+            res.signalled.append(ident.pid)
+        except ProcessLookupError:
+            res.gone.append(ident.pid)
+        except PermissionError:
+            res.denied.append(ident.pid)
+    return res
+
+
+def wait_gone(idents: Sequence[ProcessIdentity], timeout: float, procs: ProcView,
+              stop: threading.Event, poll: float = 0.05) -> list[ProcessIdentity]:
+    """Poll until every identity is gone or `timeout` passes (or `stop` is set).
+    Returns the ones still alive."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        left = [i for i in idents if procs.alive(i)]
+        remaining = deadline - time.monotonic()
+        if not left or remaining <= 0 or stop.is_set():
+            return left
+        stop.wait(min(poll, remaining))
+
+
+# --------------------------------------------------------------------------- command
+
+_PLACEHOLDER = re.compile(r"\{(pid|pgid|session_id)\}")
+
+
+def substitute(argv: Sequence[str], values: Mapping[str, str]) -> list[str]:
+    """Placeholders replaced per argument in one pass, so a session id that itself
+    contains "{pid}" stays literal. The result is an argv, never a shell string."""
+    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in argv]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    returncode: int | None  # None: did not finish (timeout, interrupted, could not start)
+    detail: str
+
+
+def run_command(argv: Sequence[str], timeout: float, stop: threading.Event) -> CommandResult:
+    """Run argv (no shell) in its own session; on timeout its whole group is killed."""
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+    except OSError as exc:
+        return CommandResult(None, f"could not start {argv[0]!r}: {exc}")
+    deadline = time.monotonic() + timeout
+    err = b""
+    while True:
+        try:
+            _, err = proc.communicate(timeout=min(0.2, max(0.01, deadline - time.monotonic())))
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() < deadline and not stop.is_set():
+                continue
+            # Still unreaped, so its pid (= its pgid) cannot have been reused yet.
+            with contextlib.suppress(OSError):
+                if proc.pid > 1:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            why = "interrupted by shutdown" if stop.is_set() else f"timed out after {timeout:g} s"
+            return CommandResult(None, why)
+    tail = err.decode("utf-8", "replace").strip()[-200:]
+    return CommandResult(proc.returncode, f"exit {proc.returncode}" + (f": {tail}" if tail else ""))
+
+
+# --------------------------------------------------------------------------- state file
+
+STATE_VERSION = 1
+
+
+class StateStore:
+    """The recovery state file: JSON written to a temp file and renamed into place,
+    every read and write under an exclusive fcntl lock on `<file>.lock`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._thread_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing releases the lock
+
+    def load(self) -> dict[str, Any]:
+        """The stored state, or an empty one. A corrupt or untrusted file is moved aside
+        with a warning: losing the rate-limit record must not stop the daemon."""
+        empty: dict[str, Any] = {"version": STATE_VERSION, "recoveries": [], "escalations": [],
+                                 "given_up": []}
+        with self._locked():
+            try:
+                st = self.path.stat()
+            except FileNotFoundError:
+                return empty
+            problem = ""
+            if st.st_uid != os.geteuid():
+                problem = f"owned by uid {st.st_uid}, not {os.geteuid()}"
+            elif st.st_mode & 0o022:
+                problem = "group- or world-writable"
+            data: Any = None
+            if not problem:
+                try:
+                    data = json.loads(self.path.read_text(encoding="utf-8"))
+                    problem = _validate(data)
+                except (OSError, ValueError) as exc:
+                    problem = f"unreadable: {exc}"
+            if problem:
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+                try:
+                    os.replace(self.path, aside)
+                    log.warning("recovery state file %s %s; moved aside to %s", self.path, problem, aside)
+                except OSError as exc:
+                    log.warning("recovery state file %s %s and could not be moved aside: %s",
+                                self.path, problem, exc)
+                return empty
+            assert isinstance(data, dict)
+            return data
+
+    def save(self, data: Mapping[str, Any]) -> bool:
+        """Write atomically; False (logged) when the disk said no."""
+        try:
+            with self._locked():
+                tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(data, fh, sort_keys=True)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path)
+            return True
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("could not write recovery state file %s: %s", self.path, exc)
+            return False
+
+
+def _validate(data: Any) -> str:
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        return "has an unknown format"
+    if not isinstance(data.get("recoveries"), list) or not all(
+            isinstance(t, (int, float)) for t in data["recoveries"]):
+        return "has a bad 'recoveries' list"
+    if not isinstance(data.get("escalations"), list) or not all(
+            isinstance(e, dict) for e in data["escalations"]):
+        return "has a bad 'escalations' list"
+    if not isinstance(data.get("given_up", []), list):
+        return "has a bad 'given_up' list"
+    return ""

@@ -1,0 +1,173 @@
+"""The event spool: one JSON-lines file per session under `<state_dir>/events/`.
+
+Producers (`otelwatch hook`, `otelwatch event`, `otelwatch exec`) append one
+record per event with `append_records`: a single O_APPEND write, so records of
+concurrent producers never interleave. The daemon reads every file with
+`SpoolSource`, which yields the events per session and a `SessionSpec` for
+each session whose records name its agent's PID.
+
+A record is `{"otelwatch": 1, "session_id", "pid", "agent", "time", ...}` plus
+the fields of `Event.to_json()`. Session ids are data: they are sanitised into
+file names (`safe_name`) and never reach a shell. This module must stay cheap
+to import (hooks run on every tool call): no psutil, no logging setup, no
+other sources.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from otelwatch.events import parse_object
+from otelwatch.model import Event, SessionSpec
+from otelwatch.sources.tail import FileTail
+
+__all__ = ["MAX_RECORD_BYTES", "SpoolSource", "append_records", "make_record", "safe_name", "spool_path"]
+
+MAX_RECORD_BYTES = 4096  # one record; longer details are cut so the append stays one small write
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def safe_name(session_id: str) -> str:
+    """A file-name stem for a session id: no separators, no leading dot, bounded length.
+
+    Ids that needed changing get a hash suffix so two ids cannot share a file.
+    """
+    clean = "".join(c if c in _SAFE else "_" for c in session_id[:120]).replace("..", "_").lstrip(".")
+    if clean == session_id and clean:
+        return clean
+    import zlib  # only for ids that need it
+
+    digest = f"{zlib.crc32(session_id.encode('utf-8', 'surrogatepass')):08x}"
+    return f"{clean or 'session'}-{digest}"
+
+
+def spool_path(spool_dir: Path, session_id: str) -> Path:
+    return Path(spool_dir) / f"{safe_name(session_id)}.jsonl"
+
+
+def make_record(event: Event, session_id: str, *, pid: int | None = None, agent: str | None = None,
+                create_time: float | None = None) -> dict[str, Any]:
+    record: dict[str, Any] = {"otelwatch": 1, "session_id": session_id}
+    if pid is not None:
+        record["pid"] = pid
+    if create_time is not None:
+        record["create_time"] = create_time
+    if agent:
+        record["agent"] = agent
+    record.update(event.to_json())
+    return record
+
+
+def append_records(spool_dir: Path, session_id: str, records: Iterable[Mapping[str, Any]]) -> Path:
+    """Append records to the session's spool file in one write. Raises OSError."""
+    lines = []
+    for rec in records:
+        line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
+        if len(line.encode()) > MAX_RECORD_BYTES:
+            rec = {k: v for k, v in rec.items() if k != "detail"}
+            line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
+        lines.append(line)
+    path = spool_path(spool_dir, session_id)
+    if not lines:
+        return path
+    data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):  # only on a full disk; finish the line rather than leave half
+            os.write(fd, data[written:])
+    finally:
+        os.close(fd)
+    return path
+
+
+class SpoolSource:
+    """Reads every spool file in `dir`; `poll` returns what is new since the last poll.
+
+    Files not written for `stale_after` seconds are not read (old sessions'
+    spools would otherwise come back as sessions after every daemon restart).
+    """
+
+    def __init__(self, dir: Path, *, stale_after: float = 86400.0) -> None:
+        self.dir = Path(dir)
+        self.stale_after = stale_after
+        self.errors = 0  # directory listing failures
+        self._tails: dict[str, FileTail] = {}
+        # session_id -> (pid, agent, create_time) from its latest record that had a pid
+        self._meta: dict[str, tuple[int, str, float | None]] = {}
+        self._files_of: dict[str, set[str]] = {}  # file name -> session ids seen in it
+
+    def poll(self, now: float) -> tuple[list[SessionSpec], dict[str, list[Event]], int]:
+        """(specs of sessions with a pid, new events per session_id, malformed lines)."""
+        events: dict[str, list[Event]] = {}
+        malformed = 0
+        present: set[str] = set()
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            entries = []
+        except OSError:
+            self.errors += 1
+            entries = []
+        for entry in entries:
+            name = entry.name
+            if not name.endswith(".jsonl") or name.startswith("."):
+                continue
+            try:
+                if now - entry.stat().st_mtime > self.stale_after:
+                    continue
+            except OSError:
+                continue
+            present.add(name)
+            tail = self._tails.get(name)
+            if tail is None:
+                tail = self._tails[name] = FileTail(entry.path, source="hook")
+            lines, bad = tail.poll_lines(now)
+            malformed += bad
+            for raw, t in lines:
+                malformed += self._take(name, raw, t, events)
+        for name in list(self._tails):
+            if name not in present:
+                self._tails.pop(name).close()
+                for sid in self._files_of.pop(name, ()):
+                    if not any(sid in ids for ids in self._files_of.values()):
+                        self._meta.pop(sid, None)
+        specs = [
+            SessionSpec(session_id=sid, pid=pid, agent=agent, source="hook", create_time=ct)
+            for sid, (pid, agent, ct) in self._meta.items()
+        ]
+        return specs, events, malformed
+
+    def close(self) -> None:
+        for tail in self._tails.values():
+            tail.close()
+        self._tails.clear()
+
+    def _take(self, name: str, raw: bytes, t: float, events: dict[str, list[Event]]) -> int:
+        try:
+            rec = json.loads(raw)
+        except (ValueError, RecursionError):
+            return 1
+        if not isinstance(rec, dict) or rec.get("otelwatch") != 1:
+            return 1
+        sid = rec.get("session_id")
+        if not isinstance(sid, str) or not sid:
+            return 1
+        events.setdefault(sid, []).extend(parse_object(rec, t, "hook"))
+        self._files_of.setdefault(name, set()).add(sid)
+        pid = rec.get("pid")
+        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+            agent = rec.get("agent") if isinstance(rec.get("agent"), str) else None
+            ct = rec.get("create_time")
+            ct = float(ct) if isinstance(ct, (int, float)) and not isinstance(ct, bool) else None
+            old = self._meta.get(sid)
+            self._meta[sid] = (pid, agent or (old[1] if old else "unknown"), ct)
+        return 0

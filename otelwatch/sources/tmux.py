@@ -1,0 +1,164 @@
+"""tmux panes and the agent processes under them: `TmuxSource`.
+
+Owns the runtime axis of a session: a pane can outlive its agent, and that
+must show as `runtime_alive_process_dead`, not as alive. Each scan lists the
+panes of every tmux server the user can reach (sockets in
+`$TMUX_TMPDIR/tmux-UID/`, default `/tmp/tmux-UID/`, or the sockets given),
+maps each agent PID to the pane whose shell it runs under, and remembers
+which agent each pane had, so a pane whose agent died is reported with
+`agent_pid=None` and `last_agent_pid` set.
+
+Every tmux call has a timeout: a hung server costs at most `timeout` seconds,
+is counted in `timeouts`, and the scan goes on with the other servers. tmux
+is run with an argv list, never through a shell, and nothing from a pane is
+executed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import subprocess
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from otelwatch.proctable import ProcessTable
+
+__all__ = ["PaneInfo", "TmuxSource", "default_sockets"]
+
+log = logging.getLogger("otelwatch.sources.tmux")
+
+_FORMAT = "#{session_name}:#{window_index}.#{pane_index}\t#{pane_pid}\t#{pane_dead}"
+
+
+@dataclass(frozen=True)
+class PaneInfo:
+    target: str  # "session:window.pane"
+    pane_pid: int  # the pane's first process (usually a shell)
+    agent_pid: int | None  # the agent running in the pane now
+    socket: str  # the tmux server's socket path
+    last_agent_pid: int | None = None  # the agent seen in this pane before; set when it is gone
+    pane_dead: bool = False  # the pane's own process exited (remain-on-exit keeps the pane)
+
+    @property
+    def agent_gone(self) -> bool:
+        """The pane lives on but the agent that ran in it does not."""
+        return self.agent_pid is None and self.last_agent_pid is not None
+
+
+def default_sockets(uid: int | None = None, environ: dict[str, str] | None = None) -> list[str]:
+    env = os.environ if environ is None else environ
+    uid = os.geteuid() if uid is None else uid
+    base = os.path.join(env.get("TMUX_TMPDIR") or "/tmp", f"tmux-{uid}")
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        path = os.path.join(base, name)
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                out.append(path)
+        except OSError:
+            continue
+    return out
+
+
+class TmuxSource:
+    def __init__(self, timeout: float = 1.0, tmux: str = "tmux", sockets: Sequence[str] | None = None) -> None:
+        self.timeout = timeout
+        self.tmux = tmux
+        self.sockets = None if sockets is None else list(sockets)
+        self.timeouts = 0  # tmux calls that overran the timeout
+        self.errors = 0  # tmux calls that failed otherwise (not "no server running")
+        self.available = True  # False once the tmux binary turned out to be missing
+        # (socket, target) -> agent pid last seen in that pane
+        self._last_agent: dict[tuple[str, str], int] = {}
+        self._panes: list[PaneInfo] = []
+
+    def scan(self, table: ProcessTable, agent_pids: Collection[int]) -> list[PaneInfo]:
+        """All panes now, each with the agent under it (or the one it had before)."""
+        if not self.available:
+            return []
+        sockets = self.sockets if self.sockets is not None else default_sockets()
+        raw: list[tuple[str, str, int, bool]] = []
+        for sock in sockets:
+            raw.extend((sock, *pane) for pane in self._list_panes(sock))
+        pane_of_pid = {pane_pid: i for i, (_, _, pane_pid, _) in enumerate(raw)}
+
+        # Each agent belongs to the nearest pane process above it (or is one).
+        agent_of_pane: dict[int, tuple[int, int]] = {}  # pane index -> (depth, agent pid)
+        for pid in agent_pids:
+            chain = [pid, *table.ancestors(pid)]
+            for depth, p in enumerate(chain):
+                idx = pane_of_pid.get(p)
+                if idx is not None:
+                    best = agent_of_pane.get(idx)
+                    if best is None or depth < best[0]:
+                        agent_of_pane[idx] = (depth, pid)
+                    break
+
+        panes: list[PaneInfo] = []
+        seen: set[tuple[str, str]] = set()
+        for idx, (sock, target, pane_pid, dead) in enumerate(raw):
+            key = (sock, target)
+            seen.add(key)
+            found = agent_of_pane.get(idx)
+            if found is not None:
+                self._last_agent[key] = found[1]
+                panes.append(PaneInfo(target, pane_pid, found[1], sock, pane_dead=dead))
+            else:
+                panes.append(PaneInfo(target, pane_pid, None, sock,
+                                      last_agent_pid=self._last_agent.get(key), pane_dead=dead))
+        for key in list(self._last_agent):
+            if key not in seen:
+                del self._last_agent[key]  # the pane is gone: forget its agent
+        self._panes = panes
+        return panes
+
+    def pane_alive(self, target: str, socket: str | None = None) -> bool:
+        """Whether the last scan saw this pane (on `socket`, or on any server)."""
+        return any(p.target == target and (socket is None or p.socket == socket) for p in self._panes)
+
+    def pane_of(self, pid: int) -> PaneInfo | None:
+        """The pane whose agent (now or before) was `pid`, from the last scan."""
+        for p in self._panes:
+            if p.agent_pid == pid or (p.agent_pid is None and p.last_agent_pid == pid):
+                return p
+        return None
+
+    def _list_panes(self, sock: str) -> list[tuple[str, int, bool]]:
+        argv = [self.tmux, "-S", sock, "list-panes", "-a", "-F", _FORMAT]
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            self.timeouts += 1
+            log.warning("tmux server %s did not answer within %.1f s", sock, self.timeout)
+            return []
+        except FileNotFoundError:
+            self.available = False
+            log.info("tmux not found (%s); tmux source off", self.tmux)
+            return []
+        except OSError as exc:
+            self.errors += 1
+            log.warning("cannot run tmux for %s: %s", sock, exc)
+            return []
+        if proc.returncode != 0:
+            # A stale socket of a server that is gone is normal, not an error.
+            msg = proc.stderr.decode("utf-8", "replace")
+            if "no server running" not in msg and "error connecting" not in msg:
+                self.errors += 1
+            return []
+        out = []
+        for line in proc.stdout.decode("utf-8", "replace").splitlines():
+            parts = line.split("\t")
+            if len(parts) != 3:
+                continue
+            try:
+                out.append((parts[0], int(parts[1]), parts[2].strip() == "1"))
+            except ValueError:
+                continue
+        return out
