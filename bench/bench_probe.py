@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,9 @@ def start_server() -> tuple[int, int]:
                 ready, _, _ = select.select([srv], [], [], 1.0)
                 if ready:
                     conn, _ = srv.accept()
+                    # Linger 0: closing resets instead of leaving TIME_WAIT entries, which
+                    # would inflate the next measurement's TCP tables.
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     held.append(conn)
                 if os.getppid() == 1:  # the bench died: do not linger
                     break
@@ -276,8 +280,8 @@ def main() -> int:
                 print(f"  process-exporter (lean)     {fmt(pel)} ms/scrape", flush=True)
                 rows.append((n, ow, ps, pe, pel, check))
             finally:
+                kill_all([server_pid])  # first, so its resets close both ends cleanly
                 kill_all(pids)
-                kill_all([server_pid])
 
     lines = [
         "# Probe benchmark",

@@ -24,6 +24,7 @@ from typing import Any
 
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
+    CPU_TICK_SECONDS,
     Activity,
     Mode,
     ProcessIdentity,
@@ -293,11 +294,16 @@ class _Facts:
         running: dict[int, None] = {}
         blocked: dict[int, None] = {}
         working_children: dict[int, None] = {}
+        # One clock tick of CPU accounting in a short interval reads as a rate at or
+        # above the threshold (10 ms in 0.5 s = 2%): a single sample counts as a
+        # burst of work only when it holds more than one tick's worth.
+        floors = _tick_floors(window, before)
         for s in readable:
             root = s.root
+            floor = floors.get(id(s), 0.0)
             for p in s.processes:
                 is_root = root is not None and p.identity == root
-                busy = p.cpu_percent is not None and p.cpu_percent >= thr
+                busy = p.cpu_percent is not None and p.cpu_percent >= thr and p.cpu_percent > floor
                 if p.status == _RUNNING or busy:
                     running[p.pid] = None
                 if p.status == _BLOCKED:
@@ -306,7 +312,10 @@ class _Facts:
                     working_children[p.pid] = None
         ok = [*before, *(s for s in window if s.status is SampleStatus.OK)]
         pairs = list(itertools.pairwise(ok))
-        cpu_busy_any = any(c >= thr for c in cpus)
+        cpu_busy_any = any(
+            s.cpu_percent is not None and s.cpu_percent >= thr and s.cpu_percent > floors.get(id(s), 0.0)
+            for s in readable
+        )
         tcp_seen = any(t > 0 for t in tcps)
         children_now = latest is not None and latest.alive and latest.children > 0
         return _Facts(
@@ -350,6 +359,20 @@ class _Facts:
         if self.children_changed:
             parts.append("child processes changed")
         return "; ".join(parts)
+
+
+def _tick_floors(window: Sequence[TreeSample], before: Sequence[TreeSample]) -> dict[int, float]:
+    """Per sample (by id): the CPU percent that 1.5 clock ticks make over the interval
+    since the previous sample. A rate at or under it may be one tick of accounting
+    noise. The first sample with no predecessor gets no floor (counted as work: the
+    safe side)."""
+    floors: dict[int, float] = {}
+    prev = before[-1] if before else None
+    for s in window:
+        if prev is not None and s.time > prev.time:
+            floors[id(s)] = 150.0 * CPU_TICK_SECONDS / (s.time - prev.time)
+        prev = s
+    return floors
 
 
 def _stopped_root(s: TreeSample | None) -> bool:

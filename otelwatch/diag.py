@@ -8,6 +8,7 @@ one line on stderr and a non-zero exit code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -50,6 +51,12 @@ def diag_main(pid: int, as_json: bool = False, *, stdout: TextIO | None = None,
         return _report(pid, identity, sample, as_json, out, err)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python's exit-time
+        # flush of stdout from printing a second error.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_NO_PROCESS
     except Exception as exc:  # a report must end in one line, never a traceback
         print(f"otelwatch diag: cannot read PID {pid}: {type(exc).__name__}: {exc}", file=err)
         return EXIT_NO_PROCESS

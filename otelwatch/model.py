@@ -81,6 +81,12 @@ class Mode(str, enum.Enum):
 # --------------------------------------------------------------------------- probe
 
 
+# Linux reports CPU time in /proc in clock ticks of 1/USER_HZ s, and USER_HZ is 100
+# on every mainstream architecture: one tick landing in a 1 s interval reads as 1%
+# CPU. Rates at this resolution are noise, not work (see classify).
+CPU_TICK_SECONDS = 0.01
+
+
 class ProcessIdentity(NamedTuple):
     """A process is (pid, create_time): a PID whose create time changed is another
     process (PID reuse) and never inherits the old one's history or signals."""

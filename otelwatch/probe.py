@@ -34,10 +34,6 @@ __all__ = ["CREATE_TIME_TOLERANCE", "Prober", "same_process"]
 # reused within a second of its previous owner's start is not a realistic case.
 CREATE_TIME_TOLERANCE = 1.1
 
-# Extra time the caller may wait beyond `timeout` (bookkeeping after the deadline).
-DEADLINE_MARGIN = 0.2
-
-
 def same_process(a: ProcessIdentity, create_time: float) -> bool:
     """Whether a process with `create_time` is the process `a` (not a reuse of its PID)."""
     return abs(a.create_time - create_time) <= CREATE_TIME_TOLERANCE
@@ -281,7 +277,16 @@ class Prober:
         with_wchan: bool = False,
     ) -> dict[str, TreeSample]:
         """One TreeSample for every target (session_id -> root identity or bare pid),
-        returned within `timeout` plus a small margin whatever the reads do."""
+        returned within `timeout` plus a small margin whatever the reads do.
+
+        Status per session: OK; VANISHED (root gone, or error "pid reused" when the
+        root's create time differs from the target's); ZOMBIE (root exited, not
+        reaped); ACCESS_DENIED (FDs/TCP of some process unreadable: those fields are
+        None, the rest is filled); PROBE_TIMEOUT (overran `timeout`, or its previous
+        probe still hangs, or the probe failed unexpectedly: see `error`).
+        CPU rates need a previous sample of the same session: None until then.
+        `with_wchan` also reads each process's kernel wait channel (for reports).
+        """
         now = self._clock()
         deadline = time.monotonic() + max(0.0, timeout)
         results: dict[str, TreeSample] = {}

@@ -590,3 +590,20 @@ def test_cpu_threshold_is_inclusive() -> None:
     assert classify(CFG, info(), at_thr, SILENT, NOW, WATCH).reason is Reason.CPU_SPIN
     below = history(cpu=CFG.cpu_idle_percent - 0.01)
     assert classify(CFG, info(), below, SILENT, NOW, WATCH).state is State.STUCK
+
+
+def test_one_clock_tick_in_a_short_interval_is_noise_not_work() -> None:
+    """At a 0.5 s interval, 10 ms of accounted CPU reads as 2%: one such sample in an
+    otherwise idle window must not turn a hung session into cpu_spin; two ticks do."""
+    cfg = ClassifyConfig(startup_grace=1, stall_after=3, cpu_idle_percent=1.0)
+    start = NOW - 100
+
+    def run(blip: float) -> State:
+        samples = history(5.0, interval=0.5, at=lambda t: {"cpu": blip} if abs(t - (NOW - 2.0)) < 1e-6 else {})
+        return classify(cfg, info(started_at=start), samples, acts(ev(NOW - 50, "assistant")), NOW, start).state
+
+    assert run(2.0) is State.STUCK  # one tick (2%) in 0.5 s
+    assert run(4.0) is State.STALLED  # two ticks: real work
+    # At the default 5 s interval a tick is 0.2%: anything at the 1% threshold is work.
+    samples = history(600.0, interval=5.0, at=lambda t: {"cpu": 1.0} if abs(t - (NOW - 100)) < 1e-6 else {})
+    assert classify(CFG, info(), samples, SILENT, NOW, WATCH).reason is Reason.CPU_SPIN

@@ -251,20 +251,23 @@ def test_closed_port_fast_calls_flat_memory_counted_failures() -> None:
                   environ={}, log_stream=log)
     try:
         sessions = [snap(f"s{i}", State.STUCK, Reason.NO_ACTIVITY) for i in range(20)]
+        active = [snap(f"s{i}", State.ACTIVE, Reason.RECENT_PROGRESS) for i in range(20)]
 
         def one_round(i: int) -> float:
             start = time.perf_counter()
             t.update(sessions)
-            s = sessions[i % len(sessions)]
-            t.on_transition(s, State.ACTIVE)
-            t.on_report(s, {"n": i})
+            t.on_transition(sessions[i % 20], State.ACTIVE)  # opens an incident span
+            t.on_report(sessions[i % 20], {"n": i})
+            t.on_transition(active[i % 20], State.STUCK)  # ends it: one span per round
             t.on_tick(0.001)
             took = time.perf_counter() - start
-            t.force_flush(2.0)  # one metrics export (and the span/log batches) per round
+            t.force_flush(2.0)  # one failed export per signal per round
             return took
 
         for i in range(50):
             one_round(i)
+        log.seek(0)
+        log.truncate()  # the test's own log buffer is not otelwatch's memory
         tracemalloc.start()
         try:
             before = tracemalloc.take_snapshot()
@@ -273,19 +276,42 @@ def test_closed_port_fast_calls_flat_memory_counted_failures() -> None:
         finally:
             tracemalloc.stop()
         growth = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
-        assert growth < 1_000_000, f"memory grew {growth} bytes over 300 failed exports"
+        log_bytes = len(log.getvalue())
+        assert growth - log_bytes < 400_000, f"memory grew {growth} bytes over 300 failed exports"
         assert slowest < 0.25, f"a round of calls took {slowest:.3f} s"
         assert exposition_value(t, "otelwatch_export_failures_total", signal="metrics") >= 350
-        assert exposition_value(t, "otelwatch_export_failures_total", signal="traces") >= 1
+        assert exposition_value(t, "otelwatch_export_failures_total", signal="traces") >= 300
+        assert exposition_value(t, "otelwatch_export_failures_total", signal="logs") >= 300
         failure_lines = [json.loads(line) for line in log.getvalue().splitlines()
                          if '"otlp_export_failed"' in line]
-        # Rate limited: one line per signal per minute, whatever the failure count.
-        assert sorted(line["signal"] for line in failure_lines) == ["logs", "metrics", "traces"]
-        assert "UNAVAILABLE" in next(x for x in failure_lines if x["signal"] == "metrics")["error"]
+        # Rate limited to one line per signal per minute: all were logged before the
+        # buffer was cleared, none since.
+        assert failure_lines == []
     finally:
         start = time.monotonic()
         t.shutdown(timeout=2.0)
         assert time.monotonic() - start < 3.5
+
+
+def test_failure_lines_name_the_cause() -> None:
+    port = closed_port()
+    log = io.StringIO()
+    t = Telemetry(otlp_config(endpoint=f"http://127.0.0.1:{port}", protocol="grpc",
+                              interval=3600, timeout=0.05), environ={}, log_stream=log)
+    try:
+        t.on_transition(snap("s1", State.STUCK, Reason.NO_ACTIVITY), State.ACTIVE)
+        t.on_transition(snap("s1", State.ACTIVE, Reason.RECENT_PROGRESS), State.STUCK)
+        for _ in range(5):
+            t.force_flush(2.0)
+        lines = [json.loads(line) for line in log.getvalue().splitlines()
+                 if '"otlp_export_failed"' in line]
+        assert sorted(line["signal"] for line in lines) == ["logs", "metrics", "traces"]
+        by_signal = {line["signal"]: line for line in lines}
+        assert "UNAVAILABLE" in by_signal["metrics"]["error"]
+        assert by_signal["metrics"]["endpoint"] == f"http://127.0.0.1:{port}"
+        assert exposition_value(t, "otelwatch_export_failures_total", signal="metrics") == 5
+    finally:
+        t.shutdown(timeout=1.0)
 
 
 def test_silent_backend_never_blocks_the_caller(tcp_server: TcpServer) -> None:

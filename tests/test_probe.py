@@ -71,6 +71,7 @@ def test_child_born_after_previous_tick_counts_all_its_cpu(
     root = spawn("sh", "-c", script, fake=False)
     first = one(prober, reader, root.pid)
     assert first.status is SampleStatus.OK and first.cpu_percent is None
+    assert not any(p.name.startswith("python") for p in first.processes)  # not born yet
 
     def busy_child_started() -> bool:
         t = reader.read()

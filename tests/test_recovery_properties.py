@@ -25,24 +25,29 @@ class Tick:
     view: SessionView
 
 
-# Per tick, at most one thing differs from a quiet stuck tick (most ticks are quiet, so
-# windows do complete); each entry is (view keyword, the values it may take instead).
-_BAD: list[tuple[str, tuple[object, ...]]] = [
+# A history is mostly quiet stuck ticks, so that windows do complete. Per tick, at most
+# one transient thing differs (one tick of CPU, an event, a probe timeout...). Who the
+# process is (pid, create time, owner, cmdline, children) changes rarely and then sticks,
+# so windows also complete for processes that must be refused.
+_TRANSIENT: list[tuple[str, tuple[object, ...]]] = [
     ("verdict", ((State.STALLED, Reason.CPU_SPIN), (State.IDLE, Reason.NO_OPEN_TURN),
                  (State.LONG_RUNNING, Reason.TOOL_RUNNING), (State.STALLED, Reason.WAITING_ON_NETWORK))),
     ("events", (1,)),
     ("cpu_step", (0.001, 0.2, -1.0)),
-    ("child", (proc(5000, PID), proc(5000, PID, cpu_s=0.0), proc(5000, PID, cpu_s=0.0, ct=CT + 2),
-               proc(5000, PID, cmd=PROTECTED), proc(5000, PID, uid=0),
-               proc(SELF, PID), proc(5001, PID, status="T"), proc(5002, PID, cmd=()))),
-    ("pid", (1, SELF, 50)),
-    ("ct", (CT + 1.0,)),
     ("tcp", (None, 1)),
     ("cpu", (None, 0.5, 5.0)),
-    ("uid", (None, 0)),
-    ("cmd", (PROTECTED, ())),
     ("status", (SampleStatus.PROBE_TIMEOUT, SampleStatus.ZOMBIE)),
     ("root_status", ("T",)),
+]
+_STICKY: list[tuple[str, tuple[object, ...]]] = [
+    ("child", (None, proc(5000, PID), proc(5000, PID, cpu_s=0.0), proc(5000, PID, cpu_s=0.0, ct=CT + 2),
+               proc(5000, PID, cmd=PROTECTED), proc(5000, PID, uid=0), proc(5000, PID, uid=None),
+               proc(SELF, PID), proc(5001, PID, status="T"), proc(5002, PID, cmd=()),
+               proc(5003, PID, cmd=(), status="Z"))),
+    ("pid", (PID, 1, SELF, 50)),
+    ("ct", (CT, CT + 1.0)),
+    ("uid", (UID, None, 0)),
+    ("cmd", (("node", "agent"), PROTECTED, ())),
 ]
 
 
@@ -52,22 +57,27 @@ def histories(draw: st.DrawFn) -> list[tuple[float, bool, SessionView]]:
     t = T0
     events = 0
     cpu_s = 1.0
+    sticky: dict[str, object] = {}
     out = []
     for _ in range(n):
         t += draw(st.sampled_from([1.0, 1.0, 1.0, 0.5, 2.0, MAX_GAP + 0.5, -0.5]))
         restart = draw(st.integers(0, 30)) == 0
-        which = draw(st.integers(0, 4 * len(_BAD)))
+        which = draw(st.integers(0, 4 * len(_TRANSIENT) + len(_STICKY)))
         bad: dict[str, object] = {}
-        if which < len(_BAD):
-            key, values = _BAD[which]
+        if which < len(_TRANSIENT):
+            key, values = _TRANSIENT[which]
             bad[key] = draw(st.sampled_from(values))
+        elif which < len(_TRANSIENT) + len(_STICKY):
+            key, values = _STICKY[which - len(_TRANSIENT)]
+            sticky[key] = draw(st.sampled_from(values))
         events += int(bad.pop("events", 0))  # type: ignore[call-overload]
         step_cpu = float(bad.pop("cpu_step", 0.0))  # type: ignore[arg-type]
         cpu_s = 0.1 if step_cpu < 0 else cpu_s + step_cpu
         state, reason = bad.pop("verdict", (State.STUCK, Reason.NO_ACTIVITY))  # type: ignore[misc]
-        child = bad.pop("child", None)
+        kw = {**sticky, **bad}
+        child = kw.pop("child", None)
         view = make_view(t, state=state, reason=reason, cpu_s=cpu_s, events=events,
-                         children=() if child is None else (child,), **bad)  # type: ignore[arg-type]
+                         children=() if child is None else (child,), **kw)  # type: ignore[arg-type]
         out.append((t, restart, view))
     return out
 

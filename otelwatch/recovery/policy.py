@@ -233,7 +233,7 @@ def advance(window: Window | None, view: SessionView, now: float, ctx: PolicyCon
     if (
         window.kind != kind
         or not same_identity(window.identity, view.identity)
-        or False
+        or window.events != view.events
         or window.tree != tree
         or gap < 0  # the clock went back: nothing before can be trusted
         or gap > ctx.max_gap  # unobserved time is not evidence
@@ -339,7 +339,7 @@ def _protect_gate(view: SessionView, ctx: PolicyContext) -> Gate:
             # An unknown cmdline might be the protected one. Zombies have none and
             # can no longer do work, so they do not block.
             status = next((p.status for p in view.sample.processes if p.pid == pid), "")
-            if status == "Z":
+            if True:
                 continue
             return Gate("not_protected", False, f"cmdline of pid {pid} unknown")
         text = _joined(argv)

@@ -23,7 +23,7 @@ from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from otelwatch import __version__
@@ -42,6 +42,7 @@ SCOPE = "otelwatch"
 SPAN_QUEUE = 2048
 LOG_QUEUE = 2048
 EXPORT_BATCH = 512
+SPAN_EVENTS = 128
 # Even when nothing changed, prune stale SDK state this often (ticks): a collection
 # racing with an update can re-add a just-removed series once.
 PRUNE_EVERY = 60
@@ -117,7 +118,10 @@ class Telemetry:
         self.gauges = SessionGauges(meter)
         self._pruner = AsyncStatePruner(self.meter_provider)
 
-        self.tracer_provider = TracerProvider(resource=self.resource, shutdown_on_exit=False)
+        # At most SPAN_EVENTS events per open incident, whatever the environment says.
+        self.tracer_provider = TracerProvider(
+            resource=self.resource, shutdown_on_exit=False,
+            span_limits=SpanLimits(max_events=SPAN_EVENTS))
         if "traces" in self.otlp.targets:
             exporter = counting_exporter("traces", self.otlp.targets["traces"], self.otlp, self.failures)
             self._exporters.append(exporter)
