@@ -376,7 +376,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         if name not in by_name:
             known = ", ".join(sorted(by_name))
             raise ConfigError(key, f"unknown key (known here: {known})")
-        default = by_name[name].default_factory  # type: ignore[misc]
+        default = by_name[name].default_factory
         if key in _VALIDATORS:
             kwargs[name] = _VALIDATORS[key](value, key)
         elif callable(default):  # a nested section

@@ -129,7 +129,7 @@ class Watcher:
         self._tracked: dict[str, _Tracked] = {}
         self._aliases: dict[str, str] = {}  # other ids of a session (transcript uuid, hook id) -> key
         self._explicit: dict[str, SessionSpec] = {}  # track() calls from the Python API
-        self._inbox: deque[tuple[str, Event | bytes, int | None]] = deque()
+        self._inbox: deque[tuple[str, Event | bytes, int | None, bool]] = deque()
         self._pending: dict[str, deque[Event]] = {}
         self._subscribers: list[Subscriber] = []
         self._snapshots: tuple[SessionSnapshot, ...] = ()
@@ -160,13 +160,17 @@ class Watcher:
     def untrack(self, session_id: str) -> None:
         self._explicit.pop(session_id, None)
 
-    def feed(self, session_id: str, line: bytes | str) -> None:
-        """Hand one event line (stream-json, a transcript line, any JSON) to a session."""
+    def feed(self, session_id: str, line: bytes | str, *, json_only: bool = True) -> None:
+        """Hand one event line (stream-json, a transcript line, any JSON) to a session.
+
+        A line that is not JSON is counted as malformed and skipped; pass
+        json_only=False for agents whose output is plain text (every line is then
+        progress). Thread-safe; the line is parsed on the next tick."""
         raw = line.encode() if isinstance(line, str) else line
-        self._inbox.append((session_id, raw, None))
+        self._inbox.append((session_id, raw, None, json_only))
 
     def add_event(self, session_id: str, event: Event, pid: int | None = None) -> None:
-        self._inbox.append((session_id, event, pid))
+        self._inbox.append((session_id, event, pid, True))
 
     def post_event(self, payload: Any) -> str:
         """A hook payload or `{"session_id", "type", "tool"}` from POST /api/events.
@@ -297,12 +301,13 @@ class Watcher:
         for sid, events in spool_events.items():
             for event in events:
                 self._deliver(sid, event, None)
-        # A removed registration ends tracking (DESIGN: "Removing the file ends tracking").
-        if self._sources.registry_ok:
-            for tracked in self._tracked.values():
-                if (tracked.spec.source in ("registry", "exec", "api") and tracked.key not in seen_registered
-                        and tracked.ended_at is None):
-                    tracked.untracked = True
+        # A removed registration ends tracking (DESIGN: "Removing the file ends tracking"),
+        # judged only on a registry scan that worked: a failed read is not a removal.
+        for tracked in self._tracked.values():
+            source = tracked.spec.source
+            judged = source == "api" or (source in ("registry", "exec") and self._sources.registry_ok)
+            if judged and tracked.key not in seen_registered and tracked.ended_at is None:
+                tracked.untracked = True
         # Runtime liveness (tmux panes) for sessions under a pane.
         alive = self._sources.runtime_alive
         for tracked in self._tracked.values():
@@ -385,11 +390,11 @@ class Watcher:
 
     def _drain_inbox(self, now: float) -> None:
         while self._inbox:
-            sid, item, pid = self._inbox.popleft()
+            sid, item, pid, json_only = self._inbox.popleft()
             if isinstance(item, Event):
                 self._deliver(sid, item, pid)
                 continue
-            event = parse_line(item, now, "api", json_only=False)
+            event = parse_line(item, now, "api", json_only=json_only)
             key = self._aliases.get(sid, sid)
             if event is None:
                 tracked = self._tracked.get(key)
@@ -455,9 +460,10 @@ class Watcher:
             self._probe_problem(kind, timeout=(what == "timeout"))
         horizon = now - (self.cfg.classify.stall_after + 3 * self.cfg.interval)
         for key, sample in samples.items():
-            tracked = self._tracked.get(key)
-            if tracked is None:
+            found = self._tracked.get(key)
+            if found is None:
                 continue
+            tracked = found
             if tracked.identity is None and sample.root is not None:
                 tracked.identity = sample.root
             tracked.samples.append(sample)
@@ -559,10 +565,10 @@ class Watcher:
                 self._log("recovery.error", {"session_id": tracked.key, "error": repr(exc)}, "error")
         for step in self.recovery.drain():
             key = self._aliases.get(step.session_id, step.session_id)
-            tracked = self._tracked.get(key)
-            if tracked is not None:
-                tracked.recoveries.append(step)
-                del tracked.recoveries[:-50]
+            owner = self._tracked.get(key)
+            if owner is not None:
+                owner.recoveries.append(step)
+                del owner.recoveries[:-50]
             with contextlib.suppress(Exception):
                 self.telemetry.on_recovery_step(step)
             self._emit({"event": f"recovery.{step.step}", **step.to_json()})

@@ -294,3 +294,29 @@ def test_same_identity_tolerates_float_noise_not_another_tick() -> None:
 def test_summary_names_failing_gates() -> None:
     d = run(ticks(11, cpu=50.0), context())[1]
     assert "cpu=FAIL" in d.summary() and "50.00%" in d.summary()
+
+
+@pytest.mark.parametrize(
+    "blip",
+    [{"ct": CT + 1.0}, {"children": (proc(5000, PID, cpu_s=0.0),)}, {"pid": PID + 1}],
+    ids=["identity", "tree", "pid"],
+)
+def test_a_one_tick_blip_of_another_process_or_tree_restarts_the_window(blip: dict[str, object]) -> None:
+    # The decision-time gates alone would not see a blip that has reverted by then.
+    ctx = context()
+    views = ticks(21)
+    views[5] = make_view(T0 + 5, **blip)  # type: ignore[arg-type]
+    _, d = run(views[:16], ctx)  # 15 s after the first tick, only 9 s since the blip
+    assert not d.act and failed(d) == {"window"}
+    assert run(views[:17], ctx)[1].act
+
+
+def test_one_missed_tick_breaks_the_window() -> None:
+    # The daemon skips sessions whose probe failed; that tick must not count as quiet.
+    ctx = context()
+    assert ctx.max_gap == 1.5
+    views = [v for i, v in enumerate(ticks(25)) if i != 8]
+    _, d = run(views[:20], ctx)  # 20 s after the first tick, 11 s after the missed one
+    assert d.act
+    _, d = run(views[:11], ctx)  # 11 s after the first tick, but across the gap
+    assert not d.act and failed(d) == {"window"}

@@ -14,7 +14,7 @@ from otelwatch.recovery.policy import RATE_WINDOW, SessionView, Window, step
 
 RECOVER_AFTER = 3.0
 IDLE = 1.0
-MAX_GAP = 3.0  # 3 x interval (1 s)
+MAX_GAP = 1.5  # 1.5 x interval (1 s)
 PROTECTED = ("bash", "deploy-prod")
 
 
@@ -60,7 +60,7 @@ def histories(draw: st.DrawFn) -> list[tuple[float, bool, SessionView]]:
     sticky: dict[str, object] = {}
     out = []
     for _ in range(n):
-        t += draw(st.sampled_from([1.0, 1.0, 1.0, 0.5, 2.0, MAX_GAP + 0.5, -0.5]))
+        t += draw(st.sampled_from([1.0, 1.0, 1.0, 0.5, MAX_GAP, MAX_GAP + 0.5, -0.5]))
         restart = draw(st.integers(0, 30)) == 0
         which = draw(st.integers(0, 4 * len(_TRANSIENT) + len(_STICKY)))
         bad: dict[str, object] = {}
@@ -73,7 +73,8 @@ def histories(draw: st.DrawFn) -> list[tuple[float, bool, SessionView]]:
         events += int(bad.pop("events", 0))  # type: ignore[call-overload]
         step_cpu = float(bad.pop("cpu_step", 0.0))  # type: ignore[arg-type]
         cpu_s = 0.1 if step_cpu < 0 else cpu_s + step_cpu
-        state, reason = bad.pop("verdict", (State.STUCK, Reason.NO_ACTIVITY))  # type: ignore[misc]
+        verdict: tuple[State, Reason] = bad.pop("verdict", (State.STUCK, Reason.NO_ACTIVITY))  # type: ignore[assignment]
+        state, reason = verdict
         kw = {**sticky, **bad}
         child = kw.pop("child", None)
         view = make_view(t, state=state, reason=reason, cpu_s=cpu_s, events=events,

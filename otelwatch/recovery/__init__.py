@@ -321,7 +321,11 @@ class Recovery:
         with self._lock:
             view = self._latest.get(esc.session_id)
         if view is None:
-            return ""  # session ended: nothing newer is known; /proc is re-read anyway
+            if not self._procs.alive(esc.identity):
+                return ""  # it ended because the root exited; what is left of the snapshot goes
+            # The daemon stopped tracking it while it still runs (a removed registry
+            # file, say): without fresh evidence nothing more is done to it.
+            return "the session is no longer tracked"
         if view.events != esc.events:
             return f"{view.events - esc.events} new event(s) since the decision"
         if strict:

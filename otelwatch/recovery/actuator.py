@@ -14,7 +14,6 @@ whatever the caller asked for. OS errors are returned as results, not raised.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -185,6 +184,54 @@ def _group_refusal(pgid: int, root: ProcInfo, snapshot: Collection[ProcessIdenti
     return "group has processes outside the session's tree"
 
 
+def _pidfd_open(pid: int) -> int | None:
+    """A pidfd pins the process: whatever is signalled through it is the process that had
+    `pid` when it was opened, never a later one reusing the number. None where unsupported."""
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None or not hasattr(signal, "pidfd_send_signal"):
+        return None
+    try:
+        fd: int = opener(pid)
+        return fd
+    except ProcessLookupError:
+        raise
+    except OSError:
+        return None  # kernel without pidfd (ENOSYS), seccomp: fall back to kill(2)
+
+
+def _signal_one(pid: int, ident: ProcessIdentity, sig: int, procs: ProcView,
+                kill: Callable[[int, int], None] | None) -> str:
+    """Signal one process after re-identifying it. Returns "sent", "gone" or "denied".
+
+    The pidfd is opened BEFORE /proc is re-read: if the identity still matches then, the
+    fd refers to that very process and the signal cannot reach a PID's next owner."""
+    fd = None
+    if kill is None:
+        try:
+            fd = _pidfd_open(pid)
+        except ProcessLookupError:
+            return "gone"
+    try:
+        info = procs.read(pid)
+        if info is None or not same_identity(info.identity, ident) or info.state in _GONE_STATES:
+            return "gone"
+        try:
+            if kill is not None:
+                kill(pid, sig)
+            elif fd is not None:
+                signal.pidfd_send_signal(fd, sig)
+            else:
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            return "gone"
+        except PermissionError:
+            return "denied"
+        return "sent"
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def send_signal(
     sig: int,
     root: ProcessIdentity,
@@ -192,12 +239,14 @@ def send_signal(
     snapshot: Sequence[ProcessIdentity],
     procs: ProcView,
     guard: Guard,
-    kill: Callable[[int, int], None] = os.kill,
+    kill: Callable[[int, int], None] | None = None,
     killpg: Callable[[int, int], None] = os.killpg,
 ) -> SignalResult:
     """Send `sig` to the session: its process group when that group is safely its own,
     then each snapshot process not reached through the group, each re-identified
-    (pid + create time read fresh from /proc) just before its own signal."""
+    (pid + create time read fresh from /proc) just before its own signal.
+
+    `kill` replaces the pidfd/kill(2) path (tests record calls with it)."""
     res = SignalResult()
     fresh_root = procs.read(root.pid)
     group_members: set[int] = set()
@@ -234,13 +283,8 @@ def send_signal(
         if why:
             res.refused.append(why)
             continue
-        try:
-            kill(ident.pid, sig)
-            res.signalled.append(ident.pid)
-        except ProcessLookupError:
-            res.gone.append(ident.pid)
-        except PermissionError:
-            res.denied.append(ident.pid)
+        outcome = _signal_one(ident.pid, ident, sig, procs, kill)
+        {"sent": res.signalled, "gone": res.gone, "denied": res.denied}[outcome].append(ident.pid)
     return res
 
 
@@ -331,6 +375,13 @@ class StateStore:
         with a warning: losing the rate-limit record must not stop the daemon."""
         empty: dict[str, Any] = {"version": STATE_VERSION, "recoveries": [], "escalations": [],
                                  "given_up": []}
+        try:
+            return self._load(empty)
+        except OSError as exc:  # e.g. the state directory cannot be created
+            log.warning("could not read recovery state file %s: %s; starting empty", self.path, exc)
+            return empty
+
+    def _load(self, empty: dict[str, Any]) -> dict[str, Any]:
         with self._locked():
             try:
                 st = self.path.stat()
@@ -373,8 +424,7 @@ class StateStore:
                 os.replace(tmp, self.path)
             return True
         except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                log.warning("could not write recovery state file %s: %s", self.path, exc)
+            log.warning("could not write recovery state file %s: %s", self.path, exc)
             return False
 
 

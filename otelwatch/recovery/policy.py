@@ -117,9 +117,10 @@ class PolicyContext:
             recover_after=effective_recover_after(r, cfg.classify),
             network_after=r.waiting_on_network_after,
             cpu_idle_percent=cfg.classify.cpu_idle_percent,
-            # A tick may come up to one probe_timeout late without being "late";
-            # anything beyond three intervals is the watchdog's lag, not evidence.
-            max_gap=3.0 * cfg.interval,
+            # One missed observation breaks the window: the daemon may skip a session
+            # whose probe failed, and a tick it did not see is not evidence of silence.
+            # Ticks start on a fixed schedule, so half an interval absorbs their jitter.
+            max_gap=1.5 * cfg.interval,
             max_per_hour=r.max_per_hour,
             protect=tuple(re.compile(p) for p in r.protect),
             allowed_uids=frozenset(allowed_uids),
@@ -339,7 +340,7 @@ def _protect_gate(view: SessionView, ctx: PolicyContext) -> Gate:
             # An unknown cmdline might be the protected one. Zombies have none and
             # can no longer do work, so they do not block.
             status = next((p.status for p in view.sample.processes if p.pid == pid), "")
-            if True:
+            if status == "Z":
                 continue
             return Gate("not_protected", False, f"cmdline of pid {pid} unknown")
         text = _joined(argv)

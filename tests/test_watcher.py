@@ -1,0 +1,137 @@
+"""The Watcher in-process (the Python API): real processes, a fake clock where the
+test is about time itself (a suspended host)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from procs import REPO
+
+from otelwatch.config import parse_config
+from otelwatch.daemon import Watcher
+from otelwatch.model import State
+
+
+def _cfg(tmp_path: Path, **classify: Any) -> Any:
+    return parse_config({
+        "interval": 1, "probe_timeout": 0.5, "state_dir": str(tmp_path / "state"),
+        "classify": {"startup_grace": 0, "stall_after": 3, **classify},
+        "sources": {"registry": {"enabled": False}, "processes": {"enabled": False},
+                    "tmux": {"enabled": False}, "transcripts": {"enabled": False}},
+    })
+
+
+class FakeClocks:
+    """Wall and boot clocks that the test moves; a suspend moves both, not the probe."""
+
+    def __init__(self) -> None:
+        self.wall = 1_800_000_000.0
+        self.boot = 1000.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.boot += seconds
+
+
+def test_a_suspended_host_is_not_the_agents_silence(tmp_path: Path, spawn: Any) -> None:
+    clocks = FakeClocks()
+    logs: list[str] = []
+    w = Watcher(_cfg(tmp_path), clock=lambda: clocks.wall, boottime=lambda: clocks.boot,
+                log_stream=_ListStream(logs))
+    try:
+        sleeper = spawn("sleeper")
+        sid = w.track(sleeper.pid, "s1")
+        w.feed(sid, '{"type":"assistant","message":{"content":[{"type":"text","text":"hi"}]}}')
+        w.tick()
+        clocks.advance(1)
+        assert w.tick()[0].state is State.ACTIVE
+        clocks.advance(600)  # the laptop lid was closed for ten minutes
+        snap = w.tick()[0]
+        assert snap.state is State.ACTIVE and snap.silence_s == 0
+        assert snap.last_event_age_s is not None and snap.last_event_age_s > 600  # the real age is still shown
+        assert any('"tick.late"' in line for line in logs)
+        # Watched again for stall_after with nothing happening: now it is silent for real.
+        for _ in range(5):
+            clocks.advance(1)
+            snap = w.tick()[0]
+        assert snap.state in (State.STALLED, State.STUCK) and 3 <= snap.silence_s <= 6
+    finally:
+        w.stop()
+
+
+def test_a_failing_subscriber_and_garbage_lines_do_not_stop_the_loop(tmp_path: Path, spawn: Any) -> None:
+    w = Watcher(_cfg(tmp_path), log_stream=_ListStream([]))
+    try:
+        seen: list[str] = []
+
+        def explode(report: Any) -> None:
+            seen.append(str(report.get("event")))
+            raise RuntimeError("subscriber bug")
+
+        w.subscribe(explode)
+        sid = w.track(spawn("sleeper").pid, "s2", agent="fake")
+        w.feed(sid, b"{not json")
+        w.feed(sid, b"\xff\xfe\x00\x01")
+        w.feed(sid, "plain text output", json_only=False)
+        snap = w.tick()[0]
+        assert (snap.events, snap.malformed) == (1, 2)
+        assert "session.state" in seen  # it was called, raised, and the tick went on
+        assert w.tick()[0].session_id == "s2"
+    finally:
+        w.stop()
+        w.stop()  # idempotent
+
+
+def test_health_turns_503_worthy_when_the_loop_stops(tmp_path: Path) -> None:
+    w = Watcher(_cfg(tmp_path), log_stream=_ListStream([]))
+    assert w.health()["ok"] is False  # never ticked
+    w.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 5
+        while not w.health()["ok"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.health()["ok"] is True
+    finally:
+        w.stop()
+    assert w.health()["ok"] is False
+
+
+def test_untracked_session_ends_with_a_summary(tmp_path: Path, spawn: Any) -> None:
+    w = Watcher(_cfg(tmp_path), log_stream=_ListStream([]))
+    try:
+        reports: list[dict[str, Any]] = []
+        w.subscribe(lambda r: reports.append(dict(r)))
+        pid = spawn("sleeper").pid
+        w.track(pid, "s3")
+        w.tick()
+        w.untrack("s3")
+        assert w.tick() == []
+        summary = [r for r in reports if r["event"] == "session.end"]
+        assert len(summary) == 1 and summary[0]["session_id"] == "s3" and summary[0]["pid"] == pid
+    finally:
+        w.stop()
+
+
+def test_the_readme_python_api_example_runs() -> None:
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "embed_watcher.py")], capture_output=True,
+                         text=True, timeout=60, cwd=str(REPO))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "job-quiet: stuck/no_activity" in out.stdout and "job-working: active" in out.stdout
+
+
+class _ListStream:
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def write(self, text: str) -> int:
+        self.lines.extend(t for t in text.splitlines() if t)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
