@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from procs import REPO
 
 from otelwatch.config import parse_config

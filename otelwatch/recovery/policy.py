@@ -43,6 +43,7 @@ __all__ = [
     "recent_count",
     "same_identity",
     "step",
+    "tick_gates",
 ]
 
 RATE_WINDOW = 3600.0  # max_per_hour counts decisions in this rolling window

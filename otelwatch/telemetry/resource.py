@@ -22,7 +22,12 @@ def build_resource(environ: Mapping[str, str], service_instance_id: str | None =
     attrs: dict[str, str] = {
         "service.name": "otelwatch",
         "service.version": __version__,
-        "service.instance.id": service_instance_id or str(uuid.uuid4()),
+        # Stable across restarts: through a Collector this becomes Prometheus's
+        # `instance` label, and a fresh UUID per restart would leave the old one
+        # looking dead (OtelwatchDown) and fill dashboards' host lists. One
+        # otelwatch per host, so the host name is unique; a second one on the same
+        # host sets it through OTEL_RESOURCE_ATTRIBUTES.
+        "service.instance.id": service_instance_id or socket.gethostname() or str(uuid.uuid4()),
         "host.name": socket.gethostname(),
         "telemetry.sdk.name": "opentelemetry",
         "telemetry.sdk.language": "python",
