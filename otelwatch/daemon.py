@@ -322,9 +322,18 @@ class Watcher:
     def _merge_spec(self, spec: SessionSpec, now: float) -> None:
         key = self._aliases.get(spec.session_id, spec.session_id)
         tracked = self._tracked.get(key)
+        if tracked is not None and _replaces_process(spec, tracked.spec):
+            # Re-registered under the same id with another process (an orchestrator
+            # restarted its agent): the old one ends here, the new one starts clean,
+            # never inheriting the old history (or its recovery window).
+            if tracked.ended_at is None:
+                self._end(tracked, now)
+            self._forget(key)
+            tracked = None
         if tracked is not None:
             if tracked.ended_at is None or spec.pid == tracked.spec.pid:
-                tracked.spec = _merged(tracked.spec, spec)
+                stronger = SOURCE_PRIORITY.get(spec.source, 9) <= SOURCE_PRIORITY.get(tracked.spec.source, 9)
+                tracked.spec = _merged(spec, tracked.spec) if stronger else _merged(tracked.spec, spec)
                 tracked.untracked = False
             return
         if spec.pid is not None:
@@ -616,11 +625,7 @@ class Watcher:
         gone = [k for k, t in self._tracked.items()
                 if t.dropped or (t.ended_at is not None and now - t.ended_at >= retention)]
         for key in gone:
-            tracked = self._tracked.pop(key)
-            if tracked.tail is not None:
-                tracked.tail.close()
-            for alias in [a for a, k in self._aliases.items() if k == key]:
-                del self._aliases[alias]
+            self._forget(key)
         snapshots = tuple(t.snapshot for t in self._tracked.values() if t.snapshot is not None)
         with self._snap_lock:
             self._snapshots = snapshots
@@ -628,6 +633,13 @@ class Watcher:
             self.telemetry.update(snapshots)
         except Exception as exc:
             self._log("telemetry.error", {"error": repr(exc)}, "error")
+
+    def _forget(self, key: str) -> None:
+        tracked = self._tracked.pop(key, None)
+        if tracked is not None and tracked.tail is not None:
+            tracked.tail.close()
+        for alias in [a for a, k in self._aliases.items() if k == key]:
+            del self._aliases[alias]
 
     def _emit(self, report: Mapping[str, Any]) -> None:
         for callback in list(self._subscribers):
@@ -658,6 +670,12 @@ def _starting_reason() -> Any:
     from otelwatch.model import Reason
 
     return Reason.STARTUP_GRACE
+
+
+def _replaces_process(spec: SessionSpec, current: SessionSpec) -> bool:
+    """An explicit registration (registry, exec, API) naming another pid for the same id."""
+    return (spec.source in ("registry", "exec", "api") and spec.pid is not None
+            and current.pid is not None and spec.pid != current.pid)
 
 
 def _same_process(tracked: _Tracked, spec: SessionSpec) -> bool:

@@ -28,7 +28,9 @@ class FakeClocks:
     """Wall and boot clocks that the test moves; a suspend moves both, not the probe."""
 
     def __init__(self) -> None:
-        self.wall = 1_800_000_000.0
+        import time
+
+        self.wall = time.time()  # files written by the test carry real mtimes
         self.boot = 1000.0
 
     def advance(self, seconds: float) -> None:
@@ -134,3 +136,51 @@ class _ListStream:
 
     def flush(self) -> None:
         pass
+
+
+def test_re_registration_with_another_pid_starts_a_new_session(tmp_path: Path, spawn: Any) -> None:
+    w = Watcher(_cfg(tmp_path), log_stream=_ListStream([]))
+    try:
+        reports: list[dict[str, Any]] = []
+        w.subscribe(lambda r: reports.append(dict(r)))
+        first, second = spawn("sleeper"), spawn("sleeper")
+        w.track(first.pid, "job")
+        w.feed("job", '{"type":"assistant"}')
+        assert w.tick()[0].events == 1
+        w.track(second.pid, "job")  # the orchestrator restarted its agent under the same id
+        snap = w.tick()[0]
+        assert (snap.pid, snap.events) == (second.pid, 0)  # nothing inherited
+        ends = [r for r in reports if r["event"] == "session.end"]
+        assert [e["pid"] for e in ends] == [first.pid]
+    finally:
+        w.stop()
+
+
+def test_a_hook_session_between_turns_is_idle_never_stuck(tmp_path: Path, spawn: Any) -> None:
+    """Hooks recorded by the real `otelwatch event` CLI: after Stop, an agent waiting
+    for its user for far longer than stall_after is idle, whatever the process does."""
+    import os
+
+    clocks = FakeClocks()
+    cfg = _cfg(tmp_path)
+    w = Watcher(cfg, clock=lambda: clocks.wall, boottime=lambda: clocks.boot, log_stream=_ListStream([]))
+    agent = spawn("sleeper")
+    env = {**os.environ, "OTELWATCH_STATE_DIR": cfg.state_dir}
+
+    def hook(event_type: str) -> None:
+        subprocess.run([sys.executable, "-m", "otelwatch", "event", "claude-uuid-1", event_type,
+                        "--pid", str(agent.pid), "--agent", "claude-code"], env=env, check=True, timeout=20,
+                       cwd=str(REPO))
+
+    try:
+        hook("UserPromptSubmit")
+        snap = w.tick()[0]
+        assert (snap.session_id, snap.pid, snap.mode.value) == ("claude-uuid-1", agent.pid, "interactive")
+        assert snap.state is State.ACTIVE
+        hook("Stop")
+        for _ in range(8):  # eight silent seconds, stall_after is 3
+            clocks.advance(1)
+            snap = w.tick()[0]
+        assert (snap.state, snap.reason.value) == (State.IDLE, "no_open_turn")
+    finally:
+        w.stop()

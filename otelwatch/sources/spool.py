@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from otelwatch.events import parse_object
-from otelwatch.model import Event, SessionSpec
+from otelwatch.model import Event, Mode, SessionSpec
 from otelwatch.sources.tail import FileTail
 
 __all__ = ["MAX_RECORD_BYTES", "SpoolSource", "append_records", "make_record", "safe_name", "spool_path"]
@@ -141,7 +141,11 @@ class SpoolSource:
                     if not any(sid in ids for ids in self._files_of.values()):
                         self._meta.pop(sid, None)
         specs = [
-            SessionSpec(session_id=sid, pid=pid, agent=agent, source="hook", create_time=ct)
+            # Hooks carry the turn boundaries (UserPromptSubmit ... Stop, fired by
+            # `claude -p` too), so a hook session is judged turn by turn: between
+            # turns it waits for its user and must never look stuck.
+            SessionSpec(session_id=sid, pid=pid, agent=agent, source="hook", create_time=ct,
+                        mode=Mode.INTERACTIVE)
             for sid, (pid, agent, ct) in self._meta.items()
         ]
         return specs, events, malformed
