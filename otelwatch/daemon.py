@@ -549,7 +549,9 @@ class Watcher:
         snap = tracked.snapshot or self._snapshot(tracked, now)
         summary = session_summary(snap, ended_at=now, longest_silence_s=tracked.longest_silence,
                                   stalls=tracked.stalls,
-                                  recoveries=sum(1 for r in tracked.recoveries if r.step == "completed"))
+                                  # requested, not completed: the completion of a recovery
+                                  # that ended the session is recorded just after its end
+                                  recoveries=sum(1 for r in tracked.recoveries if r.step == "requested"))
         with contextlib.suppress(Exception):
             self.telemetry.on_session_end(snap, summary)
         self._emit(summary)
@@ -578,6 +580,10 @@ class Watcher:
             if owner is not None:
                 owner.recoveries.append(step)
                 del owner.recoveries[:-50]
+                if owner.snapshot is not None:
+                    # Escalations finish on their own thread, often after the process
+                    # was already seen gone: the listing must still show the outcome.
+                    owner.snapshot = replace(owner.snapshot, recoveries=tuple(owner.recoveries))
             with contextlib.suppress(Exception):
                 self.telemetry.on_recovery_step(step)
             self._emit({"event": f"recovery.{step.step}", **step.to_json()})
