@@ -304,3 +304,29 @@ def test_another_users_process_is_access_denied(spawn: Spawner) -> None:
     assert got["rss"] > 0 and got["threads"] >= 1  # what /proc/PID/stat tells anyone
     assert "not readable" in got["error"]
 
+
+
+def test_sessions_queued_behind_a_hung_probe_still_get_sampled(
+    spawn: Spawner, reader: ProcessTableReader,
+) -> None:
+    """The default pool has one worker; a hang in the first session must not turn the
+    sessions after it into timeouts: the stuck worker is set aside and replaced."""
+    procs = [spawn("sleeper") for _ in range(4)]
+    release = threading.Event()
+
+    def hook(sid: str) -> None:
+        if sid == "hang":
+            release.wait(30)
+
+    p = Prober(_before_sample=hook)
+    try:
+        targets = {"hang": procs[0].pid, **{f"ok{i}": pr.pid for i, pr in enumerate(procs[1:])}}
+        t0 = time.monotonic()
+        r = p.sample(reader.read(), targets, 1.0)
+        assert time.monotonic() - t0 < 1.0 + 0.8
+        assert r["hang"].status is SampleStatus.PROBE_TIMEOUT
+        assert all(r[f"ok{i}"].status is SampleStatus.OK for i in range(3)), r
+        assert p.hung_threads == 1
+    finally:
+        release.set()
+        p.shutdown()
