@@ -2,7 +2,7 @@
 
 Runs two agents under an in-process Watcher: one keeps working, one goes quiet.
 The host feeds each agent's stdout lines to the watcher, subscribes to reports,
-and reads verdicts. Thresholds are seconds so it finishes in about 15 s:
+and reads verdicts. Thresholds are seconds so it finishes in a few seconds:
 
     python examples/embed_watcher.py
 """
@@ -49,7 +49,7 @@ def main() -> int:
         watcher.track(proc.pid, sid, agent="fake-claude", events_path=None)
         threading.Thread(target=pump, args=(watcher, sid, proc), daemon=True).start()
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30  # returns as soon as both verdicts are in
         while time.monotonic() < deadline:
             time.sleep(1)
             states = {s.session_id: f"{s.state}/{s.reason}" for s in watcher.sessions()}

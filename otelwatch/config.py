@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -308,10 +308,6 @@ def _listen(value: object, key: str) -> str:
     return text
 
 
-def _recover_after(value: object, key: str) -> float | None:
-    return _positive_duration(value, key)
-
-
 def _command(value: object, key: str) -> tuple[str, ...]:
     argv = _string_list(value, key)
     for i, arg in enumerate(argv):
@@ -339,7 +335,7 @@ _VALIDATORS: dict[str, Any] = {
     "classify.exited_retention": parse_duration,
     "recovery.enabled": _bool,
     "recovery.dry_run": _bool,
-    "recovery.recover_after": _recover_after,
+    "recovery.recover_after": _positive_duration,
     "recovery.action": _choice("signal", "command"),
     "recovery.command": _command,
     "recovery.command_timeout": _positive_duration,
@@ -417,8 +413,3 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError("", f"{os.fspath(path)}: not valid TOML: {exc}") from None
     return parse_config(data)
 
-
-def with_overrides(cfg: Config, **sections: Any) -> Config:
-    """A copy of `cfg` with whole values replaced, e.g. `with_overrides(cfg, interval=1)`.
-    Used by the demo and tests; values are not re-validated."""
-    return replace(cfg, **sections)

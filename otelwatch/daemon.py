@@ -25,14 +25,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from otelwatch import procfs
 from otelwatch.classify import ReportSchedule, classify, fingerprint, is_late_tick, next_report
 from otelwatch.config import Config, Paths, default_paths
 from otelwatch.events import parse_line
+from otelwatch.hooks import payload_to_event
 from otelwatch.model import (
     Activity,
     Event,
     Mode,
     ProcessIdentity,
+    Reason,
     RecoveryStep,
     SampleStatus,
     SessionInfo,
@@ -42,7 +45,7 @@ from otelwatch.model import (
     TreeSample,
     Verdict,
 )
-from otelwatch.probe import Prober
+from otelwatch.probe import Prober, same_process
 from otelwatch.proctable import ProcessTable, ProcessTableReader
 from otelwatch.recovery import Recovery, SessionView
 from otelwatch.report import build_report, children_detail, session_summary
@@ -79,16 +82,12 @@ class _Tracked:
     snapshot: SessionSnapshot | None = None
     transcript_checked_at: float = 0.0
     untracked: bool = False  # its registration was removed: ends once the process is gone or at once
-    has_spool: bool = False  # its events arrive through the spool (exec wrapper, hooks)
     dropped: bool = False  # no longer listed at all (untracked while alive)
 
     @property
     def latest(self) -> TreeSample | None:
         return self.samples[-1] if self.samples else None
 
-    @property
-    def has_event_source(self) -> bool:
-        return self.tail is not None or self.has_spool or self.activity.events > 0
 
 
 class Watcher:
@@ -175,8 +174,6 @@ class Watcher:
     def post_event(self, payload: Any) -> str:
         """A hook payload or `{"session_id", "type", "tool"}` from POST /api/events.
         Raises ValueError naming what is wrong. Returns the session id."""
-        from otelwatch.hooks import payload_to_event
-
         if not isinstance(payload, dict):
             raise ValueError("each event must be a JSON object")
         session_id = payload.get("session_id")
@@ -207,10 +204,7 @@ class Watcher:
         now = self._monotonic()
         age = None if self._last_tick_mono is None else now - self._last_tick_mono
         # 503 once the loop has not ticked for 3 intervals (DESIGN.md, Interfaces).
-        started = self._thread is not None and self._thread.is_alive()
         ok = age is not None and age <= 3 * self.cfg.interval and not self._stopped
-        if age is None and started:
-            ok = False
         return {"ok": ok, "ticks": self._ticks, "last_tick_age_s": None if age is None else round(age, 3),
                 "sessions": len(self._snapshots)}
 
@@ -308,12 +302,11 @@ class Watcher:
             judged = source == "api" or (source in ("registry", "exec") and self._sources.registry_ok)
             if judged and tracked.key not in seen_registered and tracked.ended_at is None:
                 tracked.untracked = True
-        # Runtime liveness (tmux panes) for sessions under a pane.
-        alive = self._sources.runtime_alive
+        # Runtime liveness: sessions whose agent is (or was) under a live tmux pane.
+        under_pane = self._sources.under_live_pane
         for tracked in self._tracked.values():
-            pid = tracked.spec.pid
-            if pid is not None and pid in alive:
-                tracked.spec = replace(tracked.spec, runtime_alive=alive[pid])
+            if tracked.spec.pid in under_pane and tracked.spec.runtime_alive is not True:
+                tracked.spec = replace(tracked.spec, runtime_alive=True)
         self._match_transcripts(table, now)
 
     def _agent_pids(self) -> set[int]:
@@ -338,7 +331,7 @@ class Watcher:
             return
         if spec.pid is not None:
             for other in self._tracked.values():
-                if other.spec.pid == spec.pid and other.ended_at is None and _same_process(other, spec):
+                if other.spec.pid == spec.pid and other.ended_at is None and _may_be_same_process(other, spec):
                     if SOURCE_PRIORITY.get(spec.source, 9) < SOURCE_PRIORITY.get(other.spec.source, 9):
                         self._rekey(other, spec)
                     else:
@@ -435,7 +428,6 @@ class Watcher:
             if path and path.startswith(spool):
                 # The exec wrapper and hooks write to the spool, which the spool source
                 # already reads; tailing it again would count every event twice.
-                tracked.has_spool = True
                 continue
             if path and (tracked.tail is None or str(tracked.tail.path) != path):
                 source = "transcript" if tracked.spec.source in ("process", "tmux") else "stream"
@@ -497,7 +489,8 @@ class Watcher:
         info = SessionInfo(
             mode=tracked.spec.mode,
             started_at=tracked.started_at,
-            has_event_source=tracked.has_event_source,
+            # a tailed file or the spool (exec wrapper, hooks), or events fed by the API
+            has_event_source=tracked.spec.events_path is not None or tracked.activity.events > 0,
             runtime_alive=tracked.spec.runtime_alive,
         )
         verdict = classify(self.cfg.classify, info, tuple(tracked.samples), tracked.activity, now,
@@ -529,7 +522,8 @@ class Watcher:
         tracked.schedule = schedule
         if not due or schedule is None:
             return
-        wchans = _read_wchans(tracked.latest, self._proc_root)
+        wchans = {p.pid: w for p in (tracked.latest.processes if tracked.latest else ())
+                  if (w := procfs.read_wchan(p.pid, self._proc_root)) is not None}
         report = build_report(
             tracked.snapshot, tracked.latest, tracked.activity,
             repeat=schedule.reports - 1, next_in_s=schedule.next_due - now, wchans=wchans,
@@ -601,7 +595,7 @@ class Watcher:
             agent=tracked.spec.agent,
             pid=tracked.spec.pid,
             state=verdict.state if verdict else State.STARTING,
-            reason=verdict.reason if verdict else _starting_reason(),
+            reason=verdict.reason if verdict else Reason.STARTUP_GRACE,
             state_since=tracked.state_since,
             last_event_time=last_event,
             last_event_age_s=None if last_event is None else max(0.0, now - last_event),
@@ -672,22 +666,18 @@ def _boottime_clock(fallback: Callable[[], float]) -> Callable[[], float]:
     return lambda: time.clock_gettime(clock_id)
 
 
-def _starting_reason() -> Any:
-    from otelwatch.model import Reason
-
-    return Reason.STARTUP_GRACE
-
-
 def _replaces_process(spec: SessionSpec, current: SessionSpec) -> bool:
     """An explicit registration (registry, exec, API) naming another pid for the same id."""
     return (spec.source in ("registry", "exec", "api") and spec.pid is not None
             and current.pid is not None and spec.pid != current.pid)
 
 
-def _same_process(tracked: _Tracked, spec: SessionSpec) -> bool:
+def _may_be_same_process(tracked: _Tracked, spec: SessionSpec) -> bool:
+    """Whether a spec for the tracked pid can be the tracked process: unknown identities
+    are given the benefit of the doubt, known ones compared as the probe does."""
     if spec.create_time is None or tracked.identity is None:
         return True
-    return abs(spec.create_time - tracked.identity.create_time) < 0.01
+    return same_process(tracked.identity, spec.create_time)
 
 
 def _merged(primary: SessionSpec, other: SessionSpec) -> SessionSpec:
@@ -702,18 +692,6 @@ def _merged(primary: SessionSpec, other: SessionSpec) -> SessionSpec:
         create_time=primary.create_time if primary.create_time is not None else other.create_time,
         stderr_path=primary.stderr_path or other.stderr_path,
     )
-
-
-def _read_wchans(sample: TreeSample | None, proc_root: str) -> dict[int, str]:
-    """Where each process of the tree waits in the kernel (reports only, not every tick)."""
-    out: dict[int, str] = {}
-    for p in sample.processes if sample else ():
-        try:
-            with open(f"{proc_root}/{p.pid}/wchan", "rb") as fh:
-                out[p.pid] = fh.read(64).decode("ascii", "replace").strip() or "0"
-        except OSError:
-            continue
-    return out
 
 
 def _read_tail(path: str | None, limit: int = 4096) -> str:
@@ -746,7 +724,7 @@ class _Sources:
         self.tmux = TmuxSource(timeout=s.tmux.timeout) if s.tmux.enabled else None
         self.transcripts = TranscriptLocator(paths.home) if s.transcripts.enabled else None
         self.registry_ok = False
-        self.runtime_alive: dict[int, bool] = {}
+        self.under_live_pane: set[int] = set()  # agent pids whose tmux pane lives (agent alive or not)
         self._failed: set[str] = set()
 
     def check(self) -> None:
@@ -773,11 +751,10 @@ class _Sources:
         if self.tmux is not None:
             pids = set(agent_pids) | {s.pid for s in specs if s.pid is not None}
             panes = self._guard("tmux", lambda: self.tmux.scan(table, pids))  # type: ignore[union-attr]
-            self.runtime_alive = {}
-            for pane in panes or ():
-                agent_pid = pane.agent_pid if pane.agent_pid is not None else getattr(pane, "last_agent_pid", None)
-                if agent_pid is not None:
-                    self.runtime_alive[agent_pid] = True
+            self.under_live_pane = {
+                pid for pane in panes or ()
+                if (pid := pane.agent_pid if pane.agent_pid is not None else pane.last_agent_pid) is not None
+            }
         return specs, events
 
     def runtime_target_alive(self, spec: SessionSpec) -> bool | None:
@@ -804,9 +781,8 @@ class _Sources:
         return result
 
     def close(self) -> None:
-        for part in (self.tmux, self.spool):
-            with contextlib.suppress(Exception):
-                getattr(part, "close", lambda: None)()
+        with contextlib.suppress(Exception):
+            self.spool.close()
 
 
 # ---------------------------------------------------------------------- `otelwatch run`
@@ -836,17 +812,18 @@ def state_dir_lock(paths: Paths) -> Any:
         os.close(fd)
 
 
-def run_daemon(cfg: Config, *, ready: Callable[[Watcher, Any], None] | None = None) -> int:
+def run_daemon(cfg: Config) -> int:
     """`otelwatch run`: serve until SIGTERM/SIGINT. Returns the process exit code."""
     from otelwatch.server import HttpServer
+    from otelwatch.sources.registry import RegistryRefused
 
     paths = default_paths(cfg)
     try:
         with state_dir_lock(paths):
             watcher = Watcher(cfg, paths=paths)
             try:
-                watcher._sources.check()
-            except Exception as exc:
+                watcher.start()  # refuses an unsafe registry directory before anything listens
+            except RegistryRefused as exc:
                 print(f"otelwatch: {exc}", file=sys.stderr)
                 watcher.stop()
                 return 2
@@ -866,11 +843,8 @@ def run_daemon(cfg: Config, *, ready: Callable[[Watcher, Any], None] | None = No
 
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
-            watcher.start()
             watcher._log("daemon.started", {"listen": server.url, "state_dir": str(paths.state_dir),
                                             "registry_dir": str(paths.registry_dir), "pid": os.getpid()})
-            if ready is not None:
-                ready(watcher, server)
             while not stop.wait(0.5):
                 pass
             watcher._log("daemon.stopping", {})

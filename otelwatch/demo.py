@@ -13,15 +13,12 @@ nothing is signalled. Everything is cleaned up at the end or on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -29,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from otelwatch.config import parse_config
+from otelwatch.fake_agents import SilentServer
+from otelwatch.sources.registry import register
 from otelwatch.status import format_table
 
 # kind, mode, what a person should see, extra args for the fake agent
@@ -58,44 +57,13 @@ def demo_config(state_dir: Path, listen: str) -> Any:
     })
 
 
-class _SilentServer:
-    """A loopback server that accepts connections and never answers: the API that hangs."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = self.sock.accept()
-                self.conns.append(conn)
-
-    def close(self) -> None:
-        for conn in self.conns:
-            conn.close()
-        self.sock.close()
-
-
-def _register(registry: Path, record: Mapping[str, Any]) -> None:
-    registry.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = registry / f".{record['session_id']}.json.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, registry / f"{record['session_id']}.json")
-
-
 def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464") -> int:
     from otelwatch.daemon import Watcher
     from otelwatch.server import HttpServer
 
     tmp = Path(tempfile.mkdtemp(prefix="otelwatch-demo-"))
     os.chmod(tmp, 0o700)
-    server = _SilentServer()
+    server = SilentServer()
     procs: list[subprocess.Popen[bytes]] = []
     watcher = None
     http = None
@@ -130,9 +98,8 @@ def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464") -> int:
             procs.append(proc)
             sid = f"demo-{kind}"
             expected[sid] = expect
-            _register(tmp / "sessions", {"session_id": sid, "pid": proc.pid, "agent": f"fake-{kind}",
-                                         "events_path": str(events), "mode": mode,
-                                         "labels": {"demo": "true"}})
+            register(tmp / "sessions", {"session_id": sid, "pid": proc.pid, "agent": f"fake-{kind}",
+                                        "events_path": str(events), "mode": mode, "labels": {"demo": "true"}})
         watcher.start()
         print(f"otelwatch demo: {len(procs)} synthetic agents; thresholds: stall after 6 s, "
               f"tick every 1 s.\n  {http.url}/metrics  {http.url}/api/sessions  "

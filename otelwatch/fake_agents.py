@@ -20,8 +20,44 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import IO, Any
+
+
+class SilentServer:
+    """A loopback TCP server that accepts connections and never answers: the API that
+    hangs. The peer the `socket`/`tcp` kinds connect to; not part of their tree."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(128)
+        self.host = host
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="silent-server", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)  # so close() is noticed promptly
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
 
 
 def _emit(out: IO[str], obj: dict[str, Any]) -> None:

@@ -348,10 +348,6 @@ class Verdict:
     silence_s: float  # progress silence as the classifier counted it
     evidence: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
-    def recoverable(self) -> bool:
-        return self.state is State.STUCK
-
 
 # --------------------------------------------------------------------------- act
 

@@ -6,10 +6,10 @@ Pure: builds dicts and sentences from samples, activity and verdicts; no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from otelwatch.model import Activity, SessionSnapshot, State, TreeSample, Verdict
+from otelwatch.model import Activity, SessionSnapshot, TreeSample, Verdict
 
 _STATUS_WORDS = {
     "R": "running",
@@ -142,9 +142,3 @@ def session_summary(snap: SessionSnapshot, *, ended_at: float, longest_silence_s
         "recoveries": recoveries,
     }
 
-
-def state_counts(snapshots: Sequence[SessionSnapshot]) -> dict[str, int]:
-    counts = {s.value: 0 for s in State}
-    for snap in snapshots:
-        counts[snap.state.value] += 1
-    return counts

@@ -8,6 +8,7 @@ start a recovery. Handlers read the watcher's last snapshot; they never touch /p
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -27,8 +28,6 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], watcher: Watcher,
                  metrics: Callable[[str], tuple[bytes, str]] | None) -> None:
-        import socket
-
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procs import FAKE, REPO, wait_for
+from procs import FAKE, REPO, free_port, wait_for
+
+from otelwatch.sources.registry import register
 
 # Thresholds of seconds, so every state is reached within a few seconds.
 FAST = {
@@ -25,12 +26,6 @@ FAST = {
     "classify": {"startup_grace": 1, "stall_after": 3, "tool_stall_after": 60,
                  "repeat_base": 2, "repeat_max": 8, "exited_retention": 60},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def toml_value(value: Any) -> str:
@@ -112,10 +107,7 @@ class Daemon:
         return body.decode()
 
     def register(self, sid: str, pid: int, **fields: Any) -> None:
-        record = {"session_id": sid, "pid": pid, **fields}
-        tmp = self.registry / f".{sid}.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.registry / f"{sid}.json")
+        register(self.registry, {"session_id": sid, "pid": pid, **fields})
 
     def agent(self, kind: str, *args: str, events: bool = True,
               lifetime: float = 120) -> tuple[subprocess.Popen[bytes], Path]:

@@ -12,12 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from otelwatch.fake_agents import SilentServer as TcpServer  # noqa: F401 - re-exported for tests
 
 FAKE = [sys.executable, "-m", "otelwatch.fake_agents"]
 REPO = Path(__file__).resolve().parent.parent
@@ -80,35 +81,8 @@ class Spawner:
                 proc.stdout.close()
 
 
-class TcpServer:
-    """A loopback server that accepts and holds connections, answering nothing."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
-        self.sock.listen(128)
-        self.host = host
-        self.port = self.sock.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted.append(conn)
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(timeout=2)
-        for conn in self.accepted:
-            conn.close()
-        self.sock.close()
+def free_port() -> int:
+    """A loopback port free right now (bind to 0, read it back, release it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
