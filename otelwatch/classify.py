@@ -27,7 +27,6 @@ from otelwatch.model import (
     CPU_TICK_SECONDS,
     Activity,
     Mode,
-    ProcessIdentity,
     Reason,
     SampleStatus,
     SessionInfo,
@@ -236,14 +235,14 @@ def tree_progress_time(samples: Sequence[TreeSample], cpu_idle_percent: float) -
     """
     last: float | None = None
     prev_ok: TreeSample | None = None
+    prev_children: frozenset[tuple[int, float]] = frozenset()
     for s in samples:
         worked = s.cpu_percent is not None and s.cpu_percent >= cpu_idle_percent
         if s.status is SampleStatus.OK:
-            if prev_ok is not None and (
-                _io_changed(prev_ok, s) or _child_ids(prev_ok) != _child_ids(s)
-            ):
+            children = _child_ids(s)
+            if prev_ok is not None and (_io_changed(prev_ok, s) or prev_children != children):
                 worked = True
-            prev_ok = s
+            prev_ok, prev_children = s, children
         if worked:
             last = s.time if last is None else max(last, s.time)
     return last
@@ -299,10 +298,10 @@ class _Facts:
         # burst of work only when it holds more than one tick's worth.
         floors = _tick_floors(window, before)
         for s in readable:
-            root = s.root
+            root_pid = s.root.pid if s.root is not None else None
             floor = floors.get(id(s), 0.0)
             for p in s.processes:
-                is_root = root is not None and p.identity == root
+                is_root = p.pid == root_pid  # pids are unique within one sample
                 busy = p.cpu_percent is not None and p.cpu_percent >= thr and p.cpu_percent > floor
                 if p.status == _RUNNING or busy:
                     running[p.pid] = None
@@ -312,6 +311,7 @@ class _Facts:
                     working_children[p.pid] = None
         ok = [*before, *(s for s in window if s.status is SampleStatus.OK)]
         pairs = list(itertools.pairwise(ok))
+        child_sets = [_child_ids(s) for s in ok]  # once per sample, not once per pair side
         cpu_busy_any = any(
             s.cpu_percent is not None and s.cpu_percent >= thr and s.cpu_percent > floors.get(id(s), 0.0)
             for s in readable
@@ -335,7 +335,7 @@ class _Facts:
             blocked_pids=tuple(blocked),
             working_children=tuple(working_children),
             io_changed=any(_io_changed(a, b) for a, b in pairs),
-            children_changed=any(_child_ids(a) != _child_ids(b) for a, b in pairs),
+            children_changed=any(a != b for a, b in itertools.pairwise(child_sets)),
             tree_alive=children_now or cpu_busy_any or tcp_seen,
         )
 
@@ -393,8 +393,11 @@ def _io_changed(a: TreeSample, b: TreeSample) -> bool:
     return moved(a.read_bytes, b.read_bytes) or moved(a.write_bytes, b.write_bytes)
 
 
-def _child_ids(s: TreeSample) -> frozenset[ProcessIdentity]:
-    return frozenset(p.identity for p in s.processes if p.identity != s.root)
+def _child_ids(s: TreeSample) -> frozenset[tuple[int, float]]:
+    """(pid, create_time) of every process of the tree but the root. Plain tuples: this
+    runs for every sample of every window, and building identities cost more than the rest."""
+    root_pid = s.root.pid if s.root is not None else None
+    return frozenset((p.pid, p.create_time) for p in s.processes if p.pid != root_pid)
 
 
 def _r(x: float | None, digits: int = 2) -> float | None:
