@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from procs import REPO
+from procs import REPO, wait_for
 
 from otelwatch.config import parse_config
 from otelwatch.daemon import Watcher
@@ -92,12 +92,7 @@ def test_health_turns_503_worthy_when_the_loop_stops(tmp_path: Path) -> None:
     assert w.health()["ok"] is False  # never ticked
     w.start()
     try:
-        import time
-
-        deadline = time.monotonic() + 5
-        while not w.health()["ok"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert w.health()["ok"] is True
+        wait_for(lambda: w.health()["ok"], timeout=5)
     finally:
         w.stop()
     assert w.health()["ok"] is False
