@@ -725,6 +725,7 @@ class _Sources:
         self.transcripts = TranscriptLocator(paths.home) if s.transcripts.enabled else None
         self.registry_ok = False
         self.under_live_pane: set[int] = set()  # agent pids whose tmux pane lives (agent alive or not)
+        self._tmux_counted = (0, 0)  # tmux timeouts and errors already exported
         self._failed: set[str] = set()
 
     def check(self) -> None:
@@ -755,7 +756,21 @@ class _Sources:
                 pid for pane in panes or ()
                 if (pid := pane.agent_pid if pane.agent_pid is not None else pane.last_agent_pid) is not None
             }
+            self._export_tmux_problems()
         return specs, events
+
+    def _export_tmux_problems(self) -> None:
+        """A tmux server that does not answer costs every tick up to its timeout: count it
+        like a probe timeout (kind "tmux") so the probe-timeout alert sees it."""
+        assert self.tmux is not None
+        timeouts, errors = self.tmux.timeouts, self.tmux.errors
+        seen_timeouts, seen_errors = self._tmux_counted
+        with contextlib.suppress(Exception):
+            for _ in range(timeouts - seen_timeouts):
+                self._telemetry.on_probe_problem("tmux", True)
+            for _ in range(errors - seen_errors):
+                self._telemetry.on_probe_problem("tmux", False)
+        self._tmux_counted = (timeouts, errors)
 
     def runtime_target_alive(self, spec: SessionSpec) -> bool | None:
         """For a session whose process is gone: does its runtime (a registered tmux pane)
@@ -830,7 +845,7 @@ def run_daemon(cfg: Config) -> int:
             try:
                 server = HttpServer(
                     cfg.http.host, cfg.http.port, watcher,
-                    watcher.telemetry.prometheus_exposition if cfg.export.prometheus.enabled else None,
+                    watcher.telemetry.prometheus_exposition if watcher.telemetry.prometheus_enabled else None,
                 ).start()
             except OSError as exc:
                 print(f"otelwatch: cannot listen on {cfg.http.listen}: {exc.strerror or exc}", file=sys.stderr)

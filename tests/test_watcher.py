@@ -3,12 +3,15 @@ test is about time itself (a suspended host)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from procs import REPO, wait_for
+from test_tmux import server as tmux_server  # noqa: F401 - the real tmux server fixture
 
 from otelwatch.config import parse_config
 from otelwatch.daemon import Watcher
@@ -178,4 +181,32 @@ def test_a_hook_session_between_turns_is_idle_never_stuck(tmp_path: Path, spawn:
             snap = w.tick()[0]
         assert (snap.state, snap.reason.value) == (State.IDLE, "no_open_turn")
     finally:
+        w.stop()
+
+
+def test_a_hung_tmux_server_is_counted_as_a_probe_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           tmux_server: Any) -> None:  # noqa: F811
+    """A real tmux server, frozen with SIGSTOP: the tick goes on within the tmux timeout
+    and the timeout reaches otelwatch_probe_timeouts_total{kind="tmux"}."""
+    import signal
+    import time
+
+    from otelwatch.config import parse_config
+
+    server = tmux_server
+    monkeypatch.setenv("TMUX_TMPDIR", str(Path(server.sock).parent.parent))
+    cfg = parse_config({"interval": 1, "probe_timeout": 0.5, "state_dir": str(tmp_path / "state"),
+                        "sources": {"registry": {"enabled": False}, "processes": {"enabled": False},
+                                    "transcripts": {"enabled": False}, "tmux": {"timeout": 0.5}}})
+    w = Watcher(cfg, log_stream=_ListStream([]))
+    pid = int(server.run("display-message", "-p", "#{pid}"))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        w.tick()
+        assert time.monotonic() - t0 < 3
+        body = w.telemetry.prometheus_exposition()[0].decode()
+        assert 'otelwatch_probe_timeouts_total{kind="tmux"} 1.0' in body
+    finally:
+        os.kill(pid, signal.SIGCONT)
         w.stop()
