@@ -47,16 +47,19 @@ def test_promtool_unit_tests_pass() -> None:
     assert "SUCCESS" in proc.stdout
 
 
-def test_unit_tests_catch_a_broken_rule(tmp_path: Path) -> None:
-    """The unit tests are not vacuous: make the stuck alert never fire and they fail."""
+@pytest.mark.parametrize("index", range(len(alert_rules())),
+                         ids=[f"{i}-{r['alert']}" for i, r in enumerate(alert_rules())])
+def test_unit_tests_catch_a_broken_rule(tmp_path: Path, index: int) -> None:
+    """The unit tests are not vacuous: make any one rule never fire and they fail on it.
+    Per rule, not per name: two rules share the name OtelwatchRecoveryFailing."""
     shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
-    broken = RULES.read_text().replace(
-        'otelwatch_session_status{state="stuck"}', 'otelwatch_session_status{state="nope"}')
-    assert broken != RULES.read_text()
-    (tmp_path / RULES.name).write_text(broken)
+    doc = yaml.safe_load(RULES.read_text())
+    rules = [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+    rules[index]["expr"] = "vector(1) < 0"  # valid PromQL, never any result
+    (tmp_path / RULES.name).write_text(yaml.safe_dump(doc))
     proc = promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "OtelwatchSessionStuck" in proc.stdout + proc.stderr
+    assert rules[index]["alert"] in proc.stdout + proc.stderr
 
 
 def test_required_alerts_present() -> None:

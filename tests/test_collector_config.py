@@ -18,7 +18,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "collector-config.yaml"
-SECTIONS = {"receivers": "receivers", "processors": "processors", "exporters": "exporters"}
+SECTIONS = ("receivers", "processors", "exporters")
 OTLP_GRPC_PORT = 4317  # the OTLP default otelwatch's SDK exporter uses for grpc
 OTLP_HTTP_PORT = 4318  # ... and for http/protobuf
 
@@ -43,8 +43,8 @@ def test_pipelines_for_every_signal() -> None:
 def test_every_referenced_component_is_defined() -> None:
     cfg = load()
     for name, pipeline in cfg["service"]["pipelines"].items():
-        for key, section in SECTIONS.items():
-            for component in pipeline.get(key, []):
+        for section in SECTIONS:
+            for component in pipeline.get(section, []):
                 assert component in (cfg.get(section) or {}), f"{name}: {section}.{component} undefined"
         assert pipeline["receivers"] and pipeline["exporters"], name
     for ext in cfg["service"].get("extensions", []):
@@ -54,7 +54,7 @@ def test_every_referenced_component_is_defined() -> None:
 def test_every_defined_component_is_used() -> None:
     cfg = load()
     used = {c for p in cfg["service"]["pipelines"].values() for k in SECTIONS for c in p.get(k, [])}
-    for section in SECTIONS.values():
+    for section in SECTIONS:
         unused = set(cfg[section]) - used
         assert not unused, f"{section} defined but in no pipeline: {unused}"
 
