@@ -9,8 +9,6 @@ assert on spans, span events, metric points and log records.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -136,11 +134,3 @@ class OtlpReceiver:
                         })
         return out
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)

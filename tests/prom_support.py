@@ -2,22 +2,20 @@
 config and data dir, scraping the given targets every second; queried through
 its HTTP API; always stopped at teardown.
 
-    prom = start_prometheus(tmp_path, ["127.0.0.1:9464"], rule_files=[...])
+    prom = start_prometheus(tmp_path, ["127.0.0.1:9464"])
     try:
         prom.wait_for("up == 1")
         prom.query('otelwatch_sessions{state="stuck"}')
     finally:
         prom.stop()
 
-Or as a fixture through `prometheus_factory` (see tests/test_prometheus_real.py).
-Also serves the exposition of any `() -> (bytes, str)` via `serve_metrics`,
-for tests that have no daemon.
+`MetricsServer` serves the exposition of any `(accept) -> (body, content_type)`
+for tests that have no daemon (see tests/test_prometheus_real.py).
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -30,15 +28,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from procs import require_binary
+from procs import free_port, require_binary
 
 SCRAPE_INTERVAL = "1s"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -98,12 +90,6 @@ class PromHandle:
         return [(t.get("scrapeUrl"), t.get("health"), t.get("lastError"))
                 for t in data.get("activeTargets", [])]
 
-    def rules(self) -> Any:
-        return self.api("/api/v1/rules")
-
-    def alerts(self) -> list[dict[str, Any]]:
-        return list(self.api("/api/v1/alerts").get("alerts", []))
-
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -122,8 +108,7 @@ class PromHandle:
             self.process.wait(timeout=5)
 
 
-def start_prometheus(tmp_path: Path, targets: Sequence[str], rule_files: Sequence[str | Path] = (),
-                     evaluation_interval: str = "1s", startup_timeout: float = 20.0) -> PromHandle:
+def start_prometheus(tmp_path: Path, targets: Sequence[str], startup_timeout: float = 20.0) -> PromHandle:
     """Start Prometheus scraping `targets` ("host:port", path /metrics) every second."""
     binary = require_binary("prometheus")
     workdir = Path(tmp_path) / f"prometheus-{free_port()}"
@@ -132,12 +117,6 @@ def start_prometheus(tmp_path: Path, targets: Sequence[str], rule_files: Sequenc
         "global:",
         f"  scrape_interval: {SCRAPE_INTERVAL}",
         f"  scrape_timeout: {SCRAPE_INTERVAL}",
-        f"  evaluation_interval: {evaluation_interval}",
-    ]
-    if rule_files:
-        lines.append("rule_files:")
-        lines += [f"  - {json.dumps(str(Path(p).resolve()))}" for p in rule_files]
-    lines += [
         "scrape_configs:",
         "  - job_name: otelwatch",
         "    static_configs:",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import io
 import json
-import socket
 import subprocess
 import time
 import tracemalloc
@@ -25,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from otlp_receiver import OtlpReceiver, wait_until
-from procs import TcpServer, require_binary
+from otlp_receiver import OtlpReceiver
+from procs import TcpServer, free_port, require_binary, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from otelwatch.config import Config, ExportConfig, OtlpExportConfig
@@ -52,12 +51,6 @@ def otlp_config(endpoint: str = "", protocol: str = "", interval: float = 0.5,
         enabled=enabled, endpoint=endpoint, protocol=protocol, interval=interval, timeout=timeout)))
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def exposition_value(t: Telemetry, name: str, **labels: str) -> float:
     body = t.prometheus_exposition()[0].decode()
     total = 0.0
@@ -74,7 +67,7 @@ def exposition_value(t: Telemetry, name: str, **labels: str) -> float:
 class VictoriaMetrics:
     def __init__(self, tmp_path: Path) -> None:
         binary = require_binary("victoria-metrics")
-        self.port = closed_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp_path / "vm.log"
         with open(self.log, "wb") as log:
@@ -145,8 +138,8 @@ def test_victoria_metrics_receives_the_contract_series(victoria: VictoriaMetrics
         t.on_tick(0.02)
         t.on_tick(0.03)
 
-        def series(promql: str) -> list[dict[str, Any]]:
-            return wait_until(lambda: victoria.query(promql), timeout=15) or []
+        def series(promql: str) -> Any:
+            return wait_for(lambda: victoria.query(promql), timeout=15)
 
         (tcp,) = series('otelwatch_session_tcp_connections{tcp_state="ESTABLISHED",session_id="s1"}')
         assert float(tcp["value"][1]) == 1.0
@@ -200,7 +193,7 @@ def test_grpc_receiver_gets_incident_span_metrics_and_logs(receiver: OtlpReceive
                                         status=RecoveryStatus.TERMINATED, duration_s=0.5, **base))
         assert t.force_flush(5.0)
 
-        spans = wait_until(lambda: [s for s in receiver.spans() if s["name"] == "otelwatch.incident"])
+        spans: Any = wait_for(lambda: [s for s in receiver.spans() if s["name"] == "otelwatch.incident"])
         assert len(spans) == 1
         span = spans[0]
         assert span["attributes"]["session.id"] == "s9"
@@ -225,16 +218,16 @@ def test_grpc_receiver_gets_incident_span_metrics_and_logs(receiver: OtlpReceive
                     if p[0] == "otelwatch.session.tcp.connections"
                     and p[1].get("session.id") == "s9" and p[1].get("tcp.state") == "ESTABLISHED"]
 
-        point = wait_until(has_metric)
-        assert point and point[-1][2] == 0
+        point: Any = wait_for(has_metric)
+        assert point[-1][2] == 0
         names = {p[0] for p in receiver.metric_points()}
         assert {"otelwatch.recovery.requested", "otelwatch.recovery.completed",
                 "otelwatch.recovery.duration", "otelwatch.session.stuck",
                 "otelwatch.session.stalled.age", "otelwatch.sessions"} <= names
 
-        records = wait_until(lambda: [r for r in receiver.log_records()
-                                      if r["event_name"] == "recovery_completed"])
-        assert records and records[0]["body"]["status"] == "terminated"
+        records: Any = wait_for(lambda: [r for r in receiver.log_records()
+                                         if r["event_name"] == "recovery_completed"])
+        assert records[0]["body"]["status"] == "terminated"
         stuck_logs = [r for r in receiver.log_records() if r["event_name"] == "session_stuck"]
         assert stuck_logs and stuck_logs[0]["body"]["session_id"] == "s9"
         assert stuck_logs[0]["severity"] == "WARNING"
@@ -264,7 +257,7 @@ class FailureLines(io.StringIO):
 
 
 def test_closed_port_fast_calls_flat_memory_counted_failures() -> None:
-    port = closed_port()
+    port = free_port()  # nothing listens there
     log = FailureLines()  # a StringIO would grow by 4 bytes a character
     t = Telemetry(otlp_config(endpoint=f"http://127.0.0.1:{port}", protocol="grpc",
                               interval=3600, timeout=0.05),
@@ -322,7 +315,7 @@ def test_closed_port_fast_calls_flat_memory_counted_failures() -> None:
 
 
 def test_failure_lines_name_the_cause() -> None:
-    port = closed_port()
+    port = free_port()  # nothing listens there
     log = io.StringIO()
     t = Telemetry(otlp_config(endpoint=f"http://127.0.0.1:{port}", protocol="grpc",
                               interval=3600, timeout=0.05), environ={}, log_stream=log)
@@ -366,9 +359,8 @@ def test_silent_backend_never_blocks_the_caller(tcp_server: TcpServer) -> None:
             time.sleep(0.01)
         assert rounds > 50
         assert slowest < 0.25, f"a round took {slowest:.3f} s while exports hung"
-        assert wait_until(lambda: tcp_server.accepted, timeout=5), "exporter never connected"
-        wait_until(lambda: exposition_value(t, "otelwatch_export_failures_total") >= 1, timeout=5)
-        assert exposition_value(t, "otelwatch_export_failures_total") >= 1
+        wait_for(lambda: tcp_server.accepted, timeout=5)  # the exporter connected
+        wait_for(lambda: exposition_value(t, "otelwatch_export_failures_total") >= 1, timeout=5)
     finally:
         start = time.monotonic()
         t.shutdown(timeout=1.0)

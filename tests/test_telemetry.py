@@ -216,11 +216,46 @@ def test_two_thousand_short_sessions_stay_bounded(tel: Telemetry) -> None:
                 tcp_state="SYN_SENT") == [1.0]
     assert max(sizes) - min(sizes) < 200, sizes
     # The SDK's own per-reader state holds only the live series.
-    consumer = tel.meter_provider._measurement_consumer  # SDK internal, see AsyncStatePruner
+    assert max(sdk_series(tel).values()) <= len(State) + 2
+
+
+def sdk_series(t: Telemetry) -> dict[str, int]:
+    """Attribute sets the SDK holds per instrument (largest over readers)."""
+    consumer = t.meter_provider._measurement_consumer  # SDK internal, see AsyncStatePruner
+    sizes: dict[str, int] = {}
     for storage in consumer._reader_storages.values():
-        for matches in storage._instrument_view_instrument_matches.values():
+        for instrument, matches in storage._instrument_view_instrument_matches.items():
             for match in matches:
-                assert len(match._attributes_aggregation) <= len(State) + 2
+                sizes[instrument.name] = max(sizes.get(instrument.name, 0), len(match._attributes_aggregation))
+    return sizes
+
+
+def test_state_and_tcp_churn_keep_sdk_state_to_live_series(tel: Telemetry) -> None:
+    """A session flapping between states and TCP states leaves no stale sets behind;
+    a tick whose series are unchanged prunes nothing."""
+    for i in range(51):  # ends active
+        flip = snap("s1", State.STALLED, Reason.CPU_SPIN, tcp={"SYN_SENT": 1}) if i % 2 else snap("s1")
+        tel.update([flip, snap("s2")])
+        tel.prometheus_exposition()
+    sizes = sdk_series(tel)
+    assert sizes["otelwatch.session.status"] == 2
+    assert sizes["otelwatch.session.tcp.connections"] == 2  # s1 and s2 ESTABLISHED only
+    # Same sessions, same attribute sets, new values: nothing is stale.
+    assert tel.gauges.update([snap("s1", cpu_percent=3.0), snap("s2", rss_bytes=1)]) == {}
+
+
+def test_pruner_disables_itself_when_sdk_internals_change(caplog: pytest.LogCaptureFixture) -> None:
+    from otelwatch.telemetry.instruments import AsyncStatePruner, _key
+
+    class Changed:  # a MeterProvider whose internals no longer look like 1.45's
+        _measurement_consumer = object()
+
+    pruner = AsyncStatePruner(Changed())  # type: ignore[arg-type]
+    stale = {object(): frozenset({_key({"session.id": "x"})})}
+    with caplog.at_level("WARNING", logger="otelwatch.telemetry.instruments"):
+        assert pruner.prune(stale) == 0
+        assert pruner.prune(stale) == 0
+    assert [r.getMessage().startswith("cannot prune") for r in caplog.records] == [True]
 
 
 # --------------------------------------------------------------------------- incidents
@@ -425,9 +460,14 @@ def test_prometheus_disabled_gives_empty_body() -> None:
         t.shutdown()
 
 
-def test_callbacks_cost_nothing_per_scrape(tel: Telemetry) -> None:
+def test_callbacks_cost_nothing_per_scrape(tel: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
     """Scrapes read pre-built observations: 200 sessions, many scrapes, well under budget."""
     tel.update([snap(f"s{i}") for i in range(200)])
+
+    def rebuilt(*_args: Any) -> None:
+        raise AssertionError("a scrape rebuilt observations")
+
+    monkeypatch.setattr("otelwatch.telemetry.instruments._observe_session", rebuilt)
     start = time.perf_counter()
     for _ in range(20):
         body = tel.prometheus_exposition()[0]

@@ -43,9 +43,6 @@ SPAN_QUEUE = 2048
 LOG_QUEUE = 2048
 EXPORT_BATCH = 512
 SPAN_EVENTS = 128
-# Even when nothing changed, prune stale SDK state this often (ticks): a collection
-# racing with an update can re-add a just-removed series once.
-PRUNE_EVERY = 60
 _FAILED_STATUSES = frozenset({RecoveryStatus.UNKILLABLE, RecoveryStatus.FAILED})
 
 
@@ -59,7 +56,6 @@ class Telemetry:
         self.otlp: OtlpSettings = resolve_otlp(cfg, env)
         self._closed = False
         self._close_lock = threading.Lock()
-        self._ticks = 0
 
         # Logs first: exporter failures are reported through them.
         self.logger_provider: LoggerProvider | None = None
@@ -141,14 +137,10 @@ class Telemetry:
 
     def update(self, snapshots: Sequence[SessionSnapshot]) -> None:
         """The latest view of every session; gauges read only this until the next call."""
-        changed = self.gauges.update(snapshots)
-        self.incidents.end_missing({s.session_id for s in snapshots}, time.time())
-        self._ticks += 1
-        if changed or self._ticks % PRUNE_EVERY == 0:
-            self._pruner.prune({
-                self.gauges.instruments[name]: self.gauges.live_keys(name)
-                for name in SessionGauges.PER_SESSION
-            })
+        stale = self.gauges.update(snapshots)
+        if stale:
+            self._pruner.prune({self.gauges.instruments[name]: keys for name, keys in stale.items()})
+        self.incidents.end_missing(snapshots, time.time())
 
     def on_tick(self, duration_s: float) -> None:
         self._tick.record(max(0.0, float(duration_s)))

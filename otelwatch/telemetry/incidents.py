@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
@@ -126,9 +126,8 @@ class Incidents:
     def recovery_step(self, step: RecoveryStep) -> None:
         with self._lock:
             span = self._open.get(step.session_id)
-        if span is None:
-            # e.g. a restarted daemon resuming an escalation: record it anyway.
-            with self._lock:
+            if span is None:
+                # e.g. a restarted daemon resuming an escalation: record it anyway.
                 span = self._tracer.start_span(
                     SPAN_NAME, attributes={"session.id": step.session_id, "agent": step.agent,
                                            "process.pid": step.pid},
@@ -155,8 +154,11 @@ class Incidents:
         span.end(end_time=_ns(end))
         return True
 
-    def end_missing(self, present: set[str], t: float) -> int:
+    def end_missing(self, snapshots: Sequence[SessionSnapshot], t: float) -> int:
         """End spans of sessions no longer in the snapshot (they left without an end)."""
+        if not self._open:  # the usual tick
+            return 0
+        present = {s.session_id for s in snapshots}
         gone = [sid for sid in list(self._open) if sid not in present]
         for sid in gone:
             self.end(sid, "gone", None, t)

@@ -11,8 +11,7 @@ never read /proc or do any I/O.
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -112,8 +111,11 @@ class SessionGauges:
     }
 
     def __init__(self, meter: Meter) -> None:
-        self._obs: dict[str, list[Observation]] = {name: [] for name in (SESSIONS, *self.PER_SESSION)}
+        self._obs: dict[str, list[Observation]] = {name: [] for name in self.PER_SESSION}
         self._obs[SESSIONS] = [Observation(0, {A_STATE: s.value}) for s in State]
+        # The attribute sets observed per instrument, recomputed only when the
+        # sessions' shapes (see `_observe_session`) change.
+        self._shapes: tuple[Any, ...] = ()
         self._keys: dict[str, frozenset[_AttrKey]] = {name: frozenset() for name in self.PER_SESSION}
         self.instruments: dict[str, Any] = {}
         self.instruments[SESSIONS] = meter.create_observable_gauge(
@@ -129,24 +131,29 @@ class SessionGauges:
 
         return observe
 
-    def update(self, snapshots: Sequence[SessionSnapshot]) -> bool:
-        """Rebuild every observation from `snapshots`; True when the set of
-        per-session series changed (so stale SDK state is worth pruning)."""
+    def update(self, snapshots: Sequence[SessionSnapshot]) -> dict[str, frozenset[_AttrKey]]:
+        """Rebuild every observation from `snapshots`; returns, per instrument name,
+        the attribute sets observed last time and no longer (empty when none)."""
         per_state = dict.fromkeys(State, 0)
         obs: dict[str, list[Observation]] = {name: [] for name in self.PER_SESSION}
+        shapes = []
         for snap in snapshots:
-            per_state[snap.state] = per_state.get(snap.state, 0) + 1
+            per_state[snap.state] += 1
             if snap.live:
-                _observe_session(obs, snap)
-        new = {SESSIONS: [Observation(n, {A_STATE: s.value}) for s, n in per_state.items()], **obs}
-        changed = False
+                shapes.append(_observe_session(obs, snap))
+        self._obs = {SESSIONS: [Observation(n, {A_STATE: s.value}) for s, n in per_state.items()], **obs}
+        shape = tuple(shapes)
+        if shape == self._shapes:  # the usual tick: same series, new values
+            return {}
+        self._shapes = shape
+        stale: dict[str, frozenset[_AttrKey]] = {}
         for name in self.PER_SESSION:
             keys = frozenset(_key(o.attributes) for o in obs[name])
-            if keys != self._keys[name]:
-                changed = True
-                self._keys[name] = keys
-        self._obs = new
-        return changed
+            gone = self._keys[name] - keys
+            if gone:
+                stale[name] = gone
+            self._keys[name] = keys
+        return stale
 
     def forget(self, session_id: str) -> None:
         """Drop one session's series now (it ended); the next update confirms it."""
@@ -155,14 +162,10 @@ class SessionGauges:
             obs[name] = [o for o in obs[name] if (o.attributes or {}).get(A_SESSION_ID) != session_id]
         self._obs = obs
 
-    def live_keys(self, name: str) -> frozenset[_AttrKey]:
-        return frozenset(_key(o.attributes) for o in self._obs.get(name, ()))
 
-    def series_count(self) -> int:
-        return sum(len(v) for v in self._obs.values())
-
-
-def _observe_session(obs: dict[str, list[Observation]], snap: SessionSnapshot) -> None:
+def _observe_session(obs: dict[str, list[Observation]], snap: SessionSnapshot) -> tuple[Any, ...]:
+    """Append the session's observations; returns its shape: everything that
+    decides which attribute sets it has (not their values)."""
     base = {A_SESSION_ID: snap.session_id, A_AGENT: snap.agent}
     obs[SESSION_STATUS].append(
         Observation(1, {**base, A_STATE: snap.state.value, A_REASON: snap.reason.value}))
@@ -178,15 +181,18 @@ def _observe_session(obs: dict[str, list[Observation]], snap: SessionSnapshot) -
     obs[SESSION_THREADS].append(Observation(int(snap.threads), base))
     tcp = dict.fromkeys(ALWAYS_TCP_STATES, 0)
     tcp.update(snap.tcp)
-    for tcp_state, count in sorted(tcp.items()):
-        obs[SESSION_TCP].append(Observation(int(count), {**base, A_TCP_STATE: tcp_state}))
+    tcp_states = tuple(sorted(tcp))
+    for tcp_state in tcp_states:
+        obs[SESSION_TCP].append(Observation(int(tcp[tcp_state]), {**base, A_TCP_STATE: tcp_state}))
+    return (snap.session_id, snap.agent, snap.state, snap.reason, snap.last_event_age_s is None,
+            snap.last_event_time is None, snap.cpu_percent is None, snap.open_fds is None, tcp_states)
 
 
 # --------------------------------------------------------------------------- SDK state pruning
 
 
 class AsyncStatePruner:
-    """Frees the SDK's per-attribute-set state of series that are gone.
+    """Frees the SDK's per-attribute-set state of series otelwatch stopped observing.
 
     Why: the OTel Python SDK (checked with 1.45) keeps one aggregation per
     attribute set ever observed by an asynchronous instrument, for the life of
@@ -194,49 +200,45 @@ class AsyncStatePruner:
     are never freed, and after 2 000 of them (the default cardinality limit)
     every new session's series is folded into `otel.metric.overflow`. Session
     ids are unbounded over a daemon's life, so we drop the sets no longer
-    observed. This reaches into SDK internals; if they change shape the
-    pruner disables itself with one warning (tests/test_telemetry.py checks
-    that 2 000 sessions stay bounded with the real SDK, so an upgrade that
-    breaks it fails loudly there).
+    observed.
+
+    Kept narrow: it runs only when a gauge's series went away, touches only the
+    instruments named, and drops only the attribute sets named. It holds the
+    SDK's collection lock, under which every collection runs the callbacks and
+    stores what they return, so a collection that read the previous tick's
+    observations cannot re-add a set after it was dropped. This reaches into SDK
+    internals; if any of them (the lock included) is missing, the pruner
+    disables itself with one warning rather than prune unguarded
+    (tests/test_telemetry.py checks with the real SDK that 2 000 sessions stay
+    bounded, so an upgrade that breaks it fails loudly there).
     """
 
     def __init__(self, provider: MeterProvider) -> None:
         self._provider = provider
         self._broken = False
 
-    @property
-    def working(self) -> bool:
-        return not self._broken
-
-    def prune(self, live: dict[Any, frozenset[_AttrKey]]) -> int:
-        """Keep, for each instrument in `live`, only the attribute sets listed; returns
-        how many were dropped."""
-        if self._broken:
+    def prune(self, stale: Mapping[Any, frozenset[_AttrKey]]) -> int:
+        """Drop, for each instrument in `stale`, the attribute sets listed; returns
+        how many aggregations were dropped."""
+        if self._broken or not stale:
             return 0
         try:
-            return self._prune(live)
+            return self._prune(stale)
         except Exception as exc:  # SDK internals changed: degrade, never crash the tick
             self._broken = True
-            _log.warning("cannot prune OTel SDK state (%s); per-session series may overflow", exc)
+            _log.warning("cannot prune OTel SDK state (%r); per-session series may overflow", exc)
             return 0
 
-    def _prune(self, live: dict[Any, frozenset[_AttrKey]]) -> int:
-        consumer: Any = getattr(self._provider, "_measurement_consumer")  # noqa: B009 - SDK internal
+    def _prune(self, stale: Mapping[Any, frozenset[_AttrKey]]) -> int:
+        consumer: Any = self._provider._measurement_consumer  # SDK internal, see the class docstring
         dropped = 0
-        # The consumer's lock is held by every collection while callbacks run and
-        # measurements are stored, so no collection re-adds what we drop mid-way.
-        lock = getattr(consumer, "_lock", None) or threading.Lock()
-        with lock:
-            for storage in list(consumer._reader_storages.values()):
-                matches_by_instrument = storage._instrument_view_instrument_matches
-                for instrument, matches in list(matches_by_instrument.items()):
-                    keep = live.get(instrument)
-                    if keep is None:
-                        continue
-                    for match in matches:
+        with consumer._lock:
+            for storage in consumer._reader_storages.values():
+                for instrument, gone in stale.items():
+                    for match in storage._instrument_view_instrument_matches.get(instrument, ()):
                         with match._lock:
                             current = match._attributes_aggregation
-                            kept = {k: agg for k, agg in current.items() if _key(agg._attributes) in keep}
+                            kept = {k: agg for k, agg in current.items() if _key(agg._attributes) not in gone}
                             if len(kept) != len(current):
                                 dropped += len(current) - len(kept)
                                 match._attributes_aggregation = kept

@@ -188,11 +188,6 @@ def capture_sdk_export_errors() -> None:
             logger.addFilter(SDK_EXPORT_ERRORS)
 
 
-def _failure_text(signal: str, fallback: str) -> str:
-    return SDK_EXPORT_ERRORS.last(signal) or fallback
-
-
-
 class FailureReporter:
     """Counts export failures and logs at most one line per `interval_s` per signal."""
 
@@ -205,11 +200,9 @@ class FailureReporter:
         self._lock = threading.Lock()
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
-        self.failures: dict[str, int] = {}
 
     def failed(self, signal: str, endpoint: str, error: str) -> None:
         with self._lock:
-            self.failures[signal] = self.failures.get(signal, 0) + 1
             now = self._clock()
             last = self._last.get(signal)
             emit = last is None or now - last >= self._interval
@@ -263,8 +256,21 @@ def _make_exporter(signal: str, target: SignalTarget, settings: OtlpSettings) ->
     return HttpLogExporter(**http_kwargs)
 
 
+def _counted(signal: str, endpoint: str, failures: FailureReporter, export: Callable[[], Any],
+             success: Any, failure: Any) -> Any:
+    """Run one export; a failed or raising one is counted (and logged, rate limited)."""
+    try:
+        result = export()
+    except Exception as exc:  # an exporter bug must not kill the SDK's export thread
+        failures.failed(signal, endpoint, repr(exc))
+        return failure
+    if result is not success:
+        failures.failed(signal, endpoint, SDK_EXPORT_ERRORS.last(signal) or "export failed")
+    return result
+
+
 class CountingMetricExporter(MetricExporter):
-    """Delegates to an OTLP metric exporter; a failed or raising export is counted."""
+    """Delegates to an OTLP metric exporter, counting failed exports."""
 
     def __init__(self, inner: MetricExporter, endpoint: str, failures: FailureReporter) -> None:
         super().__init__(preferred_temporality=CUMULATIVE)
@@ -274,14 +280,9 @@ class CountingMetricExporter(MetricExporter):
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
                **kwargs: Any) -> MetricExportResult:
-        try:
-            result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
-        except Exception as exc:  # an exporter bug must not kill the reader thread
-            self._failures.failed("metrics", self._endpoint, repr(exc))
-            return MetricExportResult.FAILURE
-        if result is not MetricExportResult.SUCCESS:
-            self._failures.failed("metrics", self._endpoint, _failure_text("metrics", "export failed"))
-        return result
+        return _counted("metrics", self._endpoint, self._failures,
+                        lambda: self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs),
+                        MetricExportResult.SUCCESS, MetricExportResult.FAILURE)
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return bool(self._inner.force_flush(timeout_millis=timeout_millis))
@@ -297,14 +298,8 @@ class CountingSpanExporter(SpanExporter):
         self._failures = failures
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        try:
-            result = self._inner.export(spans)
-        except Exception as exc:
-            self._failures.failed("traces", self._endpoint, repr(exc))
-            return SpanExportResult.FAILURE
-        if result is not SpanExportResult.SUCCESS:
-            self._failures.failed("traces", self._endpoint, _failure_text("traces", "export failed"))
-        return result
+        return _counted("traces", self._endpoint, self._failures, lambda: self._inner.export(spans),
+                        SpanExportResult.SUCCESS, SpanExportResult.FAILURE)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return bool(self._inner.force_flush(timeout_millis))
@@ -320,14 +315,8 @@ class CountingLogExporter(LogRecordExporter):
         self._failures = failures
 
     def export(self, batch: Sequence[Any]) -> LogRecordExportResult:
-        try:
-            result = self._inner.export(batch)
-        except Exception as exc:
-            self._failures.failed("logs", self._endpoint, repr(exc))
-            return LogRecordExportResult.FAILURE
-        if result is not LogRecordExportResult.SUCCESS:
-            self._failures.failed("logs", self._endpoint, _failure_text("logs", "export failed"))
-        return result
+        return _counted("logs", self._endpoint, self._failures, lambda: self._inner.export(batch),
+                        LogRecordExportResult.SUCCESS, LogRecordExportResult.FAILURE)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return bool(self._inner.force_flush(timeout_millis))

@@ -19,6 +19,7 @@ from otelwatch.telemetry.otlp import parse_key_values
 
 
 def build_resource(environ: Mapping[str, str], service_instance_id: str | None = None) -> Resource:
+    host = socket.gethostname()
     attrs: dict[str, str] = {
         "service.name": "otelwatch",
         "service.version": __version__,
@@ -27,8 +28,8 @@ def build_resource(environ: Mapping[str, str], service_instance_id: str | None =
         # looking dead (OtelwatchDown) and fill dashboards' host lists. One
         # otelwatch per host, so the host name is unique; a second one on the same
         # host sets it through OTEL_RESOURCE_ATTRIBUTES.
-        "service.instance.id": service_instance_id or socket.gethostname() or str(uuid.uuid4()),
-        "host.name": socket.gethostname(),
+        "service.instance.id": host or str(uuid.uuid4()),
+        "host.name": host,
         "telemetry.sdk.name": "opentelemetry",
         "telemetry.sdk.language": "python",
         "telemetry.sdk.version": sdk_version,
