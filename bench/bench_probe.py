@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from otelwatch.probe import Prober  # noqa: E402
-from otelwatch.proctable import CLK_TCK, ProcessTableReader  # noqa: E402
+from otelwatch.proctable import ProcessTableReader, read_proc  # noqa: E402
 
 EXPORTER = "/usr/bin/prometheus-process-exporter"
 NAME = "owbench-sleep"  # comm of the sleepers (15 chars max), what process-exporter matches
@@ -190,9 +190,10 @@ def bench_psutil(pids: list[int], ticks: int) -> float:
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as fh:
-        f = fh.read().rpartition(b")")[2].split()
-    return (int(f[11]) + int(f[12])) / CLK_TCK
+    info = read_proc(pid)
+    if info is None:
+        raise RuntimeError(f"process-exporter (PID {pid}) exited during the benchmark")
+    return info.cpu_seconds
 
 
 def bench_exporter(scrapes: int, lean: bool, tmp: Path) -> float | None:

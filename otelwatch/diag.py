@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from otelwatch.model import ProcessIdentity, ProcessSample, SampleStatus, TreeSample
@@ -44,7 +45,7 @@ def diag_main(pid: int, as_json: bool = False, *, stdout: TextIO | None = None,
             print(f"otelwatch diag: no process with PID {pid}", file=err)
             return EXIT_NO_PROCESS
         identity = info.identity
-        prober = Prober(max_workers=2)
+        prober = Prober()
         prober.sample(first, {SESSION: identity}, TIMEOUT)
         time.sleep(interval)
         sample = prober.sample(reader.read(), {SESSION: identity}, TIMEOUT, with_wchan=True)[SESSION]
@@ -100,7 +101,7 @@ def _pct(v: float | None) -> str:
     return "?" if v is None else f"{v:.1f}"
 
 
-def _tcp(tcp: Any, listen: int) -> str:
+def _tcp(tcp: Mapping[str, int] | None, listen: int) -> str:
     if tcp is None:
         return "?"
     parts = [f"{state}={n}" for state, n in sorted(tcp.items())]
@@ -143,6 +144,21 @@ def format_table(s: TreeSample) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _usage(x: TreeSample | ProcessSample) -> dict[str, Any]:
+    """The measurements a tree and each of its processes both have."""
+    return {
+        "cpu_percent": None if x.cpu_percent is None else round(x.cpu_percent, 2),
+        "cpu_seconds": round(x.cpu_seconds, 3),
+        "rss_bytes": x.rss_bytes,
+        "threads": x.threads,
+        "num_fds": x.num_fds,
+        "tcp": None if x.tcp is None else dict(x.tcp),
+        "listen": x.listen,
+        "read_bytes": x.read_bytes,
+        "write_bytes": x.write_bytes,
+    }
+
+
 def sample_to_json(s: TreeSample) -> dict[str, Any]:
     """The sample as plain JSON types (the same field names as the model)."""
     return {
@@ -150,16 +166,8 @@ def sample_to_json(s: TreeSample) -> dict[str, Any]:
         "status": s.status.value,
         "error": s.error,
         "root": None if s.root is None else {"pid": s.root.pid, "create_time": s.root.create_time},
-        "cpu_percent": None if s.cpu_percent is None else round(s.cpu_percent, 2),
-        "cpu_seconds": round(s.cpu_seconds, 3),
-        "rss_bytes": s.rss_bytes,
-        "threads": s.threads,
-        "num_fds": s.num_fds,
-        "tcp": None if s.tcp is None else dict(s.tcp),
-        "listen": s.listen,
+        **_usage(s),
         "children": s.children,
-        "read_bytes": s.read_bytes,
-        "write_bytes": s.write_bytes,
         "processes": [
             {
                 "pid": p.pid,
@@ -170,17 +178,9 @@ def sample_to_json(s: TreeSample) -> dict[str, Any]:
                 "status": p.status,
                 "wchan": p.wchan,
                 "create_time": p.create_time,
-                "cpu_percent": None if p.cpu_percent is None else round(p.cpu_percent, 2),
-                "cpu_seconds": round(p.cpu_seconds, 3),
-                "rss_bytes": p.rss_bytes,
-                "threads": p.threads,
-                "num_fds": p.num_fds,
-                "tcp": None if p.tcp is None else dict(p.tcp),
-                "listen": p.listen,
+                **_usage(p),
                 "connections": [{"state": c.state, "local": c.local, "remote": c.remote}
                                 for c in p.connections],
-                "read_bytes": p.read_bytes,
-                "write_bytes": p.write_bytes,
                 "cmdline": list(p.cmdline),
             }
             for p in s.processes

@@ -17,13 +17,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from otelwatch import procfs
 from otelwatch.model import ProcessIdentity, ProcessSample, SampleStatus, TcpConnection, TreeSample
-from otelwatch.procfs import ProcessGone, TcpTable
+from otelwatch.procfs import ProcessGone, TcpSocket, TcpTable
 from otelwatch.proctable import ProcessTable, ProcInfo
 
 __all__ = ["CREATE_TIME_TOLERANCE", "Prober", "same_process"]
@@ -49,9 +49,7 @@ class _RawProc:
     info: ProcInfo
     uid: int | None
     num_fds: int | None
-    tcp: dict[str, int] | None
-    listen: int
-    connections: tuple[TcpConnection, ...]
+    sockets: dict[int, TcpSocket] | None  # its TCP sockets by inode; None: unknown
     read_bytes: int | None
     write_bytes: int | None
     cmdline: tuple[str, ...]
@@ -66,6 +64,18 @@ class _RawTree:
     procs: list[_RawProc] = field(default_factory=list)
     tcp: dict[str, int] | None = None  # tree totals, counted once per socket inode
     listen: int = 0
+
+
+def _tally(sockets: Iterable[TcpSocket]) -> tuple[dict[str, int], int]:
+    """(count per non-LISTEN state, LISTEN count) of some TCP sockets."""
+    tcp: dict[str, int] = {}
+    listen = 0
+    for sock in sockets:
+        if sock.state == "LISTEN":
+            listen += 1
+        else:
+            tcp[sock.state] = tcp.get(sock.state, 0) + 1
+    return tcp, listen
 
 
 @dataclass
@@ -133,11 +143,11 @@ class _Pool:
         self._closed = False
         self._started = 0
 
-    def submit(self, jobs: Iterable[_Job], expected: int) -> None:
+    def submit(self, jobs: Collection[_Job]) -> None:
         with self._lock:
             if self._closed:
                 raise RuntimeError("pool is shut down")
-            while len(self._healthy) < min(self._size, expected):
+            while len(self._healthy) < min(self._size, len(jobs)):
                 self._start_locked()
         for job in jobs:
             self._queue.put(job)
@@ -147,6 +157,13 @@ class _Pool:
         t = threading.Thread(target=self._run, name=f"{self._name}-{self._started}", daemon=True)
         self._healthy.add(t)
         t.start()
+
+    def _retire_locked(self, worker: threading.Thread) -> None:
+        """Set aside a worker stuck in a job and start a replacement; it exits when the job ends."""
+        self._healthy.discard(worker)
+        self._retired.add(worker)
+        if not self._closed:
+            self._start_locked()
 
     def _run(self) -> None:
         me = threading.current_thread()
@@ -181,10 +198,7 @@ class _Pool:
             if job.state == _PENDING:
                 job.state = _CANCELLED
             elif job.state == _RUNNING and job.worker in self._healthy:
-                self._healthy.discard(job.worker)
-                self._retired.add(job.worker)
-                if not self._closed:
-                    self._start_locked()
+                self._retire_locked(job.worker)
             return job.state
 
     def unblock(self, budget: float) -> None:
@@ -195,10 +209,7 @@ class _Pool:
         with self._lock:
             for worker, job in list(self._current.items()):
                 if worker in self._healthy and now - job.started > budget:
-                    self._healthy.discard(worker)
-                    self._retired.add(worker)
-                    if not self._closed:
-                        self._start_locked()
+                    self._retire_locked(worker)
 
     def hung_threads(self) -> int:
         with self._lock:
@@ -318,9 +329,7 @@ class Prober:
                 results[sid] = self._timeout_sample(now, target, table, "prober is shut down")
             return results
 
-        to_run: dict[str, _Job] = {}
-        batch = _Batch(0)
-        tick = _Tick(self)
+        runnable: dict[str, ProcessIdentity | int] = {}
         for sid, target in targets.items():
             job = self._inflight.get(sid)
             if job is not None:
@@ -330,10 +339,13 @@ class Prober:
                     results[sid] = self._timeout_sample(now, target, table, "previous probe still running")
                     continue
                 del self._inflight[sid]
-            to_run[sid] = _Job(self._read_tree, (sid, target, table, tick, with_wchan), batch)
-        batch.pending = len(to_run)
+            runnable[sid] = target
+        batch = _Batch(len(runnable))
+        tick = _Tick(self)
+        to_run = {sid: _Job(self._read_tree, (sid, target, table, tick, with_wchan), batch)
+                  for sid, target in runnable.items()}
         if to_run:
-            self._pool.submit(to_run.values(), len(to_run))
+            self._pool.submit(to_run.values())
             # A tree's probe takes well under a millisecond per process; one that runs
             # past this budget is probably hung in the kernel, and the sessions queued
             # behind it must not pay for it: its worker is set aside and replaced.
@@ -413,9 +425,7 @@ class Prober:
             except OSError:
                 self._problem("tcp_table", "error")
         try:
-            return procfs.proc_tcp_table(pid, self.proc_root)
-        except ProcessGone:
-            raise
+            return procfs.proc_tcp_table(pid, self.proc_root)  # ProcessGone goes to the caller
         except OSError:
             self._problem("tcp_table", "error")
             return None
@@ -435,36 +445,28 @@ class Prober:
 
         raw = _RawTree(SampleStatus.OK, info.identity)
         denied: list[str] = []
-        tree_sockets: dict[int, procfs.TcpSocket] = {}
+        # Per inode: a socket shared by parent and child is one connection.
+        tree_sockets: dict[int, TcpSocket] = {}
         tcp_known = True
         for i, p in enumerate((info, *(table.get(c) for c in table.descendants(pid)))):
             if p is None:
                 continue
             try:
-                proc, sockets = self._read_proc(p, table, tick, with_wchan)
+                proc = self._read_proc(p, table, tick, with_wchan)
             except ProcessGone:
                 if i == 0:
                     return _RawTree(SampleStatus.VANISHED, info.identity, "exited")
                 continue  # a child that ended mid-sample is simply not in the tree
             if proc.num_fds is None:
                 denied.append(str(p.pid))
-            if proc.tcp is None:
+            if proc.sockets is None:
                 tcp_known = False
-            elif sockets:
-                tree_sockets.update(sockets)
+            else:
+                tree_sockets.update(proc.sockets)
             raw.procs.append(proc)
 
-        if tcp_known:
-            # Per inode: a socket shared by parent and child is one connection.
-            tcp: dict[str, int] = {}
-            for sock in tree_sockets.values():
-                if sock.state == "LISTEN":
-                    raw.listen += 1
-                else:
-                    tcp[sock.state] = tcp.get(sock.state, 0) + 1
-            raw.tcp = tcp
-        else:
-            raw.listen = sum(p.listen for p in raw.procs)
+        tcp, raw.listen = _tally(tree_sockets.values())  # LISTEN: what could be read
+        raw.tcp = tcp if tcp_known else None
         if info.state == "Z":
             raw.status, raw.error = SampleStatus.ZOMBIE, "exited, not yet reaped"
         elif denied:
@@ -472,78 +474,50 @@ class Prober:
             raw.error = "file descriptors not readable for pid " + ",".join(denied[:5])
         return raw
 
-    def _read_proc(self, p: ProcInfo, table: ProcessTable, tick: _Tick, with_wchan: bool,
-                   ) -> tuple[_RawProc, dict[int, procfs.TcpSocket] | None]:
+    def _read_proc(self, p: ProcInfo, table: ProcessTable, tick: _Tick, with_wchan: bool) -> _RawProc:
         """One process; raises ProcessGone if it ended while being read."""
         root = self.proc_root
         pid = p.pid
         try:
             uid: int | None = procfs.owner_uid(pid, root)
-        except ProcessGone:
-            raise
         except OSError:
             uid = None
         num_fds: int | None = None
-        tcp: dict[str, int] | None = None
-        listen = 0
-        conns: list[TcpConnection] = []
-        matched: dict[int, procfs.TcpSocket] | None = None
+        sockets: dict[int, TcpSocket] | None = None
         if p.state == "Z":
-            num_fds, tcp, matched = 0, {}, {}  # a zombie holds no files
+            num_fds, sockets = 0, {}  # a zombie holds no files
         else:
             try:
                 scan = procfs.scan_fds(pid, root)
-            except ProcessGone:
-                raise
             except OSError:
                 self._problem("fd", "error")
                 scan = None
             if scan is not None:
                 num_fds = scan.num_fds
-                matched = {}
                 if not scan.sockets:
-                    tcp = {}
-                else:
-                    tcp_table = self._table_for(pid, tick)
-                    if tcp_table is not None:
-                        tcp = {}
-                        for inode in scan.sockets:
-                            sock = tcp_table.get(inode)
-                            if sock is None:
-                                continue  # a UDP or unix socket
-                            matched[inode] = sock
-                            if sock.state == "LISTEN":
-                                listen += 1
-                            else:
-                                tcp[sock.state] = tcp.get(sock.state, 0) + 1
-                                conns.append(TcpConnection(sock.state, sock.local, sock.remote))
+                    sockets = {}
+                elif (tcp_table := self._table_for(pid, tick)) is not None:
+                    # Inodes not in the table are UDP or unix sockets.
+                    sockets = {i: s for i in scan.sockets if (s := tcp_table.get(i)) is not None}
         try:
             io = procfs.read_io(pid, root)
-        except ProcessGone:
-            raise
         except OSError:
             self._problem("io", "error")
             io = None
-        wchan = procfs.read_wchan(pid, root) if with_wchan else None
-        proc = _RawProc(
+        return _RawProc(
             info=p,
             uid=uid,
             num_fds=num_fds,
-            tcp=tcp,
-            listen=listen,
-            connections=tuple(conns),
+            sockets=sockets,
             read_bytes=None if io is None else io.read_bytes,
             write_bytes=None if io is None else io.write_bytes,
             cmdline=table.cmdline(pid),
-            wchan=wchan,
+            wchan=procfs.read_wchan(pid, root) if with_wchan else None,
         )
-        return proc, matched
 
     def _table_for(self, pid: int, tick: _Tick) -> TcpTable | None:
         try:
             ns = procfs.net_namespace(pid, self.proc_root)
-        except ProcessGone:
-            raise
         except OSError:
             ns = None
         if ns is None:
@@ -580,11 +554,18 @@ class Prober:
                 tree_rate += rate
             if i == 0:
                 root_rate = rate
+            tcp: dict[str, int] | None = None
+            listen = 0
+            conns: tuple[TcpConnection, ...] = ()
+            if rp.sockets is not None:
+                tcp, listen = _tally(rp.sockets.values())
+                conns = tuple(TcpConnection(s.state, s.local, s.remote)
+                              for s in rp.sockets.values() if s.state != "LISTEN")
             samples.append(ProcessSample(
                 pid=p.pid, ppid=p.ppid, create_time=p.create_time, name=p.comm, status=p.state,
                 cpu_seconds=p.cpu_seconds, cpu_percent=rate, rss_bytes=p.rss_bytes,
-                threads=p.threads, pgid=p.pgid, uid=rp.uid, num_fds=rp.num_fds, tcp=rp.tcp,
-                listen=rp.listen, connections=rp.connections, read_bytes=rp.read_bytes,
+                threads=p.threads, pgid=p.pgid, uid=rp.uid, num_fds=rp.num_fds, tcp=tcp,
+                listen=listen, connections=conns, read_bytes=rp.read_bytes,
                 write_bytes=rp.write_bytes, cmdline=rp.cmdline, wchan=rp.wchan,
             ))
             rss += p.rss_bytes

@@ -20,7 +20,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 __all__ = [
     "TCP_STATES",
@@ -67,6 +67,13 @@ class NetlinkUnsupported(OSError):
 _GONE_ERRNOS = (errno.ENOENT, errno.ESRCH)
 
 
+def _reraise(exc: OSError, pid: int | str) -> NoReturn:
+    """Re-raise a read's OSError as ProcessGone when it says pid does not exist."""
+    if exc.errno in _GONE_ERRNOS:
+        raise ProcessGone(pid) from None
+    raise exc
+
+
 # --------------------------------------------------------------------------- FDs
 
 
@@ -81,39 +88,28 @@ def scan_fds(pid: int, proc_root: str = "/proc") -> FdScan | None:
     None when the FD directory is not readable (another user's process): unknown,
     not zero. Raises ProcessGone when the process does not exist.
     """
-    try:
-        dir_fd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except PermissionError:
-        return None
-    except OSError as exc:
-        if exc.errno in _GONE_ERRNOS:
-            raise ProcessGone(pid) from None
-        raise
     sockets: set[int] = set()
     count = 0
     readlink = os.readlink
+    dir_fd = -1
     try:
-        try:
-            names = os.listdir(dir_fd)
-        except PermissionError:
-            return None
-        except OSError as exc:
-            if exc.errno in _GONE_ERRNOS:
-                raise ProcessGone(pid) from None
-            raise
-        for name in names:
+        dir_fd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for name in os.listdir(dir_fd):
             try:
                 # readlink relative to the open directory: no path walk per FD.
                 target = readlink(name, dir_fd=dir_fd)
             except FileNotFoundError:
                 continue  # closed between listdir and readlink
-            except PermissionError:
-                return None
             count += 1
             if target.startswith("socket:["):
                 sockets.add(int(target[8:-1]))
+    except PermissionError:
+        return None
+    except OSError as exc:
+        _reraise(exc, pid)
     finally:
-        os.close(dir_fd)
+        if dir_fd >= 0:
+            os.close(dir_fd)
     return FdScan(count, frozenset(sockets))
 
 
@@ -142,9 +138,6 @@ class TcpTable:
 
     def __len__(self) -> int:
         return len(self._raw)
-
-    def __contains__(self, inode: object) -> bool:
-        return inode in self._raw
 
     def get(self, inode: int) -> TcpSocket | None:
         raw = self._raw.get(inode)
@@ -323,9 +316,7 @@ def net_namespace(pid: int | str, proc_root: str = "/proc") -> str | None:
     except PermissionError:
         return None
     except OSError as exc:
-        if exc.errno in _GONE_ERRNOS:
-            raise ProcessGone(pid) from None
-        raise
+        _reraise(exc, pid)
 
 
 # --------------------------------------------------------------------------- io, wchan, uid
@@ -346,11 +337,7 @@ def read_io(pid: int, proc_root: str = "/proc") -> IoCounters | None:
     except PermissionError:
         return None
     except OSError as exc:
-        if exc.errno in _GONE_ERRNOS:
-            raise ProcessGone(pid) from None
-        if exc.errno == errno.EACCES:
-            return None
-        raise
+        _reraise(exc, pid)
     fields: dict[bytes, int] = {}
     for line in data.splitlines():
         key, _, value = line.partition(b":")
@@ -384,6 +371,4 @@ def owner_uid(pid: int, proc_root: str = "/proc") -> int:
     try:
         return os.stat(f"{proc_root}/{pid}").st_uid
     except OSError as exc:
-        if exc.errno in _GONE_ERRNOS:
-            raise ProcessGone(pid) from None
-        raise
+        _reraise(exc, pid)

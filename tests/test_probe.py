@@ -13,11 +13,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from procs import REPO, Spawner, wait_for
+from procs import REPO, Spawner, TcpServer, wait_for
 
 from otelwatch.model import ProcessIdentity, SampleStatus, TreeSample
 from otelwatch.probe import Prober
-from otelwatch.proctable import ProcessTableReader
+from otelwatch.proctable import ProcessTable, ProcessTableReader
 
 FAKE = [sys.executable, "-m", "otelwatch.fake_agents"]
 
@@ -103,6 +103,22 @@ def test_one_established_connection_counted_once(
     # Same answer through the /proc/PID/net fallback.
     prober.netlink_ok = False
     assert one(prober, reader, agent.pid).tcp == {"ESTABLISHED": 1}
+
+
+def test_socket_shared_by_parent_and_child_is_one_connection(
+    spawn: Spawner, prober: Prober, reader: ProcessTableReader, tcp_server: TcpServer,
+) -> None:
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("needs bash for /dev/tcp")
+    # fd 3 is one socket; the sleep child inherits it.
+    script = f"exec 3<>/dev/tcp/127.0.0.1/{tcp_server.port}; sleep 60 & wait"
+    root = spawn(bash, "-c", script, fake=False)
+    wait_for(lambda: len(reader.read().descendants(root.pid)) == 1 and tcp_server.accepted, timeout=10)
+    s = one(prober, reader, root.pid)
+    assert s.status is SampleStatus.OK and len(s.processes) == 2
+    assert [p.tcp for p in s.processes] == [{"ESTABLISHED": 1}] * 2
+    assert s.tcp == {"ESTABLISHED": 1}
 
 
 def test_listen_only_counts_apart(
@@ -191,14 +207,8 @@ def test_process_exits_between_samples(
 
 def test_child_vanishing_mid_sample_is_dropped(spawn: Spawner, reader: ProcessTableReader) -> None:
     root = spawn("sh", "-c", "sleep 60 & sleep 60 & wait", fake=False)
-    table = reader.read()
-
-    def two_children() -> bool:
-        nonlocal table
-        table = reader.read()
-        return len(table.descendants(root.pid)) == 2
-
-    wait_for(two_children, timeout=10)
+    table = wait_for(lambda: t if len((t := reader.read()).descendants(root.pid)) == 2 else None, timeout=10)
+    assert isinstance(table, ProcessTable)
     victim = table.descendants(root.pid)[0]
 
     def kill_victim(_sid: str) -> None:

@@ -7,7 +7,7 @@ import time
 
 from procs import Spawner, wait_for
 
-from otelwatch.proctable import CLK_TCK, PAGE_SIZE, ProcessTableReader, parse_stat, read_proc
+from otelwatch.proctable import CLK_TCK, PAGE_SIZE, ProcessTable, ProcessTableReader, parse_stat, read_proc
 
 
 def test_parse_stat_with_spaces_and_parens_in_the_name() -> None:
@@ -28,14 +28,8 @@ def test_table_of_a_real_tree_and_its_stamp(spawn: Spawner) -> None:
     reader = ProcessTableReader()
     root = spawn("tree", "--count", "2", "--depth", "2", ready=True)
     before = time.time()
-    table = reader.read()
-
-    def two_children() -> bool:
-        nonlocal table
-        table = reader.read()
-        return len(table.children(root.pid)) == 2
-
-    wait_for(two_children, timeout=10)
+    table = wait_for(lambda: t if len((t := reader.read()).children(root.pid)) == 2 else None, timeout=10)
+    assert isinstance(table, ProcessTable)
     assert before - 1 <= table.time <= time.time() and table.monotonic <= time.monotonic()
     kids = table.children(root.pid)
     assert sorted(table.descendants(root.pid)) == sorted(kids)
