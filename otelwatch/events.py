@@ -242,9 +242,9 @@ def _codex_exec(obj: Mapping[str, Any], typ: str, t: float, source: str) -> Even
 
 def _codex_rollout(obj: Mapping[str, Any], typ: str, t: float, source: str) -> Event:
     payload = obj.get("payload")
-    ptype = _str(payload.get("type")) if isinstance(payload, dict) else ""
     if not isinstance(payload, dict):
         return Event(time=t, type=typ, source=source)
+    ptype = _str(payload.get("type"))
     call_id = _opt(payload.get("call_id"))
     if typ == "response_item":
         if ptype in _ROLLOUT_TOOL_OPEN:

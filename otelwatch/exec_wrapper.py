@@ -22,16 +22,17 @@ import selectors
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from otelwatch.config import Config, default_paths
-from otelwatch.events import MAX_LINE_BYTES, parse_events
-from otelwatch.sources.registry import register, unregister
+from otelwatch.events import parse_events
+from otelwatch.sources.processes import AGENT_NAMES
+from otelwatch.sources.registry import register, unregister, write_atomic
 from otelwatch.sources.spool import append_records, make_record, safe_name, spool_path
+from otelwatch.sources.tail import LineSplitter
 
 __all__ = ["FORWARDED_SIGNALS", "STDERR_RING_BYTES", "exec_main"]
 
@@ -104,7 +105,7 @@ def exec_main(cmd: list[str], cfg: Config, *, session_id: str | None = None, age
 
 def _agent_from_cmd(cmd: list[str]) -> str:
     name = os.path.basename(cmd[0]) if cmd else "agent"
-    return {"claude": "claude-code"}.get(name, name) or "agent"
+    return AGENT_NAMES.get(name, name) or "agent"
 
 
 class _Warner:
@@ -135,9 +136,7 @@ class _Run:
         self.stderr_path = exec_dir / f"{safe_name(session_id)}.stderr"
         self.warn = warn
         self.create_time = _create_time(child.pid)
-        self.partial = bytearray()
-        self.skipping = False
-        self.malformed = 0
+        self.lines = LineSplitter()
         self.ring = bytearray()
         self.ring_dirty = False
         self.ring_written_at = 0.0
@@ -187,9 +186,7 @@ class _Run:
                 self._forward_signals()
 
     def finish(self) -> None:
-        if self.partial and not self.skipping:
-            self._events([bytes(self.partial)])
-        self.partial.clear()
+        self._events([self.lines.take_partial()])
         if self.ring_dirty:
             self._write_ring()
 
@@ -203,7 +200,7 @@ class _Run:
                 _write_all(1, data)
             except OSError:  # BrokenPipeError, or stdout closed
                 self.forward_stdout = ok = False
-        self._events(self._lines(data))
+        self._events([line for line, _ in self.lines.feed(data)])
         return ok
 
     def _stderr(self, data: bytes) -> None:
@@ -214,44 +211,16 @@ class _Run:
             del self.ring[: len(self.ring) - STDERR_RING_BYTES]
         self.ring_dirty = True
 
-    def _lines(self, data: bytes) -> list[bytes]:
-        lines: list[bytes] = []
-        start = 0
-        while True:
-            nl = data.find(b"\n", start)
-            if nl < 0:
-                if not self.skipping:
-                    self.partial += data[start:]
-                    if len(self.partial) > MAX_LINE_BYTES:
-                        self.partial.clear()
-                        self.skipping = True
-                        self.malformed += 1
-                return lines
-            piece = data[start:nl]
-            start = nl + 1
-            if self.skipping:
-                self.skipping = False
-                continue
-            if self.partial:
-                self.partial += piece
-                piece = bytes(self.partial)
-                self.partial.clear()
-            lines.append(piece)
-
     def _events(self, lines: list[bytes]) -> None:
         if not self.spool_ok or not lines:
             return
         now = time.time()
         records: list[dict[str, Any]] = []
         for line in lines:
-            if not line.strip():
-                continue
-            events = parse_events(line, now, "exec", json_only=False)
-            if events is None:
-                self.malformed += 1
-                continue
-            records.extend(make_record(e, self.session_id, pid=self.child.pid, agent=self.agent,
-                                       create_time=self.create_time) for e in events)
+            # Blank and binary lines are no events (and no count of them is kept for exec).
+            for e in parse_events(line, now, "exec", json_only=False) or ():
+                records.append(make_record(e, self.session_id, pid=self.child.pid, agent=self.agent,
+                                           create_time=self.create_time))
         try:
             append_records(self.spool_dir, self.session_id, records)
         except OSError as exc:
@@ -262,7 +231,7 @@ class _Run:
         self.ring_dirty = False
         self.ring_written_at = time.monotonic()
         try:
-            _atomic_write(self.stderr_path, bytes(self.ring))
+            write_atomic(self.stderr_path, bytes(self.ring))
         except OSError as exc:
             self.warn(f"cannot keep stderr in {self.stderr_path.parent}: {exc.strerror or exc}")
 
@@ -289,19 +258,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _create_time(pid: int) -> float | None:

@@ -95,7 +95,7 @@ def hook_main(agent: str, stdin: BinaryIO) -> int:
             _warn("hook payload has no session_id; nothing recorded")
             return 0
         event = payload_to_event(payload, time.time(), "hook")
-        _record(sid, event, agent_name(agent), None)
+        _record(sid, event, agent, None)
     except Exception as exc:  # a hook must never fail the agent
         _warn(f"hook not recorded: {exc}")
     return 0
@@ -109,14 +109,10 @@ def event_main(session_id: str, type: str, *, tool: str | None = None, agent: st
             _warn("empty session id; nothing recorded")
             return 0
         event = payload_to_event({"type": type, "tool": tool}, time.time(), "event")
-        _record(session_id, event, agent_name(agent) if agent else None, pid)
+        _record(session_id, event, agent, pid)
     except Exception as exc:
         _warn(f"event not recorded: {exc}")
     return 0
-
-
-def agent_name(agent: str | None) -> str:
-    return "claude-code" if agent == "claude" else (agent or "unknown")
 
 
 # --------------------------------------------------------------------------- internals
@@ -124,12 +120,14 @@ def agent_name(agent: str | None) -> str:
 
 def _record(session_id: str, event: Event, agent: str | None, pid: int | None) -> None:
     from otelwatch.config import Config, default_paths
+    from otelwatch.sources.processes import AGENT_NAMES
     from otelwatch.sources.spool import append_records, make_record
 
     paths = default_paths(Config(), os.environ)
     create_time = None
     if pid is None:
         pid, create_time = agent_pid()
+    agent = AGENT_NAMES.get(agent, agent) if agent else None
     record = make_record(event, session_id, pid=pid, agent=agent, create_time=create_time)
     append_records(paths.spool_dir, session_id, [record])
 
@@ -137,50 +135,26 @@ def _record(session_id: str, event: Event, agent: str | None, pid: int | None) -
 def agent_pid(start: int | None = None) -> tuple[int | None, float | None]:
     """(pid, create_time) of the first non-shell ancestor, starting at our parent.
 
-    Reads /proc/PID/stat directly: psutil would cost more to import than the
+    One /proc/PID/stat read per step: psutil would cost more to import than the
     whole hook may take.
     """
+    from otelwatch.proctable import read_boot_time, read_proc
+
     pid = os.getppid() if start is None else start
-    boot = _boot_time()
-    for _ in range(16):
-        stat = _read_stat(pid)
-        if stat is None:
-            return (pid if pid > 1 else None), None
-        comm, ppid, start_ticks = stat
-        if comm not in SHELLS or ppid <= 1:
-            ct = None if boot is None else boot + start_ticks / _clk_tck()
-            return pid, (round(ct, 2) if ct is not None else None)
-        pid = ppid
-    return None, None
-
-
-def _read_stat(pid: int) -> tuple[str, int, int] | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-        head, _, rest = data.rpartition(b")")
-        fields = rest.split()
-        return head.partition(b"(")[2].decode("utf-8", "replace"), int(fields[1]), int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _boot_time() -> float | None:
-    try:
-        with open("/proc/stat", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"btime "):
-                    return float(line.split()[1])
-    except (OSError, ValueError):
+        boot = read_boot_time()
+        for _ in range(16):
+            info = read_proc(pid, boot_time=boot)
+            if info is None:
+                break
+            if info.comm not in SHELLS or info.ppid <= 1:
+                return pid, round(info.create_time, 2)
+            pid = info.ppid
+        else:
+            return None, None
+    except OSError:
         pass
-    return None
-
-
-def _clk_tck() -> int:
-    try:
-        return os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return 100
+    return (pid if pid > 1 else None), None
 
 
 def _decode_payload(data: bytes, tail: bytes, truncated: bool) -> Mapping[str, Any]:

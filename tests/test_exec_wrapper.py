@@ -123,8 +123,9 @@ def test_sigterm_forwarded_to_child(env: dict[str, str], agent: Path, tmp_path: 
     marker = tmp_path / "term"
     proc = wrapper(env, sys.executable, str(agent), str(tmp_path / "copy"), "term", str(marker))
     assert proc.stderr is not None
-    while b"ready" not in proc.stderr.readline():
-        pass
+    for line in iter(proc.stderr.readline, b""):  # EOF: the wrapper died, the signal below fails
+        if b"ready" in line:
+            break
     proc.send_signal(signal.SIGTERM)
     _out, _ = proc.communicate(timeout=30)
     assert marker.read_text() == "got TERM"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -169,3 +170,57 @@ def test_spool_source_skips_stale_files(tmp_path: Path) -> None:
     append_records(tmp_path, "old", [{"otelwatch": 1, "session_id": "old", "pid": 5, "type": "x"}])
     os.utime(spool_path(tmp_path, "old"), (T - 10 * 86400, T - 10 * 86400))
     assert SpoolSource(tmp_path).poll(T) == ([], {}, 0)
+
+
+def test_spool_source_holds_no_descriptor_and_skips_unchanged_files(tmp_path: Path) -> None:
+    for i in range(20):
+        append_records(tmp_path, f"s{i}", [{"otelwatch": 1, "session_id": f"s{i}", "pid": 5, "type": "x"}])
+    src = SpoolSource(tmp_path)
+
+    def open_spools() -> list[str]:
+        targets = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+                targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return [t for t in targets if t.startswith(str(tmp_path))]
+
+    specs, events, _ = src.poll(time.time())
+    assert len(specs) == 20 and sum(len(v) for v in events.values()) == 20
+    assert open_spools() == []
+    assert src.poll(time.time()) == (specs, {}, 0)
+    append_records(tmp_path, "s3", [{"otelwatch": 1, "session_id": "s3", "type": "y"}])
+    _, events, _ = src.poll(time.time())
+    assert [e.type for e in events["s3"]] == ["y"] and list(events) == ["s3"]
+    assert open_spools() == []
+
+
+def test_payload_with_lone_surrogate_is_still_recorded(tmp_path: Path) -> None:
+    data = b'{"session_id": "s", "hook_event_name": "PreToolUse", "tool_name": "\\ud800x"}'
+    r = run_hook(tmp_path, data)
+    assert r.returncode == 0 and r.stderr == b""
+    [rec] = records(tmp_path, "s")
+    assert rec["type"] == "PreToolUse" and rec["tool"].endswith("x")
+
+
+def test_spool_files_of_long_ended_sessions_are_removed(tmp_path: Path) -> None:
+    """Spools (and exec stderr rings) are transport, not history: files untouched for the
+    retention are removed on the next hourly pass; fresh ones and other files stay."""
+    import time
+
+    from otelwatch.sources.spool import RETENTION_S, SpoolSource, remove_older_than
+
+    now = time.time()
+    spool = tmp_path / "events"
+    spool.mkdir()
+    old, fresh, other = spool / "old.jsonl", spool / "fresh.jsonl", spool / "notes.txt"
+    for f in (old, fresh, other):
+        f.write_text('{"otelwatch": 1, "session_id": "s", "type": "x", "time": 1}\n')
+    os.utime(old, (now - RETENTION_S - 60,) * 2)
+    os.utime(other, (now - RETENTION_S - 60,) * 2)
+    SpoolSource(spool).poll(now)
+    assert sorted(p.name for p in spool.iterdir()) == ["fresh.jsonl", "notes.txt"]
+    rings = tmp_path / "exec"
+    rings.mkdir()
+    (rings / "a.stderr").write_text("boom")
+    os.utime(rings / "a.stderr", (now - 10,) * 2)
+    assert remove_older_than(rings, ".stderr", 5, now) == 1 and not any(rings.iterdir())

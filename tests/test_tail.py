@@ -116,7 +116,7 @@ def test_overlong_line_skipped_without_buffering_it(tmp_path: Path) -> None:
         events, n = tail.poll(T + i)
         got += events
         bad += n
-        assert len(tail._partial) <= MAX_LINE_BYTES + (256 << 10)
+        assert len(tail._lines.partial) <= MAX_LINE_BYTES
     assert [e.detail for e in got] == ["step 1", "step 2"] and bad == 1
 
 
@@ -160,3 +160,19 @@ def test_unreadable_path_counted_and_logged_once(tmp_path: Path, caplog: pytest.
         assert tail.poll(T + i) == ([], 0)
     assert tail.errors == 3 and str(path) in tail.last_error
     assert sum("cannot read events file" in r.message for r in caplog.records) == 1
+
+
+def test_released_tail_resumes_where_it_left_off(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(jl(text(1)))
+    tail = FileTail(path)
+    assert len(tail.poll(T)[0]) == 1
+    tail.release()
+    with open(path, "ab") as fh:
+        fh.write(jl(text(2)))
+    events, _ = tail.poll(T + 1)
+    assert [(e.detail, e.time) for e in events] == [("step 2", T + 1)]
+    tail.release()
+    os.rename(path, tmp_path / "old")  # another file at the path: read from its top
+    path.write_bytes(jl(text(3)))
+    assert [e.detail for e in tail.poll(T + 2)[0]] == ["step 3"]

@@ -97,7 +97,7 @@ def agent_name(pattern: str, matched: str) -> str:
     return AGENT_NAMES.get(base, base)
 
 
-def headless(argv: Sequence[str], agent: str) -> bool:
+def headless(argv: Sequence[str]) -> bool:
     """Whether the cmdline asks for a one-shot run (claude -p, codex exec, gemini -p)."""
     args = list(argv[1:])
     if any(a in ("-p", "--print", "--prompt") or a.startswith(("--print=", "--prompt=")) for a in args):
@@ -144,7 +144,7 @@ class ProcessMatcher:
                 pid=pid,
                 agent=agent,
                 source="process",
-                mode=Mode.HEADLESS if headless(argv, agent) else Mode.INTERACTIVE,
+                mode=Mode.HEADLESS if headless(argv) else Mode.INTERACTIVE,
                 create_time=proc.create_time,
             ))
         specs.sort(key=lambda s: s.pid or 0)

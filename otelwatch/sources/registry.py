@@ -26,7 +26,9 @@ from typing import Any
 
 from otelwatch.model import Mode, Runtime, SessionSpec
 
-__all__ = ["MAX_FILE_BYTES", "RegistryRefused", "RegistrySource", "parse_spec", "register", "unregister"]
+__all__ = [
+    "MAX_FILE_BYTES", "RegistryRefused", "RegistrySource", "parse_spec", "register", "unregister", "write_atomic",
+]
 
 log = logging.getLogger("otelwatch.sources.registry")
 
@@ -205,19 +207,25 @@ def register(dir: Path, spec: Mapping[str, Any]) -> Path:
     from otelwatch.sources.spool import safe_name
 
     parse_spec(dict(spec))
-    directory = Path(dir)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    final = directory / f"{safe_name(str(spec['session_id']))}.json"
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
+    final = Path(dir) / f"{safe_name(str(spec['session_id']))}.json"
+    write_atomic(final, json.dumps(dict(spec)).encode("utf-8"))
+    return final
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (mode 0600) so that readers see the old file or the
+    new one, never a part: a dot-named temp file in the same directory, then a rename.
+    Creates the directory (0700) when missing. Raises OSError."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(dict(spec), fh)
-        os.replace(tmp, final)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return final
 
 
 def unregister(dir: Path, session_id: str) -> None:

@@ -16,14 +16,17 @@ other sources.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from otelwatch.events import parse_object
 from otelwatch.model import Event, Mode, SessionSpec
-from otelwatch.sources.tail import FileTail
+
+if TYPE_CHECKING:  # the reader's import (it pulls in logging) stays off the hook's path
+    from otelwatch.sources.tail import FileTail
 
 __all__ = ["MAX_RECORD_BYTES", "SpoolSource", "append_records", "make_record", "safe_name", "spool_path"]
 
@@ -64,29 +67,56 @@ def make_record(event: Event, session_id: str, *, pid: int | None = None, agent:
 
 def append_records(spool_dir: Path, session_id: str, records: Iterable[Mapping[str, Any]]) -> Path:
     """Append records to the session's spool file in one write. Raises OSError."""
-    lines = []
-    for rec in records:
-        line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
-        if len(line.encode()) > MAX_RECORD_BYTES:
-            rec = {k: v for k, v in rec.items() if k != "detail"}
-            line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
-        lines.append(line)
+    lines = [_encode(rec) for rec in records]
     path = spool_path(spool_dir, session_id)
     if not lines:
         return path
-    data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+    data = memoryview(b"".join(lines))
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except FileNotFoundError:
         os.makedirs(spool_dir, mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        written = os.write(fd, data)
-        if written != len(data):  # only on a full disk; finish the line rather than leave half
-            os.write(fd, data[written:])
+        while data:  # short only on a full disk: finish the line rather than leave half
+            data = data[os.write(fd, data):]
     finally:
         os.close(fd)
     return path
+
+
+def _encode(rec: Mapping[str, Any]) -> bytes:
+    # "replace": a payload's JSON may hold lone surrogates ("\ud800"), which UTF-8 cannot carry.
+    line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
+    if len(line) > MAX_RECORD_BYTES:
+        rec = {k: v for k, v in rec.items() if k != "detail"}
+        line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
+    return line + b"\n"
+
+
+RETENTION_S = 7 * 86400.0  # files of sessions untouched this long are removed
+PRUNE_EVERY_S = 3600.0
+
+
+def remove_older_than(directory: Path, suffix: str, age: float, now: float) -> int:
+    """Remove the files ending in `suffix` in `directory` not written for `age` seconds
+    (ended sessions' spools and stderr rings: nothing reads them any more, and without
+    this they would pile up for ever). Returns how many were removed; errors are skipped."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.name.endswith(suffix) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime > age:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 class SpoolSource:
@@ -94,22 +124,32 @@ class SpoolSource:
 
     Files not written for `stale_after` seconds are not read (old sessions'
     spools would otherwise come back as sessions after every daemon restart).
+    A file is read only when it changed, and no descriptor is held between
+    polls: a day of hook sessions is a day of files.
     """
 
-    def __init__(self, dir: Path, *, stale_after: float = 86400.0) -> None:
+    def __init__(self, dir: Path, *, stale_after: float = 86400.0, retention: float = RETENTION_S) -> None:
         self.dir = Path(dir)
         self.stale_after = stale_after
+        self.retention = max(retention, stale_after)
+        self._pruned_at = -math.inf
         self.errors = 0  # directory listing failures
-        self._tails: dict[str, FileTail] = {}
+        # file name -> (its reader, (inode, size, mtime_ns) when it was last read)
+        self._tails: dict[str, tuple[FileTail, tuple[int, int, int]]] = {}
         # session_id -> (pid, agent, create_time) from its latest record that had a pid
         self._meta: dict[str, tuple[int, str, float | None]] = {}
         self._files_of: dict[str, set[str]] = {}  # file name -> session ids seen in it
 
     def poll(self, now: float) -> tuple[list[SessionSpec], dict[str, list[Event]], int]:
         """(specs of sessions with a pid, new events per session_id, malformed lines)."""
+        from otelwatch.sources.tail import FileTail
+
         events: dict[str, list[Event]] = {}
         malformed = 0
         present: set[str] = set()
+        if now - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = now
+            remove_older_than(self.dir, ".jsonl", self.retention, now)
         try:
             entries = list(os.scandir(self.dir))
         except FileNotFoundError:
@@ -122,21 +162,26 @@ class SpoolSource:
             if not name.endswith(".jsonl") or name.startswith("."):
                 continue
             try:
-                if now - entry.stat().st_mtime > self.stale_after:
-                    continue
+                st = entry.stat()
             except OSError:
                 continue
+            if now - st.st_mtime > self.stale_after:
+                continue
             present.add(name)
-            tail = self._tails.get(name)
-            if tail is None:
-                tail = self._tails[name] = FileTail(entry.path, source="hook")
+            sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+            known = self._tails.get(name)
+            if known is not None and known[1] == sig and known[0].offset >= st.st_size:
+                continue  # unchanged and read to its end
+            tail = known[0] if known is not None else FileTail(entry.path, source="hook")
+            self._tails[name] = (tail, sig)
             lines, bad = tail.poll_lines(now)
+            tail.release()
             malformed += bad
             for raw, t in lines:
                 malformed += self._take(name, raw, t, events)
         for name in list(self._tails):
             if name not in present:
-                self._tails.pop(name).close()
+                self._tails.pop(name)[0].close()
                 for sid in self._files_of.pop(name, ()):
                     if not any(sid in ids for ids in self._files_of.values()):
                         self._meta.pop(sid, None)
@@ -151,7 +196,7 @@ class SpoolSource:
         return specs, events, malformed
 
     def close(self) -> None:
-        for tail in self._tails.values():
+        for tail, _ in self._tails.values():
             tail.close()
         self._tails.clear()
 

@@ -23,12 +23,62 @@ from typing import BinaryIO
 from otelwatch.events import MAX_LINE_BYTES, parse_events
 from otelwatch.model import Event
 
-__all__ = ["DEFAULT_MAX_READ", "FileTail"]
+__all__ = ["DEFAULT_MAX_READ", "FileTail", "LineSplitter"]
 
 log = logging.getLogger("otelwatch.sources.tail")
 
 DEFAULT_MAX_READ = 4 << 20  # bytes per poll per file
 _CHUNK = 256 << 10
+
+
+class LineSplitter:
+    """Cuts a byte stream into complete lines (without their newline).
+
+    Holds at most MAX_LINE_BYTES of an unfinished line: a longer line is dropped
+    as it streams past and counted in `overlong`. Shared by `FileTail` and the
+    exec wrapper's stdout reader.
+    """
+
+    def __init__(self) -> None:
+        self.partial = bytearray()
+        self.skipping = False  # inside an overlong line: drop bytes until its newline
+        self.overlong = 0
+
+    def feed(self, data: bytes) -> list[tuple[bytes, int]]:
+        """The lines `data` completes, each with the position in `data` just after its newline."""
+        out: list[tuple[bytes, int]] = []
+        start = 0
+        while (nl := data.find(b"\n", start)) >= 0:
+            piece = data[start:nl]
+            start = nl + 1
+            if self.skipping:
+                self.skipping = False
+                continue
+            if self.partial:
+                self.partial += piece
+                piece = bytes(self.partial)
+                self.partial.clear()
+            if len(piece) > MAX_LINE_BYTES:
+                self.overlong += 1
+            else:
+                out.append((piece, start))
+        if not self.skipping:
+            self.partial += data[start:]
+            if len(self.partial) > MAX_LINE_BYTES:
+                self.partial.clear()
+                self.skipping = True
+                self.overlong += 1
+        return out
+
+    def take_partial(self) -> bytes:
+        """The unfinished line, which will never get its newline (the stream ended); resets."""
+        rest = b"" if self.skipping else bytes(self.partial)
+        self.reset()
+        return rest
+
+    def reset(self) -> None:
+        self.partial.clear()
+        self.skipping = False
 
 
 class FileTail:
@@ -50,13 +100,11 @@ class FileTail:
         self._fh: BinaryIO | None = None
         self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._offset = 0
-        self._partial = bytearray()
-        self._skipping = False  # inside an overlong line: drop bytes until its newline
+        self._lines = LineSplitter()
         self._seen_any = False  # first sight of the path done (history dated by mtime)
         self._backlog_end = 0  # bytes present at first sight ...
         self._backlog_time = 0.0  # ... and the mtime that dates them
         self._logged: set[str] = set()
-        self._overlong = 0  # overlong lines skipped since the last take
 
     # ------------------------------------------------------------------ public
 
@@ -81,11 +129,17 @@ class FileTail:
         return lines, self._take_overlong()
 
     def close(self) -> None:
+        self.release()
+        self._ident = None
+
+    def release(self) -> None:
+        """Close the file but keep the position: the next poll reopens it and goes on
+        where it left off when it is still the same file (a reader of many idle files
+        need not hold a descriptor for each)."""
         if self._fh is not None:
             with contextlib.suppress(OSError):
                 self._fh.close()
         self._fh = None
-        self._ident = None
 
     @property
     def offset(self) -> int:
@@ -94,7 +148,7 @@ class FileTail:
     # ------------------------------------------------------------------ internals
 
     def _take_overlong(self) -> int:
-        n, self._overlong = self._overlong, 0
+        n, self._lines.overlong = self._lines.overlong, 0
         return n
 
     def _poll_lines(self, now: float) -> list[tuple[bytes, float]]:
@@ -106,7 +160,7 @@ class FileTail:
             if self._fh is not None:
                 self._read(out, now, self.max_read)
                 self._flush_partial(out, now)
-                self.close()
+            self.close()  # whatever appears at this path next is a new file
             self._seen_any = True
             return out
         except OSError as exc:
@@ -126,25 +180,24 @@ class FileTail:
                 self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open between polls
                 st = os.fstat(self._fh.fileno())
             except OSError as exc:
-                self.close()
+                self.release()
                 self._error(exc)
                 return out
-            self._ident = (st.st_dev, st.st_ino)
-            self._offset = 0
-            self._partial.clear()
-            self._skipping = False
-            if not self._seen_any:
-                # History present at first sight: date it by when it was last written.
-                self._backlog_end = st.st_size
-                self._backlog_time = min(st.st_mtime, now)
-            else:
-                self._backlog_end = 0
+            if (st.st_dev, st.st_ino) != self._ident:  # a new file, not a released one: from its top
+                self._ident = (st.st_dev, st.st_ino)
+                self._offset = 0
+                self._lines.reset()
+                if not self._seen_any:
+                    # History present at first sight: date it by when it was last written.
+                    self._backlog_end = st.st_size
+                    self._backlog_time = min(st.st_mtime, now)
+                else:
+                    self._backlog_end = 0
             self._seen_any = True
         if st.st_size < self._offset:
             # Truncated in place: start again from the top.
             self._offset = 0
-            self._partial.clear()
-            self._skipping = False
+            self._lines.reset()
             self._backlog_end = 0
         self._read(out, now, self.max_read)
         return out
@@ -168,46 +221,18 @@ class FileTail:
         return budget
 
     def _split(self, data: bytes, out: list[tuple[bytes, float]], now: float) -> None:
-        start = 0
-        while True:
-            nl = data.find(b"\n", start)
-            if nl < 0:
-                rest = data[start:]
-                self._offset += len(rest)
-                if self._skipping:
-                    return
-                self._partial += rest
-                if len(self._partial) > MAX_LINE_BYTES:
-                    # Do not hold an endless line: drop it and skip to its end.
-                    self._partial.clear()
-                    self._skipping = True
-                    self._overlong += 1
-                return
-            piece = data[start:nl]
-            self._offset += nl + 1 - start
-            start = nl + 1
-            if self._skipping:
-                self._skipping = False
-                continue
-            if self._partial:
-                self._partial += piece
-                line = bytes(self._partial)
-                self._partial.clear()
-            else:
-                line = piece
-            if len(line) > MAX_LINE_BYTES:
-                self._overlong += 1
-                continue
+        base = self._offset
+        self._offset += len(data)
+        for line, end in self._lines.feed(data):
             if line.strip():
-                t = self._backlog_time if self._offset <= self._backlog_end else now
+                t = self._backlog_time if base + end <= self._backlog_end else now
                 out.append((line, t))
 
     def _flush_partial(self, out: list[tuple[bytes, float]], now: float) -> None:
         # The last line of a file that is gone will never get its newline.
-        if self._partial.strip() and not self._skipping:
-            out.append((bytes(self._partial), now))
-        self._partial.clear()
-        self._skipping = False
+        rest = self._lines.take_partial()
+        if rest.strip():
+            out.append((rest, now))
 
     def _error(self, exc: OSError) -> None:
         self.errors += 1

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -155,10 +156,10 @@ class TranscriptLocator:
 
     # ------------------------------------------------------------------ shared
 
-    def _recent(self, paths: object, pid: int, started_at: float) -> list[tuple[float, Path]]:
+    def _recent(self, paths: Iterable[Path], pid: int, started_at: float) -> list[tuple[float, Path]]:
         """(mtime, path) of files written since the process started and free for pid, newest first."""
         out = []
-        for path in paths:  # type: ignore[attr-defined]
+        for path in paths:
             m = _mtime(path)
             if m is not None and m >= started_at - _SLACK and self._free(path, pid):
                 out.append((m, path))
