@@ -18,10 +18,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from procs import Spawner, TcpServer, wait_for
 
+from otelwatch import procfs
 from otelwatch.config import ClassifyConfig, Config, RecoveryConfig
 from otelwatch.model import (
     ProcessIdentity,
@@ -42,8 +44,7 @@ TICK = 0.2
 RECOVER_AFTER = 1.0
 GRACE = 0.5
 STUCK = Verdict(State.STUCK, Reason.NO_ACTIVITY, silence_s=60.0)
-_TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
-               6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
+T = TypeVar("T")
 
 
 def config(**recovery: object) -> Config:
@@ -59,53 +60,21 @@ def config(**recovery: object) -> Config:
 
 
 class RealProbe:
-    """TreeSamples of a real process tree from /proc: CPU from two stat reads, TCP from the
-    process's own socket FDs joined with its namespace's /proc/PID/net/tcp{,6}."""
+    """TreeSamples of a real process tree from the project's /proc readers (not its
+    Prober): CPU from two stat reads, TCP from the process's own socket FDs joined
+    with its namespace's /proc/PID/net/tcp{,6}."""
 
     def __init__(self) -> None:
         self.reader = ProcessTableReader()
         self.prev: dict[ProcessIdentity, tuple[float, float]] = {}
 
     @staticmethod
-    def _uid(pid: int) -> int | None:
+    def _read(fn: Callable[[int], T], pid: int) -> T | None:
+        """fn(pid), or None (unknown) when the process is gone or unreadable."""
         try:
-            with open(f"/proc/{pid}/status", "rb") as fh:
-                for line in fh:
-                    if line.startswith(b"Uid:"):
-                        return int(line.split()[1])
-        except OSError:
+            return fn(pid)
+        except (OSError, procfs.ProcessGone):
             return None
-        return None
-
-    @staticmethod
-    def _tcp_by_inode(pid: int) -> dict[int, str]:
-        out: dict[int, str] = {}
-        for name in ("tcp", "tcp6"):
-            try:
-                with open(f"/proc/{pid}/net/{name}", encoding="ascii") as fh:
-                    next(fh)
-                    for line in fh:
-                        f = line.split()
-                        out[int(f[9])] = _TCP_STATES.get(int(f[3], 16), "UNKNOWN")
-            except (OSError, StopIteration):
-                continue
-        return out
-
-    @staticmethod
-    def _socket_inodes(pid: int) -> list[int] | None:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            return None
-        inodes = []
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.append(int(target[8:-1]))
-        return inodes
 
     def sample(self, pid: int) -> TreeSample:
         table = self.reader.read()
@@ -113,7 +82,7 @@ class RealProbe:
         info = table.get(pid)
         if info is None:
             return TreeSample(now, SampleStatus.VANISHED)
-        tcp_table = self._tcp_by_inode(pid)
+        tcp_table = self._read(procfs.proc_tcp_table, pid)
         procs: list[ProcessSample] = []
         tree_tcp: dict[str, int] | None = {}
         for p in (pid, *table.descendants(pid)):
@@ -123,14 +92,14 @@ class RealProbe:
             prev = self.prev.get(i.identity)
             cpu = None if prev is None or now <= prev[1] else 100.0 * (i.cpu_seconds - prev[0]) / (now - prev[1])
             self.prev[i.identity] = (i.cpu_seconds, now)
-            inodes = self._socket_inodes(p)
+            fds = self._read(procfs.scan_fds, p)
             tcp: dict[str, int] | None = None
-            if inodes is not None:
+            if fds is not None and tcp_table is not None:
                 tcp = {}
-                for inode in inodes:
-                    state = tcp_table.get(inode)
-                    if state is not None and state != "LISTEN":
-                        tcp[state] = tcp.get(state, 0) + 1
+                for inode in fds.sockets:
+                    sock = tcp_table.get(inode)
+                    if sock is not None and sock.state != "LISTEN":
+                        tcp[sock.state] = tcp.get(sock.state, 0) + 1
             if tree_tcp is not None and tcp is not None:
                 for k, v in tcp.items():
                     tree_tcp[k] = tree_tcp.get(k, 0) + v
@@ -139,7 +108,7 @@ class RealProbe:
             procs.append(ProcessSample(
                 pid=p, ppid=i.ppid, create_time=i.create_time, name=i.comm, status=i.state,
                 cpu_seconds=i.cpu_seconds, cpu_percent=cpu, rss_bytes=i.rss_bytes, threads=i.threads,
-                pgid=i.pgid, uid=self._uid(p), tcp=tcp, cmdline=table.cmdline(p)))
+                pgid=i.pgid, uid=self._read(procfs.owner_uid, p), tcp=tcp, cmdline=table.cmdline(p)))
         cpus = [p.cpu_percent for p in procs]
         status = SampleStatus.ZOMBIE if info.state == "Z" else SampleStatus.OK
         return TreeSample(

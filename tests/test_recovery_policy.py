@@ -68,7 +68,6 @@ def make_view(
     children: Sequence[ProcessSample] = (),
     status: SampleStatus = SampleStatus.OK,
     root_status: str = "S",
-    ancestors: Iterable[int] = (),
 ) -> SessionView:
     root = proc(pid, 1, ct=ct, cpu_s=cpu_s, cpu=cpu, status=root_status, uid=uid, cmd=cmd, tcp=tcp)
     procs = (root, *children)
@@ -77,8 +76,7 @@ def make_view(
                         cpu_percent=cpu, cpu_seconds=cpu_s + sum(c.cpu_seconds for c in children),
                         tcp=tcp_map, children=len(children))
     return SessionView("s1", "claude-code", ProcessIdentity(pid, ct), PID, uid, cmd,
-                       Verdict(state, reason, silence_s=60.0), sample, events,
-                       frozenset(ancestors))
+                       Verdict(state, reason, silence_s=60.0), sample, events)
 
 
 def run(views: Iterable[SessionView], ctx: PolicyContext, recent: Sequence[float] = (),
@@ -115,6 +113,15 @@ def test_default_recover_after_is_the_effective_one() -> None:
     ctx = context(config(recover_after=None))
     assert ctx.recover_after == 300.0  # max(300, 3 x stall_after=5)
     assert context(Config(recovery=RecoveryConfig(enabled=True))).recover_after == 900.0
+
+
+def test_a_session_that_is_not_stuck_is_judged_by_its_verdict_alone() -> None:
+    # The per-tick path of every healthy session: no other gate is computed (nor could
+    # matter), and no window is kept.
+    ctx = context(config(protect=("x",)))
+    w, d = run(ticks(3, state=State.ACTIVE, reason=Reason.RECENT_PROGRESS, uid=None, cmd=()), ctx)
+    assert not d.act and w is None and d.window is None
+    assert [g.name for g in d.gates] == ["verdict"] and d.kind == "" and d.reason == ""
 
 
 def test_one_tick_is_never_a_window() -> None:
@@ -205,7 +212,7 @@ def test_pid1_self_and_ancestors_are_never_recovered() -> None:
     assert failed(run(ticks(11, pid=1), ctx)[1]) == {"not_pid1"}
     assert failed(run(ticks(11, pid=SELF), ctx)[1]) == {"not_self"}
     assert failed(run(ticks(11, pid=50), ctx)[1]) == {"not_ancestor"}
-    assert failed(run(ticks(11, ancestors={PID}), ctx)[1]) == {"not_ancestor"}
+    assert failed(run(ticks(11), context(self_ancestors=frozenset({PID})))[1]) == {"not_ancestor"}
     child_self = (proc(SELF, PID),)
     assert "not_self" in failed(run(ticks(11, children=child_self), ctx)[1])
 

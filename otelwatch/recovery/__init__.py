@@ -37,6 +37,7 @@ from typing import Any
 from otelwatch.config import Config
 from otelwatch.model import ProcessIdentity, RecoveryStatus, RecoveryStep
 from otelwatch.recovery.actuator import (
+    GONE_STATES,
     Guard,
     ProcView,
     StateStore,
@@ -126,6 +127,7 @@ class Recovery:
         clock: Callable[[], float] = time.time,
         allowed_uids: Collection[int] | None = None,
         proc_root: str = "/proc",
+        boot_time: float | None = None,
         verify_timeout: float = 2.0,
         poll_interval: float = 0.05,
     ) -> None:
@@ -135,7 +137,7 @@ class Recovery:
         self._verify_timeout = verify_timeout
         self._poll = poll_interval
         self._self_pid = os.getpid() if self_pid is None else self_pid
-        self._procs = ProcView(proc_root)
+        self._procs = ProcView(proc_root, boot_time)
         ancestors = ancestors_of(self._self_pid, proc_root)
         allowed = frozenset(allowed_uids) if allowed_uids is not None else resolve_users(self._r.users)
         self._ctx = PolicyContext.from_config(cfg, self_pid=self._self_pid, allowed_uids=allowed,
@@ -161,10 +163,6 @@ class Recovery:
             self._load()
 
     # ----------------------------------------------------------------- daemon API
-
-    @property
-    def context(self) -> PolicyContext:
-        return self._ctx
 
     def observe(self, view: SessionView, now: float) -> None:
         """One tick of one live session. Decides; a recovery runs on its own worker."""
@@ -231,11 +229,6 @@ class Recovery:
         """The gates as evaluated at the session's last observed tick (diagnostics)."""
         with self._lock:
             return self._decisions.get(session_id)
-
-    def busy(self, session_id: str) -> bool:
-        """True while an escalation worker runs for the session."""
-        with self._lock:
-            return session_id in self._workers
 
     def shutdown(self, timeout: float = 2.0) -> None:
         """Stop waiting workers (their escalations stay in the state file, to be resumed
@@ -329,15 +322,22 @@ class Recovery:
         if view.events != esc.events:
             return f"{view.events - esc.events} new event(s) since the decision"
         if strict:
-            kind, _ = tick_gates(view, self._ctx)
-            if kind != esc.kind:
-                return f"verdict is now {view.verdict.state.value}/{view.verdict.reason.value}"
+            kind, gates = tick_gates(view, self._ctx)
+            failing = [g.name for g in gates if not g.ok]
+            if kind != esc.kind or failing:
+                return (f"verdict is now {view.verdict.state.value}/{view.verdict.reason.value}"
+                        + (f", failing {failing}" if failing else ""))
         return ""
 
-    def _check_root(self, esc: _Escalation) -> _Outcome:
+    def _refusal(self, esc: _Escalation, before: str) -> _Outcome:
+        """Why the first action must not happen (None: go ahead): the latest view must
+        still qualify, and /proc must show the decided process alive, same identity."""
+        why = self._quiet(esc, strict=True)
+        if why:
+            return RecoveryStatus.FAILED, f"aborted before {before}: {why}", False
         info = self._procs.read(esc.identity.pid)
-        if info is None or info.state in ("Z", "X", "x"):
-            return RecoveryStatus.VANISHED, "the process was gone before the first signal", False
+        if info is None or info.state in GONE_STATES:
+            return RecoveryStatus.VANISHED, f"the process was gone before {before}", False
         if not same_identity(info.identity, esc.identity):
             return (RecoveryStatus.IDENTITY_CHANGED,
                     f"pid {esc.identity.pid} now belongs to a process started at {info.create_time:.2f} "
@@ -349,12 +349,9 @@ class Recovery:
         if esc.step == "requested":
             if self._stop.is_set():
                 return None
-            why = self._quiet(esc, strict=True)
-            if why:
-                return RecoveryStatus.FAILED, f"aborted before any signal: {why}", False
-            bad = self._check_root(esc)
-            if bad is not None:
-                return bad
+            refused = self._refusal(esc, "any signal")
+            if refused is not None:
+                return refused
             res = send_signal(signal.SIGTERM, esc.identity, esc.pgid, esc.snapshot, self._procs,
                               self._guard)
             if res.group is None and not res.signalled:
@@ -393,15 +390,12 @@ class Recovery:
     def _do_command(self, esc: _Escalation) -> _Outcome:
         if self._stop.is_set():
             return None
-        why = self._quiet(esc, strict=True)
+        refused = self._refusal(esc, "the command")
+        if refused is not None:
+            return refused
+        why = self._guard.refuse(esc.identity.pid)
         if why:
-            return RecoveryStatus.FAILED, f"aborted before the command: {why}", False
-        bad = self._check_root(esc)
-        if bad is not None:
-            return bad
-        refused = self._guard.refuse(esc.identity.pid)
-        if refused:
-            return RecoveryStatus.FAILED, f"refused: {refused}", True
+            return RecoveryStatus.FAILED, f"refused: {why}", True
         argv = substitute(self._r.command, self._values(esc))
         self._advance(esc, "command", repr(argv))
         result = run_command(argv, self._r.command_timeout, self._stop)
@@ -455,7 +449,7 @@ class Recovery:
         """Close an entry from the state file that will not be continued. Nothing is
         signalled: the status says what became of the process. Called with _lock held."""
         info = self._procs.read(esc.identity.pid)
-        gone = info is None or info.state in ("Z", "X", "x")
+        gone = info is None or info.state in GONE_STATES
         reused = not gone and info is not None and not same_identity(info.identity, esc.identity)
         if gone or reused:
             status = {"requested": RecoveryStatus.IDENTITY_CHANGED if reused else RecoveryStatus.VANISHED,

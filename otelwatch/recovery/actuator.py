@@ -30,12 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from otelwatch.model import ProcessIdentity
+from otelwatch.procfs import ProcessGone, owner_uid
 from otelwatch.proctable import ProcessTableReader, ProcInfo, read_boot_time, read_proc
 from otelwatch.recovery.policy import same_identity
 
 log = logging.getLogger("otelwatch.recovery")
 
 __all__ = [
+    "GONE_STATES",
+    "Guard",
     "ProcView",
     "SignalResult",
     "StateStore",
@@ -46,18 +49,18 @@ __all__ = [
     "substitute",
 ]
 
-_GONE_STATES = frozenset({"Z", "X", "x"})  # exited: a zombie does no work and holds nothing
+GONE_STATES = frozenset({"Z", "X", "x"})  # exited: a zombie does no work and holds nothing
 
 
 # --------------------------------------------------------------------------- who is who
 
 
-def resolve_users(names: Iterable[str], default_uid: int | None = None) -> frozenset[int]:
+def resolve_users(names: Iterable[str]) -> frozenset[int]:
     """recovery.users as uids; empty means the user otelwatch runs as. Unknown names are
     dropped with a warning (an empty result allows nobody: fail closed)."""
     names = list(names)
     if not names:
-        return frozenset({os.getuid() if default_uid is None else default_uid})
+        return frozenset({os.getuid()})
     out: set[int] = set()
     for name in names:
         if name.isdigit():
@@ -72,21 +75,17 @@ def resolve_users(names: Iterable[str], default_uid: int | None = None) -> froze
 
 def ancestors_of(pid: int, proc_root: str = "/proc") -> frozenset[int]:
     """pid's ancestors (parent, grandparent, ...), read from /proc now."""
-    out: set[int] = set()
-    boot = read_boot_time(proc_root)
-    info = read_proc(pid, proc_root, boot)
-    while info is not None and info.ppid > 0 and info.ppid not in out and len(out) < 4096:
-        out.add(info.ppid)
-        info = read_proc(info.ppid, proc_root, boot)
-    return frozenset(out)
+    return frozenset(ProcessTableReader(proc_root).read().ancestors(pid))
 
 
 class ProcView:
     """Fresh reads of single processes (never a cached table): identity, state, owner."""
 
-    def __init__(self, proc_root: str = "/proc") -> None:
+    def __init__(self, proc_root: str = "/proc", boot_time: float | None = None) -> None:
         self.proc_root = proc_root
-        self.boot_time = read_boot_time(proc_root)
+        # The boot time the daemon's probe computed its identities with: the strict identity
+        # comparison is then exact (same float path), whatever btime does later.
+        self.boot_time = read_boot_time(proc_root) if boot_time is None else boot_time
 
     def read(self, pid: int) -> ProcInfo | None:
         if pid <= 0:
@@ -96,21 +95,18 @@ class ProcView:
     def alive(self, ident: ProcessIdentity) -> bool:
         """True while that very process (same pid AND create time) exists and has not exited."""
         info = self.read(ident.pid)
-        return info is not None and same_identity(info.identity, ident) and info.state not in _GONE_STATES
+        return info is not None and same_identity(info.identity, ident) and info.state not in GONE_STATES
 
     def uid(self, pid: int) -> int | None:
-        """Real uid from /proc/PID/status; None when unreadable."""
+        """The owner as the probe sees it (procfs.owner_uid), so the uid checked before a
+        signal is the one the owner gate decided on; None when gone or unreadable."""
         try:
-            with open(f"{self.proc_root}/{pid}/status", "rb") as fh:
-                for line in fh:
-                    if line.startswith(b"Uid:"):
-                        return int(line.split()[1])
-        except (OSError, ValueError, IndexError):
+            return owner_uid(pid, self.proc_root)
+        except (OSError, ProcessGone):
             return None
-        return None
 
     def table(self) -> Iterable[ProcInfo]:
-        return ProcessTableReader(self.proc_root).read()
+        return ProcessTableReader(self.proc_root, boot_time=self.boot_time).read()
 
 
 # --------------------------------------------------------------------------- signals
@@ -213,7 +209,7 @@ def _signal_one(pid: int, ident: ProcessIdentity, sig: int, procs: ProcView,
             return "gone"
     try:
         info = procs.read(pid)
-        if info is None or not same_identity(info.identity, ident) or info.state in _GONE_STATES:
+        if info is None or not same_identity(info.identity, ident) or info.state in GONE_STATES:
             return "gone"
         try:
             if kill is not None:
@@ -251,7 +247,7 @@ def send_signal(
     fresh_root = procs.read(root.pid)
     group_members: set[int] = set()
     if fresh_root is not None and same_identity(fresh_root.identity, root) \
-            and fresh_root.state not in _GONE_STATES:
+            and fresh_root.state not in GONE_STATES:
         members = [p for p in procs.table() if p.pgid == pgid] if pgid > 1 else []
         why = _group_refusal(pgid, fresh_root, snapshot, members, procs, guard)
         if why:
@@ -269,7 +265,7 @@ def send_signal(
                 group_members = set()
     for ident in snapshot:
         info = procs.read(ident.pid)
-        if info is None or not same_identity(info.identity, ident) or info.state in _GONE_STATES:
+        if info is None or not same_identity(info.identity, ident) or info.state in GONE_STATES:
             res.gone.append(ident.pid)
             continue
         if res.group is not None and ident.pid in group_members and info.pgid == pgid:

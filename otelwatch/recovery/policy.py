@@ -1,11 +1,12 @@
 """The recovery policy: pure gates deciding whether a session may be recovered now.
 
 This module owns the decision and nothing else. It takes one `SessionView` per
-tick plus the previous `Window` and returns the next window and a `Decision`
-listing every gate with its result. Time comes in as a number; it never reads
-the clock, /proc or the environment and never sends a signal: it imports no
-`os`, `time` or `psutil`. The actuator (`actuator.py`) does the I/O and asks
-this module before every step.
+tick plus the previous `Window` (`step`) and returns the next window and a
+`Decision` listing every gate with its result (only the verdict gate when the
+verdict is not a recoverable one: that is every healthy session every tick).
+Time comes in as a number; it never reads the clock, /proc or the environment
+and never sends a signal: it imports no `os`, `time` or `psutil`. The actuator
+(`actuator.py`) does the I/O and asks this module before every step.
 
 A false recovery of a working session is the worst bug otelwatch can have, so
 every gate fails closed: unknown (None) CPU, TCP or owner is never "zero" or
@@ -38,8 +39,6 @@ __all__ = [
     "PolicyContext",
     "SessionView",
     "Window",
-    "advance",
-    "decide",
     "recent_count",
     "same_identity",
     "step",
@@ -74,7 +73,6 @@ class SessionView:
     verdict: Verdict  # this tick's classification
     sample: TreeSample  # this tick's sample (processes with identities, cpu, tcp)
     events: int  # activity.events so far
-    ancestors_of_self: frozenset[int] = frozenset()  # the actuator adds its own
 
     @property
     def tree(self) -> frozenset[ProcessIdentity]:
@@ -221,27 +219,21 @@ def tick_gates(view: SessionView, ctx: PolicyContext) -> tuple[str, tuple[Gate, 
     return kind, tuple(gates)
 
 
-def advance(window: Window | None, view: SessionView, now: float, ctx: PolicyContext) -> Window | None:
-    """The window after observing `view` at `now`; None when this tick breaks it."""
-    kind, gates = tick_gates(view, ctx)
-    if not all(g.ok for g in gates):
-        return None
-    tree = view.tree
+def _advance(window: Window | None, view: SessionView, now: float, ctx: PolicyContext, kind: str,
+             tree: frozenset[ProcessIdentity]) -> Window:
+    """The window after a tick whose tick gates all held (`kind`, `tree`: of `view`)."""
     cpu_s = view.sample.cpu_seconds
-    fresh = Window(kind, view.identity, now, now, 1, view.events, tree, cpu_s, cpu_s)
-    if window is None:
-        return fresh
-    gap = now - window.last
     if (
-        window.kind != kind
+        window is None
+        or window.kind != kind
         or not same_identity(window.identity, view.identity)
         or window.events != view.events
         or window.tree != tree
-        or gap < 0  # the clock went back: nothing before can be trusted
-        or gap > ctx.max_gap  # unobserved time is not evidence
+        or now < window.last  # the clock went back: nothing before can be trusted
+        or now - window.last > ctx.max_gap  # unobserved time is not evidence
         or cpu_s < window.cpu_seconds_last  # counters went back: not the same tree
     ):
-        return fresh
+        return Window(kind, view.identity, now, now, 1, view.events, tree, cpu_s, cpu_s)
     return Window(kind, window.identity, window.started, now, window.ticks + 1, window.events,
                   window.tree, window.cpu_seconds_start, cpu_s)
 
@@ -255,28 +247,25 @@ def recent_count(times: Iterable[float], now: float) -> int:
     return sum(1 for t in times if t > now - RATE_WINDOW)
 
 
-def _joined(argv: Sequence[str]) -> str:
-    return " ".join(argv)
-
-
-def decide(
+def _decide(
     window: Window | None,
     view: SessionView,
     now: float,
     ctx: PolicyContext,
-    recent: Sequence[float] = (),
-    given_up: Collection[ProcessIdentity] = (),
-    *,
-    resume: ProcessIdentity | None = None,
+    recent: Sequence[float],
+    given_up: Collection[ProcessIdentity],
+    resume: ProcessIdentity | None,
+    kind: str,
+    tick: tuple[Gate, ...],
+    tree: frozenset[ProcessIdentity],
 ) -> Decision:
-    """Every gate for `view` given the window that includes it (from `advance`).
+    """Every gate for `view` given the window that includes it (from `_advance`).
 
     `resume` is the identity of an escalation persisted before a restart: it is
     continued when the same identity is stuck again over two consecutive observed
     ticks with every other gate holding; the long window and the rate limit were
     already passed when it was first decided and are not required again.
     """
-    kind, tick = tick_gates(view, ctx)
     gates: list[Gate] = [Gate("enabled", ctx.enabled)]
     gates.extend(tick)
 
@@ -296,7 +285,6 @@ def decide(
     else:
         gates.append(Gate("cpu_window", False, "no rate yet"))
 
-    tree = view.tree
     same = window is not None and same_identity(window.identity, view.identity)
     if resume is not None:
         same = same and same_identity(resume, view.identity)
@@ -310,7 +298,7 @@ def decide(
     gates.append(Gate("not_pid1", not low, f"pid {low}" if low else ""))
     gates.append(Gate("not_self", ctx.self_pid not in pids, "otelwatch is in this tree"
                       if ctx.self_pid in pids else ""))
-    ancestors = (ctx.self_ancestors | view.ancestors_of_self) & pids
+    ancestors = ctx.self_ancestors & pids
     gates.append(Gate("not_ancestor", not ancestors,
                       f"ancestors of otelwatch: {sorted(ancestors)}" if ancestors else ""))
 
@@ -344,7 +332,7 @@ def _protect_gate(view: SessionView, ctx: PolicyContext) -> Gate:
             if status == "Z":
                 continue
             return Gate("not_protected", False, f"cmdline of pid {pid} unknown")
-        text = _joined(argv)
+        text = " ".join(argv)
         for pattern in ctx.protect:
             if pattern.search(text):
                 return Gate("not_protected", False, f"pid {pid} matches {pattern.pattern!r}")
@@ -373,7 +361,16 @@ def step(
     *,
     resume: ProcessIdentity | None = None,
 ) -> tuple[Window | None, Decision]:
-    """Observe one tick: the next window and the decision. When the decision acts,
-    the caller drops the window so a next recovery needs a whole new one."""
-    nxt = advance(window, view, now, ctx)
-    return nxt, decide(nxt, view, now, ctx, recent, given_up, resume=resume)
+    """Observe one tick: the next window (None when this tick breaks it) and the
+    decision. When the decision acts, the caller drops the window so a next recovery
+    needs a whole new one."""
+    kind = _kind(view.verdict, ctx)
+    if not kind:
+        # Every healthy session, every tick: no other gate can matter, so none is computed.
+        v = view.verdict
+        return None, Decision(False, "", "", (Gate("verdict", False, f"{v.state.value}/{v.reason.value}"),),
+                              None)
+    _, tick = tick_gates(view, ctx)
+    tree = view.tree
+    nxt = _advance(window, view, now, ctx, kind, tree) if all(g.ok for g in tick) else None
+    return nxt, _decide(nxt, view, now, ctx, recent, given_up, resume, kind, tick, tree)
