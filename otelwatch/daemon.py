@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from typing import Any
 from otelwatch import procfs
 from otelwatch.classify import ReportSchedule, classify, fingerprint, is_late_tick, next_report
 from otelwatch.config import Config, Paths, default_paths
-from otelwatch.events import parse_line
+from otelwatch.events import fold, parse_line
 from otelwatch.hooks import payload_to_event
 from otelwatch.model import (
     Activity,
@@ -49,6 +50,7 @@ from otelwatch.probe import Prober, same_process
 from otelwatch.proctable import ProcessTable, ProcessTableReader
 from otelwatch.recovery import Recovery, SessionView
 from otelwatch.report import build_report, children_detail, session_summary
+from otelwatch.sources.spool import PRUNE_EVERY_S, RETENTION_S, remove_older_than
 from otelwatch.sources.tail import FileTail
 
 # Lower wins when two sources describe the same process: an explicit registration
@@ -122,7 +124,9 @@ class Watcher:
 
             telemetry = Telemetry(self.cfg, environ=environ, log_stream=log_stream)
         self.telemetry = telemetry
-        self.recovery = Recovery(self.cfg, self.paths.recovery_state, clock=clock)
+        # One boot time for every identity the daemon compares (see ProcessTableReader).
+        self.recovery = Recovery(self.cfg, self.paths.recovery_state, clock=clock, proc_root=proc_root,
+                                 boot_time=self._reader.boot_time)
         self._sources = _Sources(self.cfg, self.paths, self.telemetry)
 
         self._tracked: dict[str, _Tracked] = {}
@@ -440,12 +444,8 @@ class Watcher:
                 self._probe_problem("events", timeout=False)
                 self._log("events.error", {"session_id": tracked.key, "error": repr(exc)}, "warning")
                 continue
-            activity = tracked.activity
-            for event in events:
-                activity = activity.apply(event)
-            if malformed:
-                activity = activity.count_malformed(malformed)
-            tracked.activity = activity
+            activity = fold(tracked.activity, events)
+            tracked.activity = activity.count_malformed(malformed) if malformed else activity
 
     # ------------------------------------------------------------------ probe
 
@@ -553,7 +553,8 @@ class Watcher:
     # ------------------------------------------------------------------ act
 
     def _act(self, now: float) -> None:
-        for tracked in self._tracked.values():
+        # Recovery off (the default): no views to build; steps can still be drained (none).
+        for tracked in self._tracked.values() if self.cfg.recovery.enabled else ():
             sample, verdict = tracked.latest, tracked.verdict
             if (tracked.ended_at is not None or sample is None or verdict is None or sample.root is None
                     or sample.status is not SampleStatus.OK or not sample.processes):
@@ -720,6 +721,8 @@ class _Sources:
         self._telemetry = telemetry
         self.registry = RegistrySource(paths.registry_dir) if s.registry.enabled else None
         self.spool = SpoolSource(paths.spool_dir)
+        self._exec_dir = paths.state_dir / "exec"  # the exec wrapper's stderr rings
+        self._pruned_at = -math.inf
         self.processes = ProcessMatcher(s.processes.match, self_pid=os.getpid()) if s.processes.enabled else None
         self.tmux = TmuxSource(timeout=s.tmux.timeout) if s.tmux.enabled else None
         self.transcripts = TranscriptLocator(paths.home) if s.transcripts.enabled else None
@@ -743,6 +746,9 @@ class _Sources:
             if got is not None:
                 specs.extend(got)
                 self.registry_ok = True
+        if now - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = now
+            remove_older_than(self._exec_dir, ".stderr", RETENTION_S, now)
         got_spool = self._guard("spool", lambda: self.spool.poll(now))
         if got_spool is not None:
             spool_specs, events, _malformed = got_spool

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time as _time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -127,10 +128,10 @@ class ProcessTable:
     def descendants(self, pid: int) -> list[int]:
         """All descendants of pid, breadth first (not including pid)."""
         out: list[int] = []
-        queue = list(self._children.get(pid, ()))
         seen = {pid}
+        queue = deque(self._children.get(pid, ()))
         while queue:
-            child = queue.pop(0)
+            child = queue.popleft()
             if child in seen:  # a PID reused mid-read can make a cycle
                 continue
             seen.add(child)
@@ -157,9 +158,12 @@ class ProcessTableReader:
     """Reads ProcessTables; keeps the cmdline cache between ticks."""
 
     def __init__(self, proc_root: str = "/proc", clock: Callable[[], float] = _time.time,
-                 monotonic: Callable[[], float] = _time.monotonic) -> None:
+                 monotonic: Callable[[], float] = _time.monotonic, *, boot_time: float | None = None) -> None:
         self.proc_root = proc_root
-        self.boot_time = read_boot_time(proc_root)
+        # Create times are boot time + start ticks. /proc/stat's btime can move when the
+        # wall clock is stepped, so readers whose identities are compared (the probe's and
+        # recovery's) share one value: pass it in.
+        self.boot_time = read_boot_time(proc_root) if boot_time is None else boot_time
         self._cmdlines: dict[ProcessIdentity, tuple[str, ...]] = {}
         self._clock = clock
         self._monotonic = monotonic

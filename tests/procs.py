@@ -68,7 +68,7 @@ class Spawner:
             assert proc.stdout is not None
             line = proc.stdout.readline()
             assert line, f"{argv} exited before it was ready"
-            proc.ready_line = line.decode().strip()  # type: ignore[attr-defined]
+            proc.ready_line = line.decode().strip()
         return proc
 
     def cleanup(self) -> None:
