@@ -9,11 +9,12 @@ to `load_config`, and never looks at the environment except through the
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class HttpConfig:
     listen: str = "127.0.0.1:9464"
+    # A non-loopback listen address exposes POST /api/events (which can make a
+    # session look busy or start a turn) to the network: it needs this opt-in.
+    allow_remote: bool = False
+    max_connections: int = 64  # concurrent connections; past it: 503 and close
+    request_timeout: float = 5.0  # a client must send its request (and body) within this
 
     @property
     def host(self) -> str:
@@ -52,7 +58,8 @@ class ClassifyConfig:
     startup_grace: float = 30.0
     stall_after: float = 300.0
     tool_stall_after: float = 1800.0
-    cpu_idle_percent: float = 1.0
+    cpu_idle_percent: float = 1.0  # below this (of one core) counts as zero CPU: the stuck gate
+    cpu_spin_percent: float = 50.0  # at or above this, sustained over the window, is a spin
     repeat_base: float = 60.0
     repeat_max: float = 3600.0
     exited_retention: float = 600.0
@@ -74,6 +81,30 @@ class RecoveryConfig:
     # Extension (off by default): also recover `stalled/waiting_on_network` sessions
     # after this much longer silence, like an idle-message timeout. 0 disables it.
     waiting_on_network_after: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    backend: str = "auto"  # "procfs" (Linux /proc + netlink), "psutil" (portable); auto: procfs where /proc exists
+
+
+# Severity order for notify.min_state: a notification goes out for a report whose
+# state is at least this severe.
+NOTIFY_STATES = ("idle", "active", "long_running", "stalled", "stuck")
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    command: tuple[str, ...] = ()  # argv, report JSON on stdin; placeholders {session_id} {state} {reason} {agent} {event}
+    webhook: str = ""  # POST JSON (Slack/Discord-compatible `text` + the full report)
+    headers: Mapping[str, str] = field(default_factory=dict)  # webhook headers; "${VAR}" reads the environment
+    timeout: float = 10.0  # one command run or one webhook POST
+    retries: int = 3  # webhook attempts after the first, with backoff
+    min_state: str = "stalled"  # stalled: stalled and stuck reports
+    reasons: tuple[str, ...] = ()  # empty: every reason
+    agents: tuple[str, ...] = ()  # empty: every agent
+    recovery: bool = True  # recovery requested/completed
+    session_end: bool = False  # the summary line when a session ends
 
 
 @dataclass(frozen=True)
@@ -131,11 +162,13 @@ class ExportConfig:
 @dataclass(frozen=True)
 class Config:
     interval: float = 5.0
-    probe_timeout: float = 2.0
+    probe_timeout: float = 2.0  # when not set: the smaller of 2 s and interval (see parse_config)
     state_dir: str = ""  # default: $XDG_STATE_HOME/otelwatch or ~/.local/state/otelwatch
     http: HttpConfig = field(default_factory=HttpConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -254,14 +287,42 @@ def _bool(value: object, key: str) -> bool:
     return value
 
 
-def _number(value: object, key: str, *, minimum: float = 0.0, integer: bool = False) -> float:
+def _number(value: object, key: str, *, minimum: float = 0.0, maximum: float = 1e9,
+            integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(key, f"expected a number, got {value!r}")
+    if value != value or value < minimum or value > maximum:
+        raise ConfigError(key, f"must be between {minimum:g} and {maximum:g}, got {value!r}")
     if integer and not float(value).is_integer():
         raise ConfigError(key, f"expected a whole number, got {value!r}")
-    if value != value or value < minimum:
-        raise ConfigError(key, f"must be >= {minimum:g}, got {value!r}")
     return int(value) if integer else float(value)
+
+
+def _bounded(minimum: float, maximum: float, *, integer: bool = False) -> Any:
+    def check(value: object, key: str) -> float:
+        return _number(value, key, minimum=minimum, maximum=maximum, integer=integer)
+
+    return check
+
+
+def _duration_in(minimum: float, maximum: float, *, positive: bool = True) -> Any:
+    """A duration within [minimum, maximum] (and > 0 when `positive`): every number a
+    loop waits on or multiplies is bounded, so no value can stall or kill the loop."""
+
+    def check(value: object, key: str) -> float:
+        seconds = _positive_duration(value, key) if positive else parse_duration(value, key)
+        if not minimum <= seconds <= maximum:
+            raise ConfigError(key, f"must be between {_fmt_s(minimum)} and {_fmt_s(maximum)}, got {value!r}")
+        return seconds
+
+    return check
+
+
+def _fmt_s(seconds: float) -> str:
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _string(value: object, key: str) -> str:
@@ -302,6 +363,30 @@ def _choice(*choices: str) -> Any:
     return check
 
 
+def _string_map(value: object, key: str) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(key, f"expected a table of strings, got {value!r}")
+    return dict(value)
+
+
+def _notify_command(value: object, key: str) -> tuple[str, ...]:
+    argv = _string_list(value, key)
+    allowed = ("session_id", "state", "reason", "agent", "event")
+    for i, arg in enumerate(argv):
+        unknown = [n for n in re.findall(r"\{([^{}]*)\}", arg) if n not in allowed]
+        if unknown:
+            names = ", ".join("{" + n + "}" for n in allowed)
+            raise ConfigError(f"{key}[{i}]", f"unknown placeholder {{{unknown[0]}}}: use {names}")
+    return argv
+
+
+def _url(value: object, key: str) -> str:
+    text = _string(value, key)
+    if text and not re.match(r"^https?://[^/\s]+", text):
+        raise ConfigError(key, f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
 def _listen(value: object, key: str) -> str:
     text = _string(value, key)
     split_listen(text, key)
@@ -321,44 +406,62 @@ def _command(value: object, key: str) -> tuple[str, ...]:
 
 
 # Validators by dotted key. Sections are the dataclass fields holding dataclasses.
+# Bounds: the widest values a person could mean. Past them a value is a typo or an
+# attack (interval = 1e308 once killed the loop thread while /healthz said ok).
+_WEEK = 7 * 86400.0
 _VALIDATORS: dict[str, Any] = {
-    "interval": _positive_duration,
-    "probe_timeout": _positive_duration,
+    "interval": _duration_in(0.05, 3600.0),
+    "probe_timeout": _duration_in(0.01, 3600.0),
     "state_dir": _string,
     "http.listen": _listen,
-    "classify.startup_grace": parse_duration,
-    "classify.stall_after": _positive_duration,
-    "classify.tool_stall_after": _positive_duration,
-    "classify.cpu_idle_percent": lambda v, k: _number(v, k),
-    "classify.repeat_base": _positive_duration,
-    "classify.repeat_max": _positive_duration,
-    "classify.exited_retention": parse_duration,
+    "http.allow_remote": _bool,
+    "http.max_connections": _bounded(1, 4096, integer=True),
+    "http.request_timeout": _duration_in(0.1, 300.0),
+    "classify.startup_grace": _duration_in(0.0, _WEEK, positive=False),
+    "classify.stall_after": _duration_in(0.1, _WEEK),
+    "classify.tool_stall_after": _duration_in(0.1, _WEEK),
+    "classify.cpu_idle_percent": _bounded(0.0, 100.0),
+    "classify.cpu_spin_percent": _bounded(0.1, 100000.0),
+    "classify.repeat_base": _duration_in(0.1, _WEEK),
+    "classify.repeat_max": _duration_in(0.1, _WEEK),
+    "classify.exited_retention": _duration_in(0.0, _WEEK, positive=False),
+    "probe.backend": _choice("auto", "procfs", "psutil"),
+    "notify.command": _notify_command,
+    "notify.webhook": _url,
+    "notify.headers": _string_map,
+    "notify.timeout": _duration_in(0.1, 600.0),
+    "notify.retries": _bounded(0, 20, integer=True),
+    "notify.min_state": _choice(*NOTIFY_STATES),
+    "notify.reasons": _string_list,
+    "notify.agents": _string_list,
+    "notify.recovery": _bool,
+    "notify.session_end": _bool,
     "recovery.enabled": _bool,
     "recovery.dry_run": _bool,
-    "recovery.recover_after": _positive_duration,
+    "recovery.recover_after": _duration_in(0.1, _WEEK),
     "recovery.action": _choice("signal", "command"),
     "recovery.command": _command,
-    "recovery.command_timeout": _positive_duration,
-    "recovery.grace": parse_duration,
-    "recovery.max_per_hour": lambda v, k: _number(v, k, integer=True),
+    "recovery.command_timeout": _duration_in(0.1, 3600.0),
+    "recovery.grace": _duration_in(0.0, 3600.0, positive=False),
+    "recovery.max_per_hour": _bounded(0, 3600, integer=True),
     "recovery.protect": _regex_list,
     "recovery.users": _string_list,
     "recovery.state_file": _string,
-    "recovery.waiting_on_network_after": parse_duration,
+    "recovery.waiting_on_network_after": _duration_in(0.0, _WEEK, positive=False),
     "sources.registry.enabled": _bool,
     "sources.registry.dir": _string,
     "sources.processes.enabled": _bool,
     "sources.processes.match": _regex_list,
     "sources.tmux.enabled": _bool,
-    "sources.tmux.timeout": _positive_duration,
+    "sources.tmux.timeout": _duration_in(0.01, 60.0),
     "sources.transcripts.enabled": _bool,
     "sources.transcripts.home": _string,
     "export.prometheus.enabled": _bool,
     "export.otlp.enabled": _bool,
     "export.otlp.endpoint": _string,
     "export.otlp.protocol": _choice("", "grpc", "http/protobuf"),
-    "export.otlp.interval": _positive_duration,
-    "export.otlp.timeout": _positive_duration,
+    "export.otlp.interval": _duration_in(0.1, 86400.0),
+    "export.otlp.timeout": _duration_in(0.1, 600.0),
 }
 
 
@@ -385,15 +488,34 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
 def parse_config(data: Mapping[str, Any]) -> Config:
     """A validated `Config` from already-parsed TOML data."""
     cfg: Config = _build(Config, data, "")
+    if "probe_timeout" not in data and cfg.probe_timeout > cfg.interval:
+        # Derived, not an error: `interval = 1` alone must be a valid config.
+        cfg = replace(cfg, probe_timeout=cfg.interval)
     c = cfg.classify
     if c.repeat_max < c.repeat_base:
         raise ConfigError("classify.repeat_max", f"must be >= classify.repeat_base ({c.repeat_base:g})")
+    if c.cpu_spin_percent <= c.cpu_idle_percent:
+        raise ConfigError("classify.cpu_spin_percent",
+                          f"must be > classify.cpu_idle_percent ({c.cpu_idle_percent:g})")
     if cfg.probe_timeout > cfg.interval:
         raise ConfigError("probe_timeout", f"must be <= interval ({cfg.interval:g} s)")
+    host = cfg.http.host
+    if not cfg.http.allow_remote and not _is_loopback(host):
+        raise ConfigError("http.listen", f"{host!r} is not a loopback address: POST /api/events would be open "
+                          "to the network; set http.allow_remote = true to accept that")
     r = cfg.recovery
     if r.action == "command" and not r.command:
         raise ConfigError("recovery.command", 'must be set when recovery.action = "command"')
     return cfg
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
