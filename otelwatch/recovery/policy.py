@@ -73,6 +73,10 @@ class SessionView:
     verdict: Verdict  # this tick's classification
     sample: TreeSample  # this tick's sample (processes with identities, cpu, tcp)
     events: int  # activity.events so far
+    # A turn-based session's own processes (or output) showed work after its turn
+    # opened. False: only an event made it "processing", and an event alone never
+    # opens the recovery gate. Headless sessions: True.
+    reacted: bool = True
 
     @property
     def tree(self) -> frozenset[ProcessIdentity]:
@@ -302,6 +306,8 @@ def _decide(
     gates.append(Gate("not_ancestor", not ancestors,
                       f"ancestors of otelwatch: {sorted(ancestors)}" if ancestors else ""))
 
+    gates.append(Gate("reacted", view.reacted, "" if view.reacted
+                      else "no work by the session's own processes since its turn opened"))
     gates.append(_protect_gate(view, ctx))
     gates.append(_owner_gate(view, ctx))
 

@@ -21,10 +21,12 @@ import os
 import stat
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from otelwatch.model import Mode, Runtime, SessionSpec
+from otelwatch.sources.trust import untrusted_file
 
 __all__ = [
     "MAX_FILE_BYTES", "RegistryRefused", "RegistrySource", "parse_spec", "register", "unregister", "write_atomic",
@@ -107,7 +109,7 @@ class RegistrySource:
             if cached is not None and cached[0] == key:
                 spec = cached[1]
             else:
-                spec = self._load(entry.path, name, st.st_size)
+                spec = self._load(entry.path, name, st.st_size, st)
                 self._cache[name] = (key, spec)
             if spec is not None:
                 specs.append(spec)
@@ -117,14 +119,20 @@ class RegistrySource:
                 self.problems.pop(name, None)
         return specs
 
-    def _load(self, path: str, name: str, size: int) -> SessionSpec | None:
+    def _load(self, path: str, name: str, size: int, st: os.stat_result) -> SessionSpec | None:
         try:
+            # The directory is ours and closed to others, but a file in it could still
+            # have been made by another user before (or be a hard link to one of theirs).
+            why = untrusted_file(st, self.uid, path)
+            if why:
+                raise ValueError(why)
             if size > MAX_FILE_BYTES:
                 raise ValueError(f"file is larger than {MAX_FILE_BYTES} bytes")
-            with open(path, "rb") as fh:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as fh:
                 data = fh.read(MAX_FILE_BYTES + 1)
             obj = json.loads(data)
-            spec = parse_spec(obj)
+            spec = replace(parse_spec(obj), registered_at=st.st_mtime)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError) as exc:

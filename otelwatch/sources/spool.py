@@ -8,7 +8,13 @@ each session whose records name its agent's PID.
 
 A record is `{"otelwatch": 1, "session_id", "pid", "agent", "time", ...}` plus
 the fields of `Event.to_json()`. Session ids are data: they are sanitised into
-file names (`safe_name`) and never reach a shell. This module must stay cheap
+file names (`safe_name`) and never reach a shell.
+
+Trust: a spool record can open a turn or name a PID, so the reader takes
+records only from files that are trusted by `sources.trust` (a regular file
+of otelwatch's own user, not group- or world-writable) in a directory and a
+state directory that are trusted by the same rule. Anything else is dropped
+with one log line per file version. This module must stay cheap
 to import (hooks run on every tool call): no psutil, no logging setup, no
 other sources.
 """
@@ -18,12 +24,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from otelwatch.events import parse_object
 from otelwatch.model import Event, Mode, SessionSpec
+from otelwatch.sources.trust import untrusted_dir, untrusted_file
 
 if TYPE_CHECKING:  # the reader's import (it pulls in logging) stays off the hook's path
     from otelwatch.sources.tail import FileTail
@@ -128,16 +135,21 @@ class SpoolSource:
     polls: a day of hook sessions is a day of files.
     """
 
-    def __init__(self, dir: Path, *, stale_after: float = 86400.0, retention: float = RETENTION_S) -> None:
+    def __init__(self, dir: Path, *, stale_after: float = 86400.0, retention: float = RETENTION_S,
+                 uid: int | None = None, log: Callable[[str], None] | None = None) -> None:
         self.dir = Path(dir)
+        self.uid = os.geteuid() if uid is None else uid
+        self._log = log or (lambda message: None)
+        self.refused = ""  # why the spool (or its state directory) is not read; "" when it is
+        self.untrusted: dict[str, str] = {}  # file name -> why its records are dropped
         self.stale_after = stale_after
         self.retention = max(retention, stale_after)
         self._pruned_at = -math.inf
         self.errors = 0  # directory listing failures
         # file name -> (its reader, (inode, size, mtime_ns) when it was last read)
         self._tails: dict[str, tuple[FileTail, tuple[int, int, int]]] = {}
-        # session_id -> (pid, agent, create_time) from its latest record that had a pid
-        self._meta: dict[str, tuple[int, str, float | None]] = {}
+        # session_id -> (pid, agent, create_time, time of the record) from its latest record that had a pid
+        self._meta: dict[str, tuple[int, str, float | None, float]] = {}
         self._files_of: dict[str, set[str]] = {}  # file name -> session ids seen in it
 
     def poll(self, now: float) -> tuple[list[SessionSpec], dict[str, list[Event]], int]:
@@ -147,6 +159,14 @@ class SpoolSource:
         events: dict[str, list[Event]] = {}
         malformed = 0
         present: set[str] = set()
+        refused = untrusted_dir(self.dir.parent, self.uid, "state directory") or untrusted_dir(
+            self.dir, self.uid, "spool directory")
+        if refused:
+            if refused != self.refused:
+                self._log(f"event spool not read: {refused}")
+            self.refused = refused
+            return [], {}, 0
+        self.refused = ""
         if now - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = now
             remove_older_than(self.dir, ".jsonl", self.retention, now)
@@ -162,9 +182,16 @@ class SpoolSource:
             if not name.endswith(".jsonl") or name.startswith("."):
                 continue
             try:
-                st = entry.stat()
+                st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
+            why = untrusted_file(st, self.uid, entry.path)
+            if why:
+                if self.untrusted.get(name) != why:
+                    self._log(f"spool file dropped: {why}")
+                    self.untrusted[name] = why
+                continue
+            self.untrusted.pop(name, None)
             if now - st.st_mtime > self.stale_after:
                 continue
             present.add(name)
@@ -179,6 +206,8 @@ class SpoolSource:
             malformed += bad
             for raw, t in lines:
                 malformed += self._take(name, raw, t, events)
+        for name in [n for n in self.untrusted if n not in present and not (self.dir / n).exists()]:
+            del self.untrusted[name]
         for name in list(self._tails):
             if name not in present:
                 self._tails.pop(name)[0].close()
@@ -190,8 +219,8 @@ class SpoolSource:
             # `claude -p` too), so a hook session is judged turn by turn: between
             # turns it waits for its user and must never look stuck.
             SessionSpec(session_id=sid, pid=pid, agent=agent, source="hook", create_time=ct,
-                        mode=Mode.INTERACTIVE)
-            for sid, (pid, agent, ct) in self._meta.items()
+                        mode=Mode.INTERACTIVE, registered_at=written)
+            for sid, (pid, agent, ct, written) in self._meta.items()
         ]
         return specs, events, malformed
 
@@ -217,6 +246,10 @@ class SpoolSource:
             agent = rec.get("agent") if isinstance(rec.get("agent"), str) else None
             ct = rec.get("create_time")
             ct = float(ct) if isinstance(ct, (int, float)) and not isinstance(ct, bool) else None
+            # When the record was written: its own time (the writer's clock) if it is
+            # not later than when we saw it. A PID is bound to a process that existed then.
+            written = rec.get("time")
+            written = float(written) if isinstance(written, (int, float)) and not isinstance(written, bool) else t
             old = self._meta.get(sid)
-            self._meta[sid] = (pid, agent or (old[1] if old else "unknown"), ct)
+            self._meta[sid] = (pid, agent or (old[1] if old else "unknown"), ct, min(written, t))
         return 0
