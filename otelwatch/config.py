@@ -347,6 +347,16 @@ def _regex_list(value: object, key: str) -> tuple[str, ...]:
     return patterns
 
 
+def _agent_patterns(value: object, key: str) -> tuple[str, ...]:
+    """Discovery patterns: like _regex_list, but one that matches every process is refused."""
+    patterns = _regex_list(value, key)
+    for i, pattern in enumerate(patterns):
+        body = pattern[len("cmdline:"):] if pattern.startswith("cmdline:") else pattern
+        if re.fullmatch(body, ""):
+            raise ConfigError(f"{key}[{i}]", f"{pattern!r} matches every process (it matches the empty string)")
+    return patterns
+
+
 def _positive_duration(value: object, key: str) -> float:
     seconds = parse_duration(value, key)
     if seconds <= 0:
@@ -451,7 +461,7 @@ _VALIDATORS: dict[str, Any] = {
     "sources.registry.enabled": _bool,
     "sources.registry.dir": _string,
     "sources.processes.enabled": _bool,
-    "sources.processes.match": _regex_list,
+    "sources.processes.match": lambda v, k: _agent_patterns(v, k),
     "sources.tmux.enabled": _bool,
     "sources.tmux.timeout": _duration_in(0.01, 60.0),
     "sources.transcripts.enabled": _bool,

@@ -372,3 +372,44 @@ def owner_uid(pid: int, proc_root: str = "/proc") -> int:
         return os.stat(f"{proc_root}/{pid}").st_uid
     except OSError as exc:
         _reraise(exc, pid)
+
+
+def tcp_peer_uid(peer: tuple[str, int], local: tuple[str, int], proc_root: str = "/proc") -> int | None:
+    """The uid owning the client end of a loopback TCP connection to us, or None.
+
+    `peer` is the client's (address, port) as accept() gave it, `local` our own end.
+    The client's socket is the one in our namespace's table whose local end is
+    `peer` and whose remote end is `local`; /proc/net/tcp{,6} gives its owner
+    (the identd question, answered from the kernel instead of the client). An
+    IPv4 client of an IPv6 listener shows as ::ffff:a.b.c.d in tcp6. None when
+    the socket is not found (the client already closed): callers fail closed.
+    """
+    want_local = _endpoint_key(*peer)
+    want_remote = _endpoint_key(*local)
+    for name, v6 in (("tcp", False), ("tcp6", True)):
+        try:
+            with open(f"{proc_root}/net/{name}", "rb") as fh:
+                for line in fh:
+                    f = line.split()
+                    if len(f) < 10 or not f[0].endswith(b":"):
+                        continue
+                    try:
+                        laddr, lport = _hex_endpoint(f[1].decode(), v6)
+                        raddr, rport = _hex_endpoint(f[2].decode(), v6)
+                    except (ValueError, struct.error):
+                        continue
+                    if (_mapped(laddr), lport) == want_local and (_mapped(raddr), rport) == want_remote:
+                        return int(f[7])
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def _endpoint_key(host: str, port: int) -> tuple[bytes, int]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return _mapped(socket.inet_pton(family, host.split("%")[0])), int(port)
+
+
+def _mapped(addr: bytes) -> bytes:
+    """IPv4 as the IPv6-mapped form, so ::ffff:127.0.0.1 and 127.0.0.1 compare equal."""
+    return b"\0" * 10 + b"\xff\xff" + addr if len(addr) == 4 else addr
