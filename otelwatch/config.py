@@ -95,7 +95,8 @@ NOTIFY_STATES = ("idle", "active", "long_running", "stalled", "stuck")
 
 @dataclass(frozen=True)
 class NotifyConfig:
-    command: tuple[str, ...] = ()  # argv, report JSON on stdin; placeholders {session_id} {state} {reason} {agent} {event}
+    # argv, report JSON on stdin; placeholders {session_id} {state} {reason} {agent} {event}
+    command: tuple[str, ...] = ()
     webhook: str = ""  # POST JSON (Slack/Discord-compatible `text` + the full report)
     headers: Mapping[str, str] = field(default_factory=dict)  # webhook headers; "${VAR}" reads the environment
     timeout: float = 10.0  # one command run or one webhook POST

@@ -20,8 +20,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_support import Daemon, start_daemon  # noqa: E402
-from procs import FAKE, REPO, wait_for  # noqa: E402
+from e2e_support import Daemon, start_daemon
+from procs import FAKE, REPO, wait_for
 
 RECOVERY = {"recovery": {"enabled": True, "recover_after": 1.5, "grace": 0.5, "max_per_hour": 100},
             "classify": {"exited_retention": 1}}
