@@ -202,3 +202,35 @@ def test_pid1_and_the_daemon_itself_are_never_acted_on(tmp_path: Path) -> None:
     got = run_in_pid_namespace("pid1_and_self", tmp_path / "ns")
     assert got["requested"] == [], got
     assert got["daemon_alive"], got
+
+
+def test_an_alias_never_ends_or_rekeys_another_session(tmp_path: Path, spawn: Any) -> None:
+    """A POST naming a new id and a tracked pid makes an alias; a registry entry under that
+    id for another process once ended the aliased session and restarted its history."""
+    from otelwatch.config import parse_config
+    from otelwatch.daemon import Watcher
+    from otelwatch.sources.registry import register
+
+    registry = tmp_path / "reg"
+    registry.mkdir(mode=0o700)
+    cfg = parse_config({
+        "interval": 1, "state_dir": str(tmp_path / "state"),
+        "sources": {"registry": {"dir": str(registry)}, "processes": {"enabled": False},
+                    "tmux": {"enabled": False}, "transcripts": {"enabled": False}},
+    })
+    w = Watcher(cfg)
+    try:
+        a, b = spawn("sleeper"), spawn("sleeper")
+        register(registry, {"session_id": "A", "pid": a.pid})
+        w.tick()
+        started = {s.session_id: s.started_at for s in w.sessions()}
+        w.post_event({"session_id": "B", "type": "progress", "pid": a.pid})
+        w.tick()
+        register(registry, {"session_id": "B", "pid": b.pid})
+        w.tick()
+        w.tick()
+        snaps = {s.session_id: s for s in w.sessions()}
+        assert snaps["A"].state.value != "exited" and snaps["A"].started_at == started["A"]
+        assert snaps["B"].pid == b.pid
+    finally:
+        w.stop()
