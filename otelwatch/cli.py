@@ -50,14 +50,25 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", action="store_true", help="refresh every interval until Ctrl-C")
     st.add_argument("--interval", type=float, default=2.0, help="refresh period for --watch")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
+    st.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR in the environment)")
+
+    tp = sub.add_parser("top", help="live view of a running daemon's sessions, with drill-down")
+    tp.add_argument("--url", default=None, help="daemon base URL (default: from --config or 127.0.0.1:9464)")
+    tp.add_argument("--config", metavar="FILE")
+    tp.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
+    tp.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR in the environment)")
 
     dg = sub.add_parser("diag", help="sample one process tree now and print the evidence")
     dg.add_argument("pid", type=int)
     dg.add_argument("--json", action="store_true", help="JSON instead of a table")
+    dg.add_argument("--backend", choices=("auto", "procfs", "psutil"), default="auto",
+                    help="probe backend (default auto: procfs where /proc exists, else psutil)")
 
     demo = sub.add_parser("demo", help="watch a zoo of synthetic agents get classified")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds before it stops itself")
     demo.add_argument("--listen", default="127.0.0.1:9464", help="HTTP listener while it runs")
+    demo.add_argument("--backend", choices=("auto", "procfs", "psutil"), default="auto",
+                      help="probe backend (default auto: procfs where /proc exists, else psutil)")
 
     cc = sub.add_parser("check-config", help="validate a config file and exit")
     cc.add_argument("file")
@@ -82,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "diag":
         from otelwatch.diag import diag_main
 
-        return diag_main(args.pid, as_json=args.json)
+        return diag_main(args.pid, as_json=args.json, backend=args.backend)
 
     from otelwatch.config import Config, ConfigError, load_config
 
@@ -114,11 +125,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from otelwatch.status import status_main
 
         url = args.url or f"http://{cfg.http.listen}"
-        return status_main(url, watch=args.watch, interval=args.interval, as_json=args.json)
+        return status_main(url, watch=args.watch, interval=args.interval, as_json=args.json,
+                           color=False if args.no_color else None)
+    if command == "top":
+        from otelwatch.top import default_url, top_main
+
+        return top_main(args.url or default_url(cfg.http.listen), args.interval,
+                        color=False if args.no_color else None)
     if command == "demo":
         from otelwatch.demo import demo_main
 
-        return demo_main(duration=args.duration, listen=args.listen)
+        return demo_main(duration=args.duration, listen=args.listen, backend=args.backend)
     raise AssertionError(command)  # pragma: no cover
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from otelwatch.config import parse_config
 from otelwatch.fake_agents import SilentServer
 from otelwatch.sources.registry import register
-from otelwatch.status import format_table
+from otelwatch.status import LiveScreen, format_table, use_color
 
 # kind, mode, what a person should see, extra args for the fake agent
 ZOO: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -43,8 +43,9 @@ ZOO: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
 )
 
 
-def demo_config(state_dir: Path, listen: str) -> Any:
+def demo_config(state_dir: Path, listen: str, backend: str = "auto") -> Any:
     return parse_config({
+        "probe": {"backend": backend},
         "interval": 1,
         "probe_timeout": 0.5,
         "state_dir": str(state_dir),
@@ -57,7 +58,7 @@ def demo_config(state_dir: Path, listen: str) -> Any:
     })
 
 
-def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464") -> int:
+def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464", backend: str = "auto") -> int:
     from otelwatch.daemon import Watcher
     from otelwatch.server import HttpServer
 
@@ -67,9 +68,11 @@ def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464") -> int:
     procs: list[subprocess.Popen[bytes]] = []
     watcher = None
     http = None
-    color = sys.stdout.isatty()
+    color = use_color(sys.stdout)
+    # Redrawn in place on a terminal; appended frame by frame when piped.
+    screen = LiveScreen(sys.stdout)
     try:
-        cfg = demo_config(tmp, listen)
+        cfg = demo_config(tmp, listen, backend)
         watcher = Watcher(cfg, log_stream=open(tmp / "otelwatch.log", "a"))  # noqa: SIM115
         reports: deque[str] = deque(maxlen=6)
 
@@ -107,13 +110,15 @@ def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464") -> int:
         deadline = time.monotonic() + duration
         while time.monotonic() < deadline:
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
-            _show(watcher, expected, reports, http.url, color, deadline)
-        _show(watcher, expected, reports, http.url, color, deadline, final=True)
+            screen.show(_frame(watcher, expected, reports, http.url, color, deadline))
+        screen.finish(_frame(watcher, expected, reports, http.url, color, deadline, final=True))
         return 0
     except KeyboardInterrupt:
+        screen.close()
         print("\notelwatch demo: interrupted, cleaning up")
         return 130
     finally:
+        screen.close()
         for proc in procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -127,21 +132,20 @@ def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464") -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _show(watcher: Any, expected: Mapping[str, str], reports: deque[str], url: str, color: bool,
-          deadline: float, final: bool = False) -> None:
+def _frame(watcher: Any, expected: Mapping[str, str], reports: deque[str], url: str, color: bool,
+           deadline: float, final: bool = False) -> str:
     rows = [s.to_json() for s in watcher.sessions()]
-    if color and not final:
-        print("\x1b[H\x1b[2J", end="")
-    print(format_table(rows, time.time(), color=color))
+    out = [format_table(rows, time.time(), color=color)]
     got = {r["session_id"]: f"{r['state']}/{r['reason']}" for r in rows}
     matched = sum(1 for sid, want in expected.items() if got.get(sid, "").startswith(want))
-    print(f"\n{matched}/{len(expected)} sessions show what they should "
-          f"({max(0, int(deadline - time.monotonic()))} s left; {url}/metrics)")
+    out.append(f"\n{matched}/{len(expected)} sessions show what they should "
+               f"({max(0, int(deadline - time.monotonic()))} s left; {url}/metrics; "
+               f"`otelwatch top --url {url}` in another pane)")
     if reports:
-        print("\nlatest reports:")
-        for line in reports:
-            print("  " + line[:160])
+        out.append("\nlatest reports:")
+        out.extend("  " + line[:160] for line in reports)
     if final:
         for sid, want in expected.items():
             mark = "ok " if got.get(sid, "").startswith(want) else "-- "
-            print(f"  {mark}{sid:<14} expected {want:<28} got {got.get(sid, 'not seen')}")
+            out.append(f"  {mark}{sid:<14} expected {want:<28} got {got.get(sid, 'not seen')}")
+    return "\n".join(out)

@@ -1,17 +1,24 @@
 """`otelwatch status`: the sessions of a running daemon as a table.
 
 `format_table` is pure (rows in, text out) and shared with `otelwatch demo`.
+`LiveScreen` redraws frames in place on a terminal (`--watch`, the demo) and
+appends them unchanged when stdout is a pipe or a file, so output stays
+pipeable. Reads only the daemon's HTTP API; never touches /proc.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import IO, Any
 
 from otelwatch.report import human_duration
 
@@ -79,24 +86,133 @@ def fetch_sessions(url: str, timeout: float = 3.0) -> list[dict[str, Any]]:
     return data
 
 
-def status_main(url: str, *, watch: bool = False, interval: float = 2.0, as_json: bool = False) -> int:
-    color = sys.stdout.isatty()
-    while True:
-        try:
-            sessions = fetch_sessions(url)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            print(f"otelwatch status: cannot reach the daemon at {url}: {reason}", file=sys.stderr)
-            return 1
-        if as_json:
-            print(json.dumps(sessions, indent=2))
-        else:
-            if watch and color:
-                print("\x1b[H\x1b[2J", end="")
-            print(format_table(sessions, time.time(), color=color))
-        if not watch:
-            return 0
-        try:
-            time.sleep(interval)
-        except KeyboardInterrupt:
-            return 0
+def use_color(stream: IO[str]) -> bool:
+    """Colours only on a terminal that has them, and never when NO_COLOR is set
+    (https://no-color.org: any non-empty value)."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
+HOME, CLEAR_SCREEN, CLEAR_EOL, CLEAR_BELOW = "\x1b[H", "\x1b[2J", "\x1b[K", "\x1b[J"
+
+
+def clip(line: str, width: int) -> str:
+    """`line` cut to `width` visible characters; colour escapes are kept and closed."""
+    if width <= 0:
+        return ""
+    out: list[str] = []
+    visible = 0
+    pos = 0
+    colored = False
+    for m in _ANSI.finditer(line):
+        text = line[pos:m.start()]
+        if visible + len(text) > width:
+            out.append(text[:width - visible])
+            return "".join(out) + ("\x1b[0m" if colored else "")
+        out.append(text)
+        visible += len(text)
+        out.append(m.group())
+        colored = m.group() != "\x1b[0m"
+        pos = m.end()
+    text = line[pos:]
+    if visible + len(text) > width:
+        return "".join(out) + text[:width - visible] + ("\x1b[0m" if colored else "")
+    return "".join(out) + text
+
+
+class LiveScreen:
+    """Shows successive frames: on a terminal each replaces the last in place (cursor
+    home, every line rewritten and its rest erased, nothing left below; clipped to the
+    window so it never scrolls); elsewhere each frame is appended as plain text.
+    `close()` (or leaving the `with` block) shows the cursor again and leaves the last
+    frame on screen."""
+
+    def __init__(self, stream: IO[str] | None = None, *, tty: bool | None = None,
+                 size: Callable[[], os.terminal_size] = shutil.get_terminal_size) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty()) if tty is None else tty
+        self._size = size
+        self._started = False
+        self._closed = False
+
+    def show(self, text: str) -> None:
+        if not self.tty:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            return
+        cols, rows = self._size()
+        lines = text.split("\n")
+        if len(lines) > max(1, rows - 1):
+            hidden = len(lines) - (rows - 2)
+            lines = [*lines[:max(0, rows - 2)], f"... {hidden} more lines (enlarge the window)"]
+        head = HIDE_CURSOR + HOME + CLEAR_SCREEN if not self._started else HOME
+        self._started = True
+        body = "\n".join(clip(line, cols - 1) + CLEAR_EOL for line in lines)
+        self.stream.write(head + body + "\n" + CLEAR_BELOW)
+        self.stream.flush()
+
+    def finish(self, text: str) -> None:
+        """The last frame, in full (it may scroll): what stays on screen afterwards."""
+        if self.tty:
+            self.stream.write(HOME + CLEAR_SCREEN + SHOW_CURSOR)
+            self.tty = False
+        self.show(text)
+        self._closed = True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.tty and self._started:
+            self.stream.write(SHOW_CURSOR)
+            self.stream.flush()
+
+    def __enter__(self) -> LiveScreen:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def status_main(url: str, *, watch: bool = False, interval: float = 2.0, as_json: bool = False,
+                color: bool | None = None, stream: IO[str] | None = None) -> int:
+    """`otelwatch status`. A daemon never reached is an error (exit 1, likely a wrong
+    URL); with --watch, one lost after it answered is shown in place and retried."""
+    out = stream if stream is not None else sys.stdout
+    color = use_color(out) if color is None else color and use_color(out)
+    screen = LiveScreen(out, tty=None if watch and not as_json else False)
+    reached = False
+    try:
+        with screen:
+            while True:
+                try:
+                    sessions = fetch_sessions(url)
+                    reached = True
+                    if as_json:
+                        text = json.dumps(sessions, indent=2)
+                    else:
+                        text = format_table(sessions, time.time(), color=color)
+                        if watch and screen.tty:
+                            text += (f"\n\n{url}  every {interval:g} s  {time.strftime('%H:%M:%S')}"
+                                     "  (Ctrl-C to stop; `otelwatch top` for a live view with details)")
+                except (urllib.error.URLError, OSError, ValueError) as exc:
+                    reason = getattr(exc, "reason", exc)
+                    message = f"otelwatch status: cannot reach the daemon at {url}: {reason}"
+                    if not reached or not watch:
+                        print(message, file=sys.stderr)
+                        return 1
+                    if not screen.tty:
+                        print(message + f" (retrying every {interval:g} s)", file=sys.stderr)
+                        text = ""
+                    else:
+                        text = f"{message}\nretrying every {interval:g} s ({time.strftime('%H:%M:%S')})"
+                if text:
+                    screen.show(text)
+                if not watch:
+                    return 0
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
