@@ -8,6 +8,12 @@ talk to the daemon and work when it is not running. Imports stay minimal
 (no psutil, no OpenTelemetry, no logging): the whole command is budgeted at
 well under 100 ms including interpreter start.
 
+Reading stdin is bounded by time (`STDIN_TIMEOUT_S` for the whole read) and by
+memory (the first `MAX_PAYLOAD_BYTES` and the last 64 KiB are kept; the rest is
+read and dropped, so the agent's write completes instead of failing with EPIPE).
+A payload that is complete JSON ends the read even if the writer never closes
+the pipe.
+
 `payload_to_event` is shared with the daemon's `POST /api/events`.
 """
 
@@ -23,10 +29,11 @@ from typing import Any, BinaryIO
 from otelwatch.events import hook_event
 from otelwatch.model import Event, EventKind
 
-__all__ = ["MAX_PAYLOAD_BYTES", "agent_pid", "event_main", "hook_main", "payload_to_event"]
+__all__ = ["MAX_PAYLOAD_BYTES", "STDIN_TIMEOUT_S", "agent_pid", "event_main", "hook_main", "payload_to_event"]
 
 MAX_PAYLOAD_BYTES = 4 << 20  # a PostToolUse payload carries the tool's output; we need the head
-_DRAIN_BYTES = 64 << 20  # read (and drop) at most this much more so the agent's write completes
+STDIN_TIMEOUT_S = 2.0  # the whole stdin read: a writer that never closes must not hold the agent
+_CHUNK_BYTES = 1 << 20
 _TAIL_BYTES = 64 << 10  # of a truncated payload, the head and this much of the end are searched
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "fish", "ksh", "mksh", "busybox"})
 
@@ -86,9 +93,7 @@ def payload_to_event(payload: Mapping[str, Any], now: float, source: str) -> Eve
 def hook_main(agent: str, stdin: BinaryIO) -> int:
     """`otelwatch hook AGENT`: record the hook payload on stdin. Always returns 0."""
     try:
-        data = stdin.read(MAX_PAYLOAD_BYTES + 1)
-        truncated = len(data) > MAX_PAYLOAD_BYTES
-        tail = _drain(stdin, data[-_TAIL_BYTES:]) if truncated else b""
+        data, tail, truncated = read_stdin(stdin, time.monotonic() + STDIN_TIMEOUT_S)
         payload = _decode_payload(data, tail, truncated)
         sid = payload.get("session_id")
         if not isinstance(sid, str) or not sid:
@@ -127,6 +132,13 @@ def _record(session_id: str, event: Event, agent: str | None, pid: int | None) -
     create_time = None
     if pid is None:
         pid, create_time = agent_pid()
+    else:
+        # Bind an explicit --pid to the process holding it now, so that the record
+        # can never be taken for a later process that reuses the PID.
+        from otelwatch.proctable import read_proc
+
+        info = read_proc(pid)
+        create_time = round(info.create_time, 2) if info is not None else None
     agent = AGENT_NAMES.get(agent, agent) if agent else None
     record = make_record(event, session_id, pid=pid, agent=agent, create_time=create_time)
     append_records(paths.spool_dir, session_id, [record])
@@ -186,16 +198,61 @@ def _decode_payload(data: bytes, tail: bytes, truncated: bool) -> Mapping[str, A
     return out
 
 
-def _drain(stdin: BinaryIO, last: bytes) -> bytes:
-    """Read the rest of stdin (bounded), keeping only its last _TAIL_BYTES."""
-    left = _DRAIN_BYTES
-    while left > 0:
-        chunk = stdin.read(min(1 << 20, left))
+def read_stdin(stdin: BinaryIO, deadline: float) -> tuple[bytes, bytes, bool]:
+    """(head, tail, truncated) of the payload on stdin, read until EOF, a complete JSON
+    object, or `deadline` (time.monotonic()), whichever comes first.
+
+    head is at most MAX_PAYLOAD_BYTES; past that, the rest is read and dropped
+    (keeping its last _TAIL_BYTES as tail) so that the writer never sees EPIPE
+    while we are within the deadline. Raises OSError only if stdin is unusable.
+    """
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # an in-memory stream (the Python API, tests)
+        fd = -1
+    head = bytearray()
+    tail = b""
+    truncated = False
+    poller = None
+    if fd >= 0:
+        import select
+
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+    while True:
+        if poller is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                break  # the writer holds the pipe open: keep what came
+            chunk = os.read(fd, _CHUNK_BYTES)
+        else:
+            if time.monotonic() > deadline:
+                break
+            chunk = stdin.read(_CHUNK_BYTES)
         if not chunk:
             break
-        left -= len(chunk)
-        last = (last + chunk)[-_TAIL_BYTES:]
-    return last
+        if truncated:
+            tail = chunk[-_TAIL_BYTES:] if len(chunk) >= _TAIL_BYTES else (tail + chunk)[-_TAIL_BYTES:]
+            continue
+        room = MAX_PAYLOAD_BYTES - len(head)
+        head += chunk[:room]
+        if len(chunk) > room:
+            truncated = True
+            tail = (bytes(head[-_TAIL_BYTES:]) + chunk[room:])[-_TAIL_BYTES:]
+        elif poller is not None and not poller.poll(0) and _complete_json(head):
+            break  # a whole object and nothing more waiting: do not wait for EOF
+    return bytes(head), tail, truncated
+
+
+def _complete_json(data: bytearray) -> bool:
+    """Cheap test first (an object ends with '}'), then a parse; asked only when the writer pauses."""
+    if not data.rstrip().endswith(b"}"):
+        return False
+    try:
+        json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _warn(message: str) -> None:

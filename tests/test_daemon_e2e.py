@@ -108,7 +108,8 @@ def test_healthz_and_post_events(zoo: tuple[Daemon, TcpServer]) -> None:
     daemon, _ = zoo
     status, body = http_get(daemon.url + "/healthz")
     assert status == 200 and json.loads(body)["ok"] is True
-    req = urllib.request.Request(daemon.url + "/api/events", data=b"not json", method="POST")
+    req = urllib.request.Request(daemon.url + "/api/events", data=b"not json", method="POST",
+                                 headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=3)
     assert err.value.code == 400

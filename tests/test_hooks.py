@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from procs import REPO
 
-from otelwatch.hooks import agent_pid, event_main, hook_main, payload_to_event
+from otelwatch.hooks import STDIN_TIMEOUT_S, agent_pid, event_main, hook_main, payload_to_event
 from otelwatch.model import EventKind
 from otelwatch.sources.spool import SpoolSource, append_records, safe_name, spool_path
 
@@ -224,3 +224,74 @@ def test_spool_files_of_long_ended_sessions_are_removed(tmp_path: Path) -> None:
     (rings / "a.stderr").write_text("boom")
     os.utime(rings / "a.stderr", (now - 10,) * 2)
     assert remove_older_than(rings, ".stderr", 5, now) == 1 and not any(rings.iterdir())
+
+
+# --------------------------------------------------------------------------- stdin under abuse
+
+
+def test_hook_with_stdin_held_open_returns_at_once(tmp_path: Path) -> None:
+    """The writer sends a whole payload and never closes the pipe: the hook does not wait for EOF."""
+    env = {**os.environ, "OTELWATCH_STATE_DIR": str(tmp_path)}
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "otelwatch", "hook", "claude"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(payload("Stop"))
+        proc.stdin.flush()
+        rc = proc.wait(timeout=STDIN_TIMEOUT_S + 5)
+        took = time.monotonic() - start
+    finally:
+        proc.kill()
+        out, err = proc.communicate()
+    print(f"\nhook with stdin held open: exit {rc} after {took * 1000:.0f} ms")
+    assert rc == 0 and out == b"" and err == b""
+    assert took < STDIN_TIMEOUT_S  # did not wait for the deadline, let alone for EOF
+    assert [r["type"] for r in records(tmp_path, "3f2c-uuid")] == ["Stop"]
+
+
+def test_hook_read_is_bounded_by_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Half a payload and a writer that never closes: the deadline ends the read, exit 0."""
+    import otelwatch.hooks as hooks
+
+    monkeypatch.setenv("OTELWATCH_STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(hooks, "STDIN_TIMEOUT_S", 0.3)
+    r, w = os.pipe()
+    try:
+        os.write(w, payload("Stop")[:20])
+        with os.fdopen(r, "rb") as stdin:
+            start = time.monotonic()
+            assert hook_main("claude", stdin) == 0
+            took = time.monotonic() - start
+    finally:
+        os.close(w)
+    assert 0.25 < took < 1.0
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    assert not (tmp_path / "events").exists()
+
+
+def test_hook_with_100_mb_stdin_exits_0_without_epipe(tmp_path: Path) -> None:
+    head = json.dumps({**BASE, "hook_event_name": "PostToolUse", "tool_name": "Read"})[:-1].encode()
+    data = head + b', "tool_response": "' + b"x" * (100 << 20) + b'", "tool_use_id": "toolu_last"}'
+    env = {**os.environ, "OTELWATCH_STATE_DIR": str(tmp_path)}
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "otelwatch", "hook", "claude"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(data)  # BrokenPipeError here is the failure under test
+        proc.stdin.close()
+        rc = proc.wait(timeout=STDIN_TIMEOUT_S + 5)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    took = time.monotonic() - start
+    print(f"\nhook with 100 MB on stdin: exit {rc} after {took * 1000:.0f} ms")
+    assert rc == 0 and err == b""
+    [rec] = records(tmp_path, "3f2c-uuid")
+    assert (rec["type"], rec["tool_call"], rec["tool_id"]) == ("PostToolUse", "close", "toolu_last")

@@ -234,3 +234,34 @@ def test_an_alias_never_ends_or_rekeys_another_session(tmp_path: Path, spawn: An
         assert snaps["B"].pid == b.pid
     finally:
         w.stop()
+
+
+FOREIGN_POST = """
+import os, socket, sys
+os.setgid(4242)
+os.setuid(4242)
+host, port = sys.argv[1], int(sys.argv[2])
+body = b'{"session_id": "victim", "type": "turn_start"}'
+s = socket.socket()
+s.connect((host, port))
+s.sendall(b"POST /api/events HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nContent-Type: application/json\\r\\n"
+          b"Content-Length: " + str(len(body)).encode() + b"\\r\\nConnection: close\\r\\n\\r\\n" + body)
+print(s.recv(4096).split(b"\\r\\n")[0].decode())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_other_users_cannot_post_events(tmp_path: Path) -> None:
+    """The loopback listener is reachable by every local user; only otelwatch's own user,
+    root and recovery.users may add events (the kernel says who owns the client's socket)."""
+    daemon = start_daemon(tmp_path, {})
+    try:
+        port = daemon.url.rsplit(":", 1)[1]
+        out = subprocess.run([sys.executable, "-c", FOREIGN_POST, "127.0.0.1", port], capture_output=True,
+                             timeout=10, cwd="/")
+        assert out.stdout.decode().strip().endswith("403 Forbidden"), out
+        assert post(daemon, {"session_id": "victim", "type": "turn_start"}) == 202  # our own user may
+        refused = [e for e in log_lines(daemon) if e.get("event") == "http.refused"]
+        assert any("uid 4242" in json.dumps(e) for e in refused), refused
+    finally:
+        daemon.cleanup()

@@ -1,7 +1,8 @@
 """The recovery actuator's OS side: identities, guarded signals, the command, the state file.
 
 This module owns every side effect of recovery: reading a process's identity
-fresh from /proc just before it is signalled, sending SIGTERM/SIGKILL to a
+fresh (from /proc, or through psutil with that probe backend) just before it is
+signalled, sending SIGTERM/SIGKILL to a
 process group or to single processes, running the configured command (an argv,
 never a shell), and the JSON state file (atomic write under an fcntl lock).
 
@@ -18,21 +19,22 @@ import fcntl
 import json
 import logging
 import os
-import pwd
 import re
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from otelwatch.backends import resolve, table_reader
 from otelwatch.model import ProcessIdentity
 from otelwatch.procfs import ProcessGone, owner_uid
-from otelwatch.proctable import ProcessTableReader, ProcInfo, read_boot_time, read_proc
+from otelwatch.proctable import ProcessTable, ProcInfo, read_boot_time, read_proc
 from otelwatch.recovery.policy import same_identity
+from otelwatch.sources.trust import resolve_users
 
 log = logging.getLogger("otelwatch.recovery")
 
@@ -55,41 +57,35 @@ GONE_STATES = frozenset({"Z", "X", "x"})  # exited: a zombie does no work and ho
 # --------------------------------------------------------------------------- who is who
 
 
-def resolve_users(names: Iterable[str]) -> frozenset[int]:
-    """recovery.users as uids; empty means the user otelwatch runs as. Unknown names are
-    dropped with a warning (an empty result allows nobody: fail closed)."""
-    names = list(names)
-    if not names:
-        return frozenset({os.getuid()})
-    out: set[int] = set()
-    for name in names:
-        if name.isdigit():
-            out.add(int(name))
-            continue
-        try:
-            out.add(pwd.getpwnam(name).pw_uid)
-        except KeyError:
-            log.warning("recovery.users: no such user %r; it is ignored", name)
-    return frozenset(out)
-
-
-def ancestors_of(pid: int, proc_root: str = "/proc") -> frozenset[int]:
-    """pid's ancestors (parent, grandparent, ...), read from /proc now."""
-    return frozenset(ProcessTableReader(proc_root).read().ancestors(pid))
+def ancestors_of(pid: int, proc_root: str = "/proc", backend: str = "auto") -> frozenset[int]:
+    """pid's ancestors (parent, grandparent, ...), read now."""
+    return frozenset(table_reader(backend, proc_root).read().ancestors(pid))
 
 
 class ProcView:
-    """Fresh reads of single processes (never a cached table): identity, state, owner."""
+    """Fresh reads of single processes (never a cached table): identity, state, owner.
+    `backend` is the probe's ([probe] backend), so identities are read as the probe read them."""
 
-    def __init__(self, proc_root: str = "/proc", boot_time: float | None = None) -> None:
+    def __init__(self, proc_root: str = "/proc", boot_time: float | None = None, backend: str = "auto") -> None:
         self.proc_root = proc_root
+        self._psutil = resolve(backend, proc_root) == "psutil"
         # The boot time the daemon's probe computed its identities with: the strict identity
         # comparison is then exact (same float path), whatever btime does later.
-        self.boot_time = read_boot_time(proc_root) if boot_time is None else boot_time
+        if boot_time is not None:
+            self.boot_time = boot_time
+        elif self._psutil:
+            self.boot_time = table_reader("psutil").boot_time
+        else:
+            self.boot_time = read_boot_time(proc_root)
 
     def read(self, pid: int) -> ProcInfo | None:
         if pid <= 0:
             return None
+        if self._psutil:
+            from otelwatch.probe_psutil import boot_offset, read_info
+
+            got = read_info(pid, boot_offset(self.boot_time))
+            return None if got is None else got[0]
         return read_proc(pid, self.proc_root, self.boot_time)
 
     def alive(self, ident: ProcessIdentity) -> bool:
@@ -100,13 +96,18 @@ class ProcView:
     def uid(self, pid: int) -> int | None:
         """The owner as the probe sees it (procfs.owner_uid), so the uid checked before a
         signal is the one the owner gate decided on; None when gone or unreadable."""
+        if self._psutil:
+            from otelwatch.probe_psutil import effective_uid
+
+            return effective_uid(pid)
         try:
             return owner_uid(pid, self.proc_root)
         except (OSError, ProcessGone):
             return None
 
-    def table(self) -> Iterable[ProcInfo]:
-        return ProcessTableReader(self.proc_root, boot_time=self.boot_time).read()
+    def table(self) -> ProcessTable:
+        return table_reader("psutil" if self._psutil else "procfs", self.proc_root,
+                            boot_time=self.boot_time).read()
 
 
 # --------------------------------------------------------------------------- signals
@@ -344,6 +345,7 @@ def run_command(argv: Sequence[str], timeout: float, stop: threading.Event) -> C
 # --------------------------------------------------------------------------- state file
 
 STATE_VERSION = 1
+STATE_MAX_BYTES = 16 << 20  # a real state file is a few kB; more is not ours to parse
 
 
 class StateStore:
@@ -366,18 +368,19 @@ class StateStore:
             finally:
                 os.close(fd)  # closing releases the lock
 
-    def load(self) -> dict[str, Any]:
+    def load(self, check: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
         """The stored state, or an empty one. A corrupt or untrusted file is moved aside
-        with a warning: losing the rate-limit record must not stop the daemon."""
+        with a warning: losing the rate-limit record must not stop the daemon. `check`
+        names what is wrong with the contents ("" when nothing); its verdict counts as corrupt."""
         empty: dict[str, Any] = {"version": STATE_VERSION, "recoveries": [], "escalations": [],
                                  "given_up": []}
         try:
-            return self._load(empty)
+            return self._load(empty, check)
         except OSError as exc:  # e.g. the state directory cannot be created
             log.warning("could not read recovery state file %s: %s; starting empty", self.path, exc)
             return empty
 
-    def _load(self, empty: dict[str, Any]) -> dict[str, Any]:
+    def _load(self, empty: dict[str, Any], check: Callable[[dict[str, Any]], str] | None) -> dict[str, Any]:
         with self._locked():
             try:
                 st = self.path.stat()
@@ -388,12 +391,16 @@ class StateStore:
                 problem = f"owned by uid {st.st_uid}, not {os.geteuid()}"
             elif st.st_mode & 0o022:
                 problem = "group- or world-writable"
+            elif st.st_size > STATE_MAX_BYTES:
+                problem = f"is too large ({st.st_size} bytes, at most {STATE_MAX_BYTES})"
             data: Any = None
             if not problem:
                 try:
                     data = json.loads(self.path.read_text(encoding="utf-8"))
                     problem = _validate(data)
-                except (OSError, ValueError) as exc:
+                    if not problem and check is not None:
+                        problem = check(data)
+                except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
                     problem = f"unreadable: {exc}"
             if problem:
                 aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")

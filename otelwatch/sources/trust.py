@@ -13,10 +13,15 @@ untrusted path: callers get a reason string ("" means trusted) and decide.
 
 from __future__ import annotations
 
+import logging
 import os
+import pwd
 import stat
+from collections.abc import Iterable
 
-__all__ = ["untrusted_dir", "untrusted_file", "untrusted_stat"]
+__all__ = ["resolve_users", "untrusted_dir", "untrusted_file", "untrusted_stat"]
+
+log = logging.getLogger("otelwatch.sources.trust")
 
 
 def untrusted_stat(st: os.stat_result, uid: int, what: str, path: object) -> str:
@@ -47,3 +52,22 @@ def untrusted_file(st: os.stat_result, uid: int, path: object) -> str:
     if not stat.S_ISREG(st.st_mode):
         return f"{path} is not a regular file"
     return untrusted_stat(st, uid, "file", path)
+
+
+def resolve_users(names: Iterable[str]) -> frozenset[int]:
+    """`recovery.users` as uids (the owners recovery may act on, and the users whose
+    processes may post events); empty means the user otelwatch runs as. Unknown names
+    are dropped with a warning (an empty result allows nobody: fail closed)."""
+    names = list(names)
+    if not names:
+        return frozenset({os.getuid()})
+    out: set[int] = set()
+    for name in names:
+        if name.isdigit():
+            out.add(int(name))
+            continue
+        try:
+            out.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            log.warning("recovery.users: no such user %r; it is ignored", name)
+    return frozenset(out)
