@@ -24,6 +24,7 @@ has not just shown to pass every gate.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -49,6 +50,8 @@ from otelwatch.recovery.actuator import (
     wait_gone,
 )
 from otelwatch.recovery.policy import (
+    KIND_NETWORK,
+    KIND_STUCK,
     RATE_WINDOW,
     Decision,
     PolicyContext,
@@ -66,6 +69,68 @@ log = logging.getLogger("otelwatch.recovery")
 HISTORY_STEPS = 50  # per session, for /api/sessions
 HISTORY_SESSIONS = 256  # sessions whose history is kept after they ended
 GIVEN_UP_KEEP = 100
+
+# What a value in the state file may be. Anything else is a corrupt file (moved aside
+# whole, never half-trusted): the file decides whose processes may be signalled.
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT: no pid is larger
+STATE_LIST_MAX = 10_000  # entries per list; a real file holds a handful
+SNAPSHOT_MAX = 100_000  # processes in one escalation's tree snapshot
+TEXT_MAX = 4096  # characters of a session id, agent, reason
+FUTURE_SLACK_S = 86_400.0  # a wall-clock time later than now + this is out of range
+STEPS = ("requested", "sigterm", "sigkill", "command")
+
+
+class _Corrupt(ValueError):
+    """A value of the state file that is of the wrong type or out of range; says where."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value: Any, where: str, lo: float, hi: float) -> float:
+    """A finite real in [lo, hi] (JSON's 1e999 is inf, NaN parses too; bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Corrupt(f"{where} = {_show(value)} is not a number")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        number = math.inf
+    if not math.isfinite(number) or not lo <= number <= hi:
+        raise _Corrupt(f"{where} = {_show(value)} is out of range ({lo:.0f}..{hi:.0f})")
+    return number
+
+
+def _integer(value: Any, where: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Corrupt(f"{where} = {_show(value)} is not an integer")
+    if not lo <= value <= hi:
+        raise _Corrupt(f"{where} = {_show(value)} is out of range ({lo}..{hi})")
+    return value
+
+
+def _text(value: Any, where: str, choices: tuple[str, ...] = ()) -> str:
+    if not isinstance(value, str) or (choices and value not in choices) or len(value) > TEXT_MAX:
+        expected = f"one of {list(choices)}" if choices else f"a string of at most {TEXT_MAX} characters"
+        raise _Corrupt(f"{where} = {_show(value)} is not {expected}")
+    return value
+
+
+def _items(value: Any, where: str, most: int) -> list[Any]:
+    if not isinstance(value, list):
+        raise _Corrupt(f"{where} is not a list")
+    if len(value) > most:
+        raise _Corrupt(f"{where} has {len(value)} entries (at most {most})")
+    return value
+
+
+def _identity(value: Any, where: str, now: float) -> ProcessIdentity:
+    """[pid, create_time] as written by `to_json`."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise _Corrupt(f"{where} = {_show(value)} is not a [pid, create_time] pair")
+    return ProcessIdentity(_integer(value[0], f"{where}[0]", 1, PID_MAX),
+                           _number(value[1], f"{where}[1]", 0.0, now + FUTURE_SLACK_S))
 
 
 @dataclass
@@ -96,18 +161,67 @@ class _Escalation:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> _Escalation:
-        ident = ProcessIdentity(int(d["pid"]), float(d["create_time"]))
-        snapshot = tuple(ProcessIdentity(int(p), float(c)) for p, c in d.get("snapshot") or ())
+    def from_json(cls, d: Any, now: float, where: str = "escalation") -> _Escalation:
+        """Strict: raises `_Corrupt` naming the first field that is missing, of the wrong
+        type or out of range (`now`, wall clock, bounds the times)."""
+        if not isinstance(d, dict):
+            raise _Corrupt(f"{where} is not an object")
+        missing = [k for k in ("session_id", "pid", "create_time", "step", "time") if k not in d]
+        if missing:
+            raise _Corrupt(f"{where} lacks {missing}")
+        latest = now + FUTURE_SLACK_S
+        ident = ProcessIdentity(_integer(d["pid"], f"{where}.pid", 1, PID_MAX),
+                                _number(d["create_time"], f"{where}.create_time", 0.0, latest))
+        snapshot = tuple(_identity(item, f"{where}.snapshot[{i}]", now)
+                         for i, item in enumerate(_items(d.get("snapshot", []), f"{where}.snapshot",
+                                                         SNAPSHOT_MAX)))
         if not snapshot or not same_identity(snapshot[0], ident):
             snapshot = (ident, *snapshot)
-        step_name = str(d["step"])
-        if step_name not in ("requested", "sigterm", "sigkill", "command"):
-            raise ValueError(f"unknown step {step_name!r}")
-        return cls(str(d["session_id"]), str(d.get("agent", "unknown")), str(d.get("action", "signal")),
-                   str(d.get("reason", "")), str(d.get("kind", "stuck")), ident, int(d.get("pgid", 0)),
-                   snapshot, step_name, float(d["time"]), float(d.get("requested_at", d["time"])),
-                   int(d.get("events", 0)))
+        t = _number(d["time"], f"{where}.time", 0.0, latest)
+        session_id = _text(d["session_id"], f"{where}.session_id")
+        if not session_id:
+            raise _Corrupt(f"{where}.session_id is empty")
+        return cls(
+            session_id,
+            _text(d.get("agent", "unknown"), f"{where}.agent"),
+            _text(d.get("action", "signal"), f"{where}.action", ("signal", "command")),
+            _text(d.get("reason", ""), f"{where}.reason"),
+            _text(d.get("kind", KIND_STUCK), f"{where}.kind", (KIND_STUCK, KIND_NETWORK)),
+            ident,
+            _integer(d.get("pgid", 0), f"{where}.pgid", 0, PID_MAX),
+            snapshot,
+            _text(d["step"], f"{where}.step", STEPS),
+            t,
+            _number(d.get("requested_at", t), f"{where}.requested_at", 0.0, latest),
+            _integer(d.get("events", 0), f"{where}.events", 0, 2**63 - 1),
+        )
+
+
+@dataclass(frozen=True)
+class _State:
+    """The state file's contents, every value checked."""
+
+    recent: list[float]
+    given_up: list[ProcessIdentity]
+    escalations: list[_Escalation]
+
+    @classmethod
+    def parse(cls, data: Any, now: float) -> _State:
+        """Raises `_Corrupt` naming the first bad value."""
+        if not isinstance(data, dict):
+            raise _Corrupt("the top level is not an object")
+        latest = now + FUTURE_SLACK_S
+        recent = [t for i, v in enumerate(_items(data.get("recoveries", []), "recoveries", STATE_LIST_MAX))
+                  if (t := _number(v, f"recoveries[{i}]", 0.0, latest)) > now - RATE_WINDOW]
+        given_up = [_identity(v, f"given_up[{i}]", now)
+                    for i, v in enumerate(_items(data.get("given_up", []), "given_up", STATE_LIST_MAX))]
+        escalations = [_Escalation.from_json(v, now, f"escalations[{i}]")
+                       for i, v in enumerate(_items(data.get("escalations", []), "escalations",
+                                                    STATE_LIST_MAX))]
+        ids = [e.session_id for e in escalations]
+        if len(set(ids)) != len(ids):
+            raise _Corrupt("escalations name one session twice")
+        return cls(recent, given_up[-GIVEN_UP_KEEP:], escalations)
 
 
 # (status, detail, give_up) from a worker; None: interrupted by shutdown, resume later.
@@ -137,8 +251,9 @@ class Recovery:
         self._verify_timeout = verify_timeout
         self._poll = poll_interval
         self._self_pid = os.getpid() if self_pid is None else self_pid
-        self._procs = ProcView(proc_root, boot_time)
-        ancestors = ancestors_of(self._self_pid, proc_root)
+        # Re-identified by the probe's backend, with its boot time: identities compare exactly.
+        self._procs = ProcView(proc_root, boot_time, cfg.probe.backend)
+        ancestors = ancestors_of(self._self_pid, proc_root, cfg.probe.backend)
         allowed = frozenset(allowed_uids) if allowed_uids is not None else resolve_users(self._r.users)
         self._ctx = PolicyContext.from_config(cfg, self_pid=self._self_pid, allowed_uids=allowed,
                                               self_ancestors=ancestors)
@@ -465,25 +580,26 @@ class Recovery:
                      duration_s=max(0.0, now - esc.requested_at))
 
     def _load(self) -> None:
-        data = self._store.load()
+        """Read the state file. A value of the wrong type or out of range makes the whole
+        file corrupt: it is moved aside (`<file>.corrupt-<time>`, one warning naming the
+        value) and the daemon starts with an empty state, which can only delay a recovery,
+        never cause one."""
         now = self._clock()
-        recent = [float(t) for t in data.get("recoveries", []) if float(t) > now - RATE_WINDOW]
-        given_up: list[ProcessIdentity] = []
-        for item in data.get("given_up", []):
+        parsed: list[_State] = []
+
+        def check(data: dict[str, Any]) -> str:
             try:
-                given_up.append(ProcessIdentity(int(item[0]), float(item[1])))
-            except (TypeError, ValueError, IndexError):
-                continue
+                parsed.append(_State.parse(data, now))
+            except _Corrupt as exc:
+                return f"has a bad value: {exc}"
+            return ""
+
+        self._store.load(check)
+        state = parsed[0] if parsed else _State([], [], [])
         dropped = False
         with self._lock:
-            self._recent, self._given_up = recent, given_up
-            for raw in data.get("escalations", []):
-                try:
-                    esc = _Escalation.from_json(raw)
-                except (KeyError, TypeError, ValueError) as exc:
-                    log.warning("recovery state: dropping a malformed escalation %r: %s", raw, exc)
-                    dropped = True
-                    continue
+            self._recent, self._given_up = state.recent, state.given_up
+            for esc in state.escalations:
                 if self._procs.alive(esc.identity):
                     self._resumable[esc.session_id] = esc
                 else:

@@ -2,14 +2,18 @@
 
 Owns reading new complete lines of one file across the things files do while
 they are followed: not existing yet, already holding history, growing by
-partial lines, being truncated, being rotated or replaced. Each `poll` reads
-at most `max_read` bytes, so one huge file cannot stall a tick, and never
-holds more than one line's worth of bytes (`MAX_LINE_BYTES`): a longer line is
-skipped as it streams past and counted as malformed.
+partial lines, being truncated (even when regrown past the old offset between
+two polls), being rotated or replaced. Each `poll` reads at most `max_read`
+bytes, so one huge file cannot stall a tick, and never holds more than one
+line's worth of bytes (`MAX_LINE_BYTES`): a longer line is skipped as it
+streams past and counted as malformed.
 
-It never raises for OS errors: they are counted in `errors`, kept in
-`last_error` and logged once per distinct error. It never interprets lines
-beyond handing them to the event parser.
+It never blocks: files are opened with O_NONBLOCK and anything but a regular
+file (a FIFO with no writer would block `open()` forever; sockets, devices,
+directories) is refused before a byte is read. It never raises for OS errors:
+they and refusals are counted in `errors`, kept in `last_error` and logged
+once per distinct problem. It never interprets lines beyond handing them to
+the event parser.
 """
 
 from __future__ import annotations
@@ -17,18 +21,50 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
 from otelwatch.events import MAX_LINE_BYTES, parse_events
 from otelwatch.model import Event
 
-__all__ = ["DEFAULT_MAX_READ", "FileTail", "LineSplitter"]
+__all__ = ["DEFAULT_MAX_READ", "FileTail", "LineSplitter", "NotRegularFile", "open_regular"]
 
 log = logging.getLogger("otelwatch.sources.tail")
 
 DEFAULT_MAX_READ = 4 << 20  # bytes per poll per file
 _CHUNK = 256 << 10
+# What is remembered of the bytes already read, to notice a file truncated and
+# regrown past the old offset between two polls (same inode, size not smaller):
+# its first bytes, and the last bytes before the offset. A rewrite by the same
+# agent may repeat the head (the same init line), hardly also the bytes at the offset.
+_HEAD_BYTES = 512
+_MARK_BYTES = 64
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
+
+
+class NotRegularFile(OSError):
+    """A path that is a FIFO, socket, device or directory, where a file was expected."""
+
+    def __init__(self, path: str, kind: str) -> None:
+        super().__init__(f"{path}: is a {kind}, not a regular file")
+        self.kind = kind
+
+
+def open_regular(path: str | os.PathLike[str], buffering: int = -1) -> BinaryIO:
+    """Open a file for reading without ever blocking the caller: O_NONBLOCK, because
+    open() of a FIFO with no writer waits forever (a device may too), then fstat.
+    Raises `NotRegularFile` for anything but a regular file, OSError as open() does.
+    For every file the loop reads whose path someone else chose."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(os.fspath(path), _file_kind(st.st_mode))
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class LineSplitter:
@@ -104,6 +140,9 @@ class FileTail:
         self._seen_any = False  # first sight of the path done (history dated by mtime)
         self._backlog_end = 0  # bytes present at first sight ...
         self._backlog_time = 0.0  # ... and the mtime that dates them
+        self._head = bytearray()  # the file's first bytes as read (up to _HEAD_BYTES)
+        self._mark = b""  # the last bytes read, just before _offset (up to _MARK_BYTES)
+        self._seen_stat: tuple[int, int] | None = None  # (size, mtime_ns) when last compared
         self._logged: set[str] = set()
 
     # ------------------------------------------------------------------ public
@@ -176,31 +215,80 @@ class FileTail:
             if budget <= 0:
                 return out
         if self._fh is None:
-            try:
-                self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open between polls
-                st = os.fstat(self._fh.fileno())
-            except OSError as exc:
-                self.release()
-                self._error(exc)
+            if not stat.S_ISREG(st.st_mode):  # refused before it is even opened
+                self._refuse(_file_kind(st.st_mode))
                 return out
+            opened = self._open()
+            if opened is None:
+                return out
+            st = opened
             if (st.st_dev, st.st_ino) != self._ident:  # a new file, not a released one: from its top
                 self._ident = (st.st_dev, st.st_ino)
-                self._offset = 0
-                self._lines.reset()
+                self._restart()
                 if not self._seen_any:
                     # History present at first sight: date it by when it was last written.
                     self._backlog_end = st.st_size
                     self._backlog_time = min(st.st_mtime, now)
-                else:
-                    self._backlog_end = 0
             self._seen_any = True
-        if st.st_size < self._offset:
-            # Truncated in place: start again from the top.
-            self._offset = 0
-            self._lines.reset()
-            self._backlog_end = 0
+        if st.st_size < self._offset or self._rewritten(st):
+            # Truncated in place (and maybe regrown past our offset already): from the top.
+            self._restart()
         self._read(out, now, self.max_read)
         return out
+
+    def _open(self) -> os.stat_result | None:
+        """Open the path without blocking; its fstat, or None (counted) when it cannot be
+        read or is not a regular file (the path may have changed since the stat)."""
+        try:
+            fh = open_regular(self.path, buffering=0)
+        except NotRegularFile as exc:
+            self._refuse(exc.kind)
+            return None
+        except OSError as exc:
+            self._error(exc)
+            return None
+        try:
+            st = os.fstat(fh.fileno())
+        except OSError as exc:
+            fh.close()
+            self._error(exc)
+            return None
+        self._fh = fh
+        return st
+
+    def _restart(self) -> None:
+        """Read the file from its top again; its lines are new ones (dated by the poll)."""
+        self._offset = 0
+        self._lines.reset()
+        self._backlog_end = 0
+        self._head.clear()
+        self._mark = b""
+        self._seen_stat = None
+
+    def _rewritten(self, st: os.stat_result) -> bool:
+        """Whether the bytes already read changed: truncated and written again past our
+        offset between two polls. Compared only when size or mtime moved since the last
+        comparison, so an idle file costs no reads."""
+        seen = (st.st_size, st.st_mtime_ns)
+        if self._offset == 0 or seen == self._seen_stat or self._fh is None:
+            return False
+        self._seen_stat = seen
+        fd = self._fh.fileno()
+        try:
+            if self._head and os.pread(fd, len(self._head), 0) != self._head:
+                return True
+            return bool(self._mark) and os.pread(fd, len(self._mark), self._offset - len(self._mark)) != self._mark
+        except OSError as exc:
+            self._error(exc)
+            return False
+
+    def _refuse(self, kind: str) -> None:
+        self.errors += 1
+        self.last_error = f"{self.path}: is a {kind}, not a regular file"
+        if f"refused:{kind}" not in self._logged:
+            self._logged.add(f"refused:{kind}")
+            log.warning("cannot read events file %s: it is a %s, not a regular file; refused",
+                        self.path, kind)
 
     def _read(self, out: list[tuple[bytes, float]], now: float, budget: int) -> int:
         """Read up to budget bytes from the open file; returns the budget left."""
@@ -223,6 +311,9 @@ class FileTail:
     def _split(self, data: bytes, out: list[tuple[bytes, float]], now: float) -> None:
         base = self._offset
         self._offset += len(data)
+        if base < _HEAD_BYTES:
+            self._head += data[:_HEAD_BYTES - base]
+        self._mark = (self._mark + data[-_MARK_BYTES:])[-_MARK_BYTES:]
         for line, end in self._lines.feed(data):
             if line.strip():
                 t = self._backlog_time if base + end <= self._backlog_end else now
@@ -241,3 +332,11 @@ class FileTail:
         if key not in self._logged:
             self._logged.add(key)
             log.warning("cannot read events file %s: %s", self.path, exc.strerror or exc)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
