@@ -8,6 +8,8 @@ time one tick costs:
 
   (a) otelwatch: ProcessTableReader().read() + Prober.sample over the N roots
       (time.process_time of this process, which counts all its threads; median per tick);
+  (a') otelwatch's portable backend ([probe] backend = "psutil"): PsutilTableReader().read()
+      + PsutilProber.sample, measured the same way;
   (b) naive psutil: per process oneshot() + net_connections() + num_fds() + cpu_times();
   (c) prometheus-process-exporter (when /usr/bin/prometheus-process-exporter exists),
       configured to match the sleepers, scraped a few times; its CPU comes from
@@ -42,8 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from otelwatch.probe import Prober  # noqa: E402
-from otelwatch.proctable import ProcessTableReader, read_proc  # noqa: E402
+from otelwatch.backends import probe_backend  # noqa: E402
+from otelwatch.proctable import read_proc  # noqa: E402
 
 EXPORTER = "/usr/bin/prometheus-process-exporter"
 NAME = "owbench-sleep"  # comm of the sleepers (15 chars max), what process-exporter matches
@@ -138,10 +140,9 @@ def kill_all(pids: list[int]) -> None:
 # --------------------------------------------------------------------------- measurements
 
 
-def bench_otelwatch(pids: list[int], ticks: int) -> tuple[float, dict[str, float]]:
-    """Median CPU ms per tick (table read + probe), and a check of what it saw."""
-    reader = ProcessTableReader()
-    prober = Prober()
+def bench_otelwatch(pids: list[int], ticks: int, backend: str = "procfs") -> tuple[float, dict[str, float]]:
+    """Median CPU ms per tick (table read + probe) of one probe backend, and a check of what it saw."""
+    reader, prober = probe_backend(backend)
     targets = {f"s{pid}": pid for pid in pids}
     samples = prober.sample(reader.read(), targets, 30.0)  # warm: cmdline cache, threads
     per_tick = []
@@ -280,21 +281,26 @@ def main() -> int:
                 # Let the fork/exec storm settle, then measure the two in alternating rounds
                 # so both see the same machine: a burst of load lands on both, not on one.
                 time.sleep(SETTLE_S)
-                ow_runs, ps_runs = [], []
+                ow_runs, pb_runs, ps_runs = [], [], []
                 ps_ticks = max(1, min(9, 500 // n))  # naive psutil re-reads the TCP table per process
+                pb_ticks = args.ticks or max(3, 300 // n)
                 for _ in range(ROUNDS):
                     ow_run, check = bench_otelwatch(pids, args.ticks or max(10, 3000 // n))
                     ow_runs.append(ow_run)
+                    pb_run, pb_check = bench_otelwatch(pids, pb_ticks, "psutil")
+                    pb_runs.append(pb_run)
                     ps_runs.append(bench_psutil(pids, ps_ticks))
-                ow, ps = statistics.median(ow_runs), statistics.median(ps_runs)
+                ow, pb, ps = (statistics.median(r) for r in (ow_runs, pb_runs, ps_runs))
                 print(f"  otelwatch  {ow:8.1f} ms/tick   saw {check}  (rounds: {fmt_runs(ow_runs)})", flush=True)
+                print(f"  ow psutil  {pb:8.1f} ms/tick   saw {pb_check}  ({pb_ticks} ticks; "
+                      f"rounds: {fmt_runs(pb_runs)})", flush=True)
                 print(f"  psutil     {ps:8.1f} ms/tick   ({ps_ticks} ticks; rounds: {fmt_runs(ps_runs)})",
                       flush=True)
                 pe = bench_exporter(args.scrapes or max(10, 2000 // n), lean=False, tmp=tmp)
                 print(f"  process-exporter (defaults) {fmt(pe)} ms/scrape", flush=True)
                 pel = bench_exporter(args.scrapes or max(10, 2000 // n), lean=True, tmp=tmp)
                 print(f"  process-exporter (lean)     {fmt(pel)} ms/scrape", flush=True)
-                rows.append((n, ow, ps, pe, pel, check))
+                rows.append((n, ow, pb, ps, pe, pel, check))
             finally:
                 kill_all([server_pid])  # first, so its resets close both ends cleanly
                 kill_all(pids)
@@ -306,18 +312,19 @@ def main() -> int:
         f"Python {platform.python_version()}, Linux {platform.release()}.",
         f"Each process: {FILES_PER_PROC} files, {CONNS_PER_PROC} ESTABLISHED TCP connections, "
         "its std streams and what it inherited (FDs as counted below). "
-        "Median CPU time per tick, after 2 s of settling, otelwatch and psutil measured in 3 alternating rounds "
-        "(otelwatch: table read + probe; psutil: per process oneshot + "
-        "net_connections + num_fds + cpu_times) or per scrape (process-exporter, which does not "
-        "count TCP; lean = -gather-smaps=false -threads=false).",
+        "Median CPU time per tick, after 2 s of settling, otelwatch (both probe backends) and psutil measured "
+        "in 3 alternating rounds (otelwatch: table read + probe, procfs backend or psutil backend; "
+        "naive psutil: per process oneshot + net_connections + num_fds + cpu_times) or per scrape "
+        "(process-exporter, which does not count TCP; lean = -gather-smaps=false -threads=false).",
         "",
-        "| N | otelwatch ms | naive psutil ms | process-exporter ms | process-exporter lean ms "
-        "| psutil / otelwatch | exporter / otelwatch | exporter lean / otelwatch |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| N | otelwatch ms | otelwatch psutil backend ms | naive psutil ms | process-exporter ms "
+        "| process-exporter lean ms | psutil backend / otelwatch | naive psutil / otelwatch "
+        "| exporter / otelwatch | exporter lean / otelwatch |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for n, ow, ps, pe, pel, _check in rows:
-        lines.append(f"| {n} | {fmt(ow)} | {fmt(ps)} | {fmt(pe)} | {fmt(pel)} | {ratio(ps, ow)} "
-                     f"| {ratio(pe, ow)} | {ratio(pel, ow)} |")
+    for n, ow, pb, ps, pe, pel, _check in rows:
+        lines.append(f"| {n} | {fmt(ow)} | {fmt(pb)} | {fmt(ps)} | {fmt(pe)} | {fmt(pel)} | {ratio(pb, ow)} "
+                     f"| {ratio(ps, ow)} | {ratio(pe, ow)} | {ratio(pel, ow)} |")
     lines += ["", "What otelwatch saw (last tick): " + "; ".join(
         f"N={n}: {c['ok']:.0f} ok, {c['tcp_per_proc']:.2f} ESTABLISHED and "
         f"{c['fds_per_proc']:.1f} FDs per process" for n, *_rest, c in rows)]

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from otelwatch import procfs
+from otelwatch.backends import probe_backend
 from otelwatch.classify import ReportSchedule, classify, fingerprint, is_late_tick, next_report
 from otelwatch.config import Config, Paths, default_paths
 from otelwatch.events import fold, parse_line
@@ -34,10 +34,12 @@ from otelwatch.hooks import payload_to_event
 from otelwatch.model import (
     Activity,
     Event,
+    EventKind,
     Mode,
     ProcessIdentity,
     Reason,
     RecoveryStep,
+    Runtime,
     SampleStatus,
     SessionInfo,
     SessionSnapshot,
@@ -46,19 +48,35 @@ from otelwatch.model import (
     TreeSample,
     Verdict,
 )
-from otelwatch.probe import Prober, same_process
-from otelwatch.proctable import ProcessTable, ProcessTableReader
+from otelwatch.probe import same_process
+from otelwatch.proctable import ProcessTable
 from otelwatch.recovery import Recovery, SessionView
 from otelwatch.report import build_report, children_detail, session_summary
+from otelwatch.sessions import AliasMap, EndedRegistrations
 from otelwatch.sources.spool import PRUNE_EVERY_S, RETENTION_S, remove_older_than
-from otelwatch.sources.tail import FileTail
+from otelwatch.sources.tail import FileTail, open_regular
+from otelwatch.sources.tmux import PaneInfo
+from otelwatch.sources.transcripts import ClaudeSession, fold_transcript, status_events
+from otelwatch.sources.trust import untrusted_dir
 
 # Lower wins when two sources describe the same process: an explicit registration
 # (exec wrapper, registry file, API) names the session better than discovery.
 SOURCE_PRIORITY = {"exec": 0, "registry": 0, "api": 0, "hook": 1, "tmux": 2, "process": 3}
 PENDING_EVENTS_MAX_SESSIONS = 1000
 PENDING_EVENTS_PER_SESSION = 50
-TRANSCRIPT_RETRY_S = 10.0
+# The inbox between API/HTTP threads and the loop is bounded, and so is the work one tick
+# takes from it (the rest waits for the next tick). POST /api/events is refused (429) well
+# before feed()/add_event() drop anything, so a flood on the listener cannot crowd out the
+# Python API's events.
+INBOX_MAX = 50_000
+INBOX_MAX_HTTP = 20_000
+INBOX_DRAIN_PER_TICK = 10_000
+TRANSCRIPT_RETRY_S = 10.0  # looking again for a transcript no session file names
+# Sessions whose own transcript is their event stream: found by name, or known from hooks.
+_TRANSCRIPT_SOURCES = frozenset({"process", "tmux", "hook"})
+# What SessionSnapshot.last_report keeps of a report: the evidence a person drills into.
+_LAST_REPORT_KEYS = ("event", "state", "reason", "summary", "root", "children", "connections",
+                     "open_tools", "stderr_tail", "repeat")
 
 Subscriber = Callable[[Mapping[str, Any]], None]
 
@@ -83,6 +101,14 @@ class _Tracked:
     ended_at: float | None = None
     snapshot: SessionSnapshot | None = None
     transcript_checked_at: float = 0.0
+    # Claude Code's session file for this process, as read this tick and the tick before:
+    # the CLI's own word on its turn (idle, busy, waiting on its user) and its transcript.
+    claude: ClaudeSession | None = None
+    claude_before: ClaudeSession | None = None
+    # turn_opened_at of the turn after which the session's own processes (or its own
+    # output) showed work: until then a turn-based session is not recoverable, since
+    # an event alone (a forged or stray turn start) must never open the recovery gate.
+    reacted_turn: float | None = None
     untracked: bool = False  # its registration was removed: ends once the process is gone or at once
     dropped: bool = False  # no longer listed at all (untracked while alive)
 
@@ -117,8 +143,8 @@ class Watcher:
         # CLOCK_MONOTONIC stops then, CLOCK_BOOTTIME does not.
         self._boottime = boottime or _boottime_clock(monotonic)
         self._proc_root = proc_root
-        self._reader = ProcessTableReader(proc_root)
-        self._prober = Prober(proc_root=proc_root, clock=clock)
+        # [probe] backend: /proc + netlink (Linux) or psutil (portable); same samples either way.
+        self._reader, self._prober = probe_backend(self.cfg.probe.backend, proc_root, clock=clock)
         if telemetry is None:
             from otelwatch.telemetry import Telemetry
 
@@ -130,7 +156,8 @@ class Watcher:
         self._sources = _Sources(self.cfg, self.paths, self.telemetry)
 
         self._tracked: dict[str, _Tracked] = {}
-        self._aliases: dict[str, str] = {}  # other ids of a session (transcript uuid, hook id) -> key
+        self._aliases = AliasMap()  # other ids of a session (transcript uuid, hook id) -> key
+        self._ended_registrations = EndedRegistrations()
         self._explicit: dict[str, SessionSpec] = {}  # track() calls from the Python API
         self._inbox: deque[tuple[str, Event | bytes, int | None, bool]] = deque()
         self._pending: dict[str, deque[Event]] = {}
@@ -168,25 +195,55 @@ class Watcher:
 
         A line that is not JSON is counted as malformed and skipped; pass
         json_only=False for agents whose output is plain text (every line is then
-        progress). Thread-safe; the line is parsed on the next tick."""
+        progress). Thread-safe; the line is parsed on the next tick. With INBOX_MAX
+        items already queued (the loop is not ticking or far behind) the line is
+        dropped and counted (otelwatch.probe.errors, kind "inbox")."""
+        if len(self._inbox) >= INBOX_MAX:
+            self._probe_problem("inbox", timeout=False)
+            return
         raw = line.encode() if isinstance(line, str) else line
         self._inbox.append((session_id, raw, None, json_only))
 
     def add_event(self, session_id: str, event: Event, pid: int | None = None) -> None:
+        if len(self._inbox) >= INBOX_MAX:  # as feed(): dropped and counted
+            self._probe_problem("inbox", timeout=False)
+            return
         self._inbox.append((session_id, event, pid, True))
 
-    def post_event(self, payload: Any) -> str:
-        """A hook payload or `{"session_id", "type", "tool"}` from POST /api/events.
-        Raises ValueError naming what is wrong. Returns the session id."""
-        if not isinstance(payload, dict):
-            raise ValueError("each event must be a JSON object")
-        session_id = payload.get("session_id")
-        if not isinstance(session_id, str) or not session_id:
-            raise ValueError("event needs a non-empty string 'session_id'")
-        event = payload_to_event(payload, self._clock(), "http")
-        pid = payload.get("pid")
-        self.add_event(session_id, event, pid if isinstance(pid, int) and pid > 0 else None)
-        return session_id
+    def post_event(self, payload: Any) -> list[str]:
+        """Hook payloads or `{"session_id", "type", "tool"}` objects from POST /api/events:
+        one object or a list of them, queued all or none. Returns their session ids.
+
+        Raises ValueError naming what is wrong (and which item of a list), and
+        queue.Full, counted as probe error kind "inbox", when queuing them would take
+        the inbox past INBOX_MAX_HTTP."""
+        from queue import Full
+
+        items = payload if isinstance(payload, list) else [payload]
+        if len(self._inbox) + len(items) > INBOX_MAX_HTTP:
+            self._probe_problem("inbox", timeout=False)
+            raise Full(f"the event inbox is full ({INBOX_MAX_HTTP} events queued); retry after the next tick")
+        now = self._clock()
+        queued: list[tuple[str, Event, int | None, bool]] = []
+        for n, item in enumerate(items):
+            where = f"event {n}: " if isinstance(payload, list) else ""
+            if not isinstance(item, dict):
+                raise ValueError(f"{where}each event must be a JSON object")
+            session_id = item.get("session_id")
+            if not isinstance(session_id, str) or not session_id:
+                raise ValueError(f"{where}event needs a non-empty string 'session_id'")
+            try:
+                # Dated when received, never by the payload: a backdated event could make a
+                # session look silent for longer than it is, or date a turn before the work
+                # that the recovery gate takes as the session's reaction to it.
+                event = replace(payload_to_event(item, now, "http"), time=now)
+            except ValueError as exc:
+                raise ValueError(f"{where}{exc}") from None
+            pid = item.get("pid")
+            ok_pid = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
+            queued.append((session_id, event, pid if ok_pid else None, True))
+        self._inbox.extend(queued)
+        return [item[0] for item in queued]
 
     def subscribe(self, callback: Subscriber) -> None:
         """`callback(report)` for every stalled/stuck report, recovery step, state change and
@@ -198,7 +255,7 @@ class Watcher:
             return list(self._snapshots)
 
     def session(self, session_id: str) -> SessionSnapshot | None:
-        key = self._aliases.get(session_id, session_id)
+        key = self._aliases.resolve(session_id)
         for snap in self.sessions():
             if snap.session_id in (session_id, key):
                 return snap
@@ -295,7 +352,7 @@ class Watcher:
         for spec in sorted(specs, key=lambda s: SOURCE_PRIORITY.get(s.source, 9)):
             if spec.source in ("registry", "exec", "api"):
                 seen_registered.add(spec.session_id)
-            self._merge_spec(spec, now)
+            self._merge_spec(spec, table, now)
         for sid, events in spool_events.items():
             for event in events:
                 self._deliver(sid, event, None)
@@ -306,26 +363,44 @@ class Watcher:
             judged = source == "api" or (source in ("registry", "exec") and self._sources.registry_ok)
             if judged and tracked.key not in seen_registered and tracked.ended_at is None:
                 tracked.untracked = True
-        # Runtime liveness: sessions whose agent is (or was) under a live tmux pane.
-        under_pane = self._sources.under_live_pane
-        for tracked in self._tracked.values():
-            if tracked.spec.pid in under_pane and tracked.spec.runtime_alive is not True:
-                tracked.spec = replace(tracked.spec, runtime_alive=True)
+        # The runtime axis, re-checked every tick (not remembered): each agent names the tmux
+        # pane it runs in (or ran in, while the pane outlives it); one no scan finds any more
+        # is unknown again, and asked afresh if its agent dies (see _classify).
+        panes = self._sources.panes  # None: tmux off, or its scan failed this tick
+        for tracked in self._tracked.values() if panes is not None else ():
+            spec = tracked.spec
+            if tracked.ended_at is not None or spec.pid is None:
+                continue
+            pane = panes.get(spec.pid)  # type: ignore[union-attr]
+            if pane is not None:
+                runtime = Runtime("tmux", pane.target)
+                if spec.runtime != runtime or spec.runtime_alive is not True:
+                    tracked.spec = replace(spec, runtime=runtime, runtime_alive=True)
+            elif spec.runtime_alive is True:
+                tracked.spec = replace(spec, runtime_alive=None)
         self._match_transcripts(table, now)
 
     def _agent_pids(self) -> set[int]:
         return {t.spec.pid for t in self._tracked.values() if t.spec.pid is not None and t.ended_at is None}
 
-    def _merge_spec(self, spec: SessionSpec, now: float) -> None:
-        key = self._aliases.get(spec.session_id, spec.session_id)
-        tracked = self._tracked.get(key)
-        if tracked is not None and _replaces_process(spec, tracked.spec):
+    def _merge_spec(self, spec: SessionSpec, table: ProcessTable, now: float) -> None:
+        tracked = self._tracked.get(spec.session_id)
+        if tracked is None:
+            key = self._aliases.get(spec.session_id)
+            aliased = self._tracked.get(key) if key is not None else None
+            # An alias only joins descriptions of the same process. One naming another
+            # pid is stale or forged: it must never end or re-key the session it points at.
+            if aliased is not None and (spec.pid is None or spec.pid == aliased.spec.pid):
+                tracked = aliased
+            elif aliased is not None:
+                self._aliases.discard(spec.session_id)
+        if tracked is not None and _replaces_process(spec, tracked.spec) and tracked.key == spec.session_id:
             # Re-registered under the same id with another process (an orchestrator
             # restarted its agent): the old one ends here, the new one starts clean,
             # never inheriting the old history (or its recovery window).
             if tracked.ended_at is None:
                 self._end(tracked, now)
-            self._forget(key)
+            self._forget(tracked.key)
             tracked = None
         if tracked is not None:
             if tracked.ended_at is None or spec.pid == tracked.spec.pid:
@@ -339,15 +414,27 @@ class Watcher:
                     if SOURCE_PRIORITY.get(spec.source, 9) < SOURCE_PRIORITY.get(other.spec.source, 9):
                         self._rekey(other, spec)
                     else:
-                        self._aliases[spec.session_id] = other.key
+                        self._aliases.add(spec.session_id, other.key)
                         other.spec = _merged(other.spec, spec)
                     return
         if spec.pid is None:
             return  # nothing to probe yet; its events wait in _pending
+        if self._ended_registrations.ended(spec.session_id, spec.pid, spec.registered_at):
+            return  # a registration whose process is gone stays ended (no summary every retention)
         tracked = _Tracked(key=spec.session_id, spec=spec, started_at=now, state_since=now)
-        if spec.create_time is not None:
-            tracked.identity = ProcessIdentity(spec.pid, spec.create_time)
+        identity, reused = _bind_identity(spec, table)
+        tracked.identity = identity
         self._tracked[tracked.key] = tracked
+        if reused:
+            # The registered process is gone and its PID belongs to a process started
+            # after the registration was written: never adopt it, never signal it.
+            self._log("session.pid_reused", {"session_id": spec.session_id, "pid": spec.pid,
+                                             "registered_at": spec.registered_at}, "warning")
+            tracked.verdict = Verdict(State.EXITED, Reason.PROCESS_EXITED, 0.0,
+                                      {"detail": f"pid {spec.pid} was reused after the registration was written"})
+            tracked.snapshot = self._snapshot(tracked, now)
+            self._end(tracked, now)
+            return
         for event in self._pending.pop(spec.session_id, ()):
             tracked.activity = tracked.activity.apply(event)
 
@@ -358,10 +445,7 @@ class Watcher:
         tracked.key = spec.session_id
         tracked.spec = _merged(spec, tracked.spec)
         self._tracked[tracked.key] = tracked
-        self._aliases[old_key] = tracked.key
-        for alias, target in list(self._aliases.items()):
-            if target == old_key:
-                self._aliases[alias] = tracked.key
+        self._aliases.rekey(old_key, tracked.key)
         self._prober.forget(old_key)
 
     def _match_transcripts(self, table: ProcessTable, now: float) -> None:
@@ -370,38 +454,49 @@ class Watcher:
             return
         for tracked in list(self._tracked.values()):
             spec = tracked.spec
-            if (tracked.ended_at is not None or spec.events_path or spec.pid is None
-                    or spec.source not in ("process", "tmux")
-                    or now - tracked.transcript_checked_at < TRANSCRIPT_RETRY_S):
+            # Sessions with no stream of their own: found by name, or known from hooks, which
+            # miss what only the transcript and the CLI's session file say (interrupts,
+            # /clear, tool results, retries, a permission prompt answered).
+            if tracked.ended_at is not None or spec.pid is None or spec.source not in _TRANSCRIPT_SOURCES:
+                continue
+            try:
+                session = locator.claude_session(spec.pid) if spec.agent.startswith("claude") else None
+            except Exception as exc:
+                self._log("transcript.error", {"session_id": tracked.key, "error": repr(exc)}, "warning")
+                session = None
+            tracked.claude_before, tracked.claude = tracked.claude, session
+            if session is not None and session.current:
+                pass  # the CLI names its transcript now (and after /clear): followed every tick, cheaply
+            elif spec.events_path or now - tracked.transcript_checked_at < TRANSCRIPT_RETRY_S:
                 continue
             tracked.transcript_checked_at = now
-            try:
-                cwd = os.readlink(f"{self._proc_root}/{spec.pid}/cwd")
-            except OSError:
-                cwd = None
+            known_cwd = session is not None and session.current and session.cwd
+            cwd = None if known_cwd else self._prober.cwd(spec.pid)  # None where unknown (gone, no /proc)
             try:
                 found = locator.find(spec.agent, spec.pid, cwd, tracked.started_at)
             except Exception as exc:
                 self._log("transcript.error", {"session_id": tracked.key, "error": repr(exc)}, "warning")
                 continue
-            if found is None:
+            if found is None or spec.events_path == str(found[1]):
                 continue
             transcript_id, path = found
             tracked.spec = replace(spec, events_path=str(path))
-            self._aliases[transcript_id] = tracked.key
+            self._aliases.add(transcript_id, tracked.key)
             for event in self._pending.pop(transcript_id, ()):
                 tracked.activity = tracked.activity.apply(event)
 
     # ------------------------------------------------------------------ events
 
     def _drain_inbox(self, now: float) -> None:
-        while self._inbox:
+        # At most INBOX_DRAIN_PER_TICK: a flood waits for the next ticks instead of
+        # stretching this one (events from POST carry their own arrival time).
+        for _ in range(min(len(self._inbox), INBOX_DRAIN_PER_TICK)):
             sid, item, pid, json_only = self._inbox.popleft()
             if isinstance(item, Event):
                 self._deliver(sid, item, pid)
                 continue
             event = parse_line(item, now, "api", json_only=json_only)
-            key = self._aliases.get(sid, sid)
+            key = self._aliases.resolve(sid)
             if event is None:
                 tracked = self._tracked.get(key)
                 if tracked is not None:
@@ -410,12 +505,12 @@ class Watcher:
             self._deliver(sid, event, pid)
 
     def _deliver(self, session_id: str, event: Event, pid: int | None) -> None:
-        key = self._aliases.get(session_id, session_id)
+        key = self._aliases.resolve(session_id)
         tracked = self._tracked.get(key)
         if tracked is None and pid is not None:
             tracked = next((t for t in self._tracked.values() if t.spec.pid == pid and t.ended_at is None), None)
             if tracked is not None:
-                self._aliases[session_id] = tracked.key
+                self._aliases.add(session_id, tracked.key)
         if tracked is None:
             # Not known yet (e.g. a hook fired before discovery matched its transcript):
             # keep a few, bounded, for when the session appears.
@@ -434,18 +529,27 @@ class Watcher:
                 # already reads; tailing it again would count every event twice.
                 continue
             if path and (tracked.tail is None or str(tracked.tail.path) != path):
-                source = "transcript" if tracked.spec.source in ("process", "tmux") else "stream"
+                if tracked.tail is not None:
+                    tracked.tail.close()  # the agent moved on to a new transcript (/clear, /resume)
+                source = "transcript" if tracked.spec.source in _TRANSCRIPT_SOURCES else "stream"
                 tracked.tail = FileTail(path, source=source)
-            if tracked.tail is None or tracked.ended_at is not None:
+            if tracked.ended_at is not None:
                 continue
-            try:
-                events, malformed = tracked.tail.poll(now)
-            except Exception as exc:
-                self._probe_problem("events", timeout=False)
-                self._log("events.error", {"session_id": tracked.key, "error": repr(exc)}, "warning")
-                continue
-            activity = fold(tracked.activity, events)
-            tracked.activity = activity.count_malformed(malformed) if malformed else activity
+            if tracked.tail is not None:
+                try:
+                    events, malformed = tracked.tail.poll(now)
+                except Exception as exc:
+                    self._probe_problem("events", timeout=False)
+                    self._log("events.error", {"session_id": tracked.key, "error": repr(exc)}, "warning")
+                    events, malformed = [], 0
+                transcript = tracked.tail.source == "transcript"
+                activity = fold_transcript(tracked.activity, events) if transcript else fold(tracked.activity, events)
+                tracked.activity = activity.count_malformed(malformed) if malformed else activity
+            if tracked.claude is not None:
+                # After the transcript: the CLI's own word on its turn, which nothing else
+                # gives for Esc or for a permission prompt answered.
+                for event in status_events(tracked.claude, tracked.claude_before, tracked.activity, now):
+                    tracked.activity = tracked.activity.apply(event)
 
     # ------------------------------------------------------------------ probe
 
@@ -484,8 +588,12 @@ class Watcher:
             tracked.dropped = True
             return
         latest = tracked.latest
-        if latest is not None and not latest.alive and tracked.spec.runtime_alive is None:
-            tracked.spec = replace(tracked.spec, runtime_alive=self._sources.runtime_target_alive(tracked.spec))
+        if latest is not None and not latest.alive:
+            # Asked afresh when the process is found dead (the session ends on this tick): an
+            # agent that took its pane and tmux server with it left no live runtime behind.
+            fresh = self._sources.runtime_target_alive(tracked.spec)
+            if fresh is not None:
+                tracked.spec = replace(tracked.spec, runtime_alive=fresh)
         info = SessionInfo(
             mode=tracked.spec.mode,
             started_at=tracked.started_at,
@@ -494,7 +602,7 @@ class Watcher:
             runtime_alive=tracked.spec.runtime_alive,
         )
         verdict = classify(self.cfg.classify, info, tuple(tracked.samples), tracked.activity, now,
-                           self._watch_since)
+                           self._watch_since, previous=tracked.verdict)
         tracked.verdict = verdict
         if verdict.state is not old:
             tracked.state_since = now
@@ -523,18 +631,25 @@ class Watcher:
         if not due or schedule is None:
             return
         wchans = {p.pid: w for p in (tracked.latest.processes if tracked.latest else ())
-                  if (w := procfs.read_wchan(p.pid, self._proc_root)) is not None}
+                  if (w := self._prober.wchan(p.pid)) is not None}
         report = build_report(
             tracked.snapshot, tracked.latest, tracked.activity,
             repeat=schedule.reports - 1, next_in_s=schedule.next_due - now, wchans=wchans,
             stderr_tail=_read_tail(tracked.spec.stderr_path),
         )
+        # Kept on the snapshot (and carried by _snapshot) so /api/sessions and `otelwatch top`
+        # show where each process waits without an HTTP handler touching /proc.
+        tracked.snapshot = replace(tracked.snapshot, last_report={"time": now, **{
+            k: report[k] for k in _LAST_REPORT_KEYS if k in report}})
         self.telemetry.on_report(tracked.snapshot, report)
         self._emit(report)
 
     def _end(self, tracked: _Tracked, now: float) -> None:
         """A session ends: one summary line; it stays listed for exited_retention."""
         tracked.ended_at = now
+        if tracked.spec.source in ("registry", "hook"):
+            spec = tracked.spec
+            self._ended_registrations.add(spec.session_id, spec.pid, spec.registered_at)
         self._prober.forget(tracked.key)
         self.recovery.session_ended(tracked.key)
         if self._sources.transcripts is not None and tracked.spec.pid is not None:
@@ -563,14 +678,14 @@ class Watcher:
             view = SessionView(
                 session_id=tracked.key, agent=tracked.spec.agent, identity=sample.root, pgid=root.pgid,
                 uid=root.uid, cmdline=root.cmdline, verdict=verdict, sample=sample,
-                events=tracked.activity.events,
+                events=tracked.activity.events, reacted=self._reacted(tracked),
             )
             try:
                 self.recovery.observe(view, now)
             except Exception as exc:
                 self._log("recovery.error", {"session_id": tracked.key, "error": repr(exc)}, "error")
         for step in self.recovery.drain():
-            key = self._aliases.get(step.session_id, step.session_id)
+            key = self._aliases.resolve(step.session_id)
             owner = self._tracked.get(key)
             if owner is not None:
                 owner.recoveries.append(step)
@@ -582,6 +697,25 @@ class Watcher:
             with contextlib.suppress(Exception):
                 self.telemetry.on_recovery_step(step)
             self._emit({"event": f"recovery.{step.step}", **step.to_json()})
+
+    def _reacted(self, tracked: _Tracked) -> bool:
+        """Whether a turn-based session's own processes showed work since its turn opened.
+
+        A headless session processes from start to exit; no event moves it into
+        processing, so there is nothing to prove. A turn-based one is processing only
+        because a turn-opening event arrived: it is recoverable only once its processes
+        (CPU, TCP, a new child) or its own output (a progress event that is not a turn
+        start and did not come over HTTP) reacted after that."""
+        if tracked.spec.mode is not Mode.INTERACTIVE:
+            return True
+        activity = tracked.activity
+        opened = activity.turn_opened_at
+        if not activity.turn_open or opened is None:
+            return False
+        if tracked.reacted_turn != opened and reaction_seen(
+                tracked.samples, activity, opened, self.cfg.classify.cpu_idle_percent):
+            tracked.reacted_turn = opened
+        return tracked.reacted_turn == opened
 
     # ------------------------------------------------------------------ export
 
@@ -619,6 +753,7 @@ class Watcher:
             recoveries=tuple(tracked.recoveries),
             evidence=verdict.evidence if verdict else {},
             sample_status=sample.status if sample else SampleStatus.OK,
+            last_report=tracked.snapshot.last_report if tracked.snapshot else None,
         )
 
     def _publish(self, now: float) -> None:
@@ -639,8 +774,7 @@ class Watcher:
         tracked = self._tracked.pop(key, None)
         if tracked is not None and tracked.tail is not None:
             tracked.tail.close()
-        for alias in [a for a, k in self._aliases.items() if k == key]:
-            del self._aliases[alias]
+        self._aliases.forget(key)
 
     def _emit(self, report: Mapping[str, Any]) -> None:
         for callback in list(self._subscribers):
@@ -662,7 +796,10 @@ class Watcher:
 
 def _boottime_clock(fallback: Callable[[], float]) -> Callable[[], float]:
     clock_id = getattr(time, "CLOCK_BOOTTIME", None)
-    if clock_id is None:  # pragma: no cover - non-Linux
+    if clock_id is None and sys.platform == "darwin":  # pragma: no cover - untested on macOS
+        # There CLOCK_MONOTONIC counts sleep; time.monotonic (mach_absolute_time) does not.
+        clock_id = getattr(time, "CLOCK_MONOTONIC", None)
+    if clock_id is None:  # pragma: no cover - neither Linux nor macOS
         return fallback
     return lambda: time.clock_gettime(clock_id)
 
@@ -671,6 +808,53 @@ def _replaces_process(spec: SessionSpec, current: SessionSpec) -> bool:
     """An explicit registration (registry, exec, API) naming another pid for the same id."""
     return (spec.source in ("registry", "exec", "api") and spec.pid is not None
             and current.pid is not None and spec.pid != current.pid)
+
+
+# create_time read from /proc is boot time (whole seconds) + start ticks, so it may be
+# up to a second off a wall-clock file time; a little margin on top.
+REGISTRATION_SKEW_S = 1.5
+
+
+def _bind_identity(spec: SessionSpec, table: ProcessTable) -> tuple[ProcessIdentity | None, bool]:
+    """The process a new session's pid names: (identity or None when not known yet, reused).
+
+    A source that knows create_time names the process exactly. Otherwise the pid is
+    bound to the process that holds it now only if that process already existed when
+    the registration was written (`registered_at`); a process started later merely
+    reuses the PID (`reused` is True): it is never this session and never signalled
+    on its behalf.
+    """
+    assert spec.pid is not None
+    if spec.create_time is not None:
+        return ProcessIdentity(spec.pid, spec.create_time), False
+    info = table.get(spec.pid)
+    if info is None:
+        return None, False  # gone already: the probe will say vanished
+    if spec.registered_at is not None and info.create_time > spec.registered_at + REGISTRATION_SKEW_S:
+        return None, True
+    return info.identity, False
+
+
+def reaction_seen(samples: Iterable[TreeSample], activity: Activity, since: float, cpu_idle_percent: float) -> bool:
+    """Whether anything after `since` shows the session itself working: a sample with
+    CPU at or over the idle threshold, an open TCP connection, or a child that was not
+    there before; or one of its own progress events (not a turn start, not from HTTP)."""
+    before: frozenset[tuple[int, float]] | None = None
+    for s in samples:
+        if s.status is not SampleStatus.OK:
+            continue
+        children = frozenset((p.pid, p.create_time) for p in s.processes[1:])
+        if s.time <= since:
+            before = children
+            continue
+        if (s.cpu_percent is not None and s.cpu_percent >= cpu_idle_percent) or (s.tcp_total or 0) > 0:
+            return True
+        if before is not None and children - before:
+            return True
+        if before is None:
+            before = children
+    return any(e.time > since and e.kind is EventKind.PROGRESS and e.turn != "open" and e.source != "http"
+               for e in activity.recent)
 
 
 def _may_be_same_process(tracked: _Tracked, spec: SessionSpec) -> bool:
@@ -699,7 +883,7 @@ def _read_tail(path: str | None, limit: int = 4096) -> str:
     if not path:
         return ""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:  # a FIFO here must never block the loop
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - limit))
             return fh.read().decode("utf-8", "replace")
@@ -720,14 +904,16 @@ class _Sources:
         s = cfg.sources
         self._telemetry = telemetry
         self.registry = RegistrySource(paths.registry_dir) if s.registry.enabled else None
-        self.spool = SpoolSource(paths.spool_dir)
+        self.spool = SpoolSource(paths.spool_dir, log=lambda message: self._warn("spool", message))
         self._exec_dir = paths.state_dir / "exec"  # the exec wrapper's stderr rings
         self._pruned_at = -math.inf
         self.processes = ProcessMatcher(s.processes.match, self_pid=os.getpid()) if s.processes.enabled else None
         self.tmux = TmuxSource(timeout=s.tmux.timeout) if s.tmux.enabled else None
         self.transcripts = TranscriptLocator(paths.home) if s.transcripts.enabled else None
         self.registry_ok = False
-        self.under_live_pane: set[int] = set()  # agent pids whose tmux pane lives (agent alive or not)
+        # agent pid -> the tmux pane it runs in (or ran in) at the last scan; None when tmux is
+        # off or the last scan failed (a failed read is no news).
+        self.panes: dict[int, PaneInfo] | None = None
         self._tmux_counted = (0, 0)  # tmux timeouts and errors already exported
         self._failed: set[str] = set()
 
@@ -758,8 +944,8 @@ class _Sources:
         if self.tmux is not None:
             pids = set(agent_pids) | {s.pid for s in specs if s.pid is not None}
             panes = self._guard("tmux", lambda: self.tmux.scan(table, pids))  # type: ignore[union-attr]
-            self.under_live_pane = {
-                pid for pane in panes or ()
+            self.panes = None if panes is None else {
+                pid: pane for pane in panes
                 if (pid := pane.agent_pid if pane.agent_pid is not None else pane.last_agent_pid) is not None
             }
             self._export_tmux_problems()
@@ -779,13 +965,28 @@ class _Sources:
         self._tmux_counted = (timeouts, errors)
 
     def runtime_target_alive(self, spec: SessionSpec) -> bool | None:
-        """For a session whose process is gone: does its runtime (a registered tmux pane)
-        live on? Asked once, when the process is found dead, not every tick."""
+        """For a session whose process is gone: does its runtime (its tmux pane) live on?
+        Asked once, when the process is found dead, not every tick: the pane its agent ran
+        in is asked about afresh (one call to that pane's server); a registered pane the
+        scans never mapped to the agent, from the last scan. None: unknown."""
+        tmux = self.tmux
+        if tmux is None:
+            return None
+        pane = tmux.pane_of(spec.pid) if spec.pid is not None else None
+        if pane is not None:
+            pid = spec.pid
+            assert pid is not None
+            result = self._guard("tmux", lambda: tmux.recheck(pane, pid))
+            return None if result is None else bool(result)
         runtime = spec.runtime
-        if runtime is None or runtime.kind != "tmux" or not runtime.target or self.tmux is None:
+        if runtime is None or runtime.kind != "tmux" or not runtime.target:
             return None
         result = self._guard("tmux", lambda: self.tmux.pane_alive(runtime.target))  # type: ignore[union-attr]
         return None if result is None else bool(result)
+
+    def _warn(self, source: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            self._telemetry.log("source.untrusted", {"source": source, "detail": message}, "warning")
 
     def _guard(self, name: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -813,11 +1014,20 @@ class AlreadyRunning(RuntimeError):
     pass
 
 
+class StateDirRefused(RuntimeError):
+    """The state directory is not safe to trust: others could write its spool or state."""
+
+
 @contextlib.contextmanager
 def state_dir_lock(paths: Paths) -> Any:
     """One daemon per state directory: a second one refuses to start."""
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    # The spool in it can open turns and the recovery state names PIDs: like the
+    # registry directory, it must be ours and closed to everyone else.
+    why = untrusted_dir(paths.state_dir, os.geteuid(), "state directory")
+    if why:
+        raise StateDirRefused(f"{why}; refusing it: run `chmod go-w {paths.state_dir}` or set state_dir")
+    fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -848,6 +1058,14 @@ def run_daemon(cfg: Config) -> int:
                 print(f"otelwatch: {exc}", file=sys.stderr)
                 watcher.stop()
                 return 2
+            from otelwatch.notify import attach
+
+            try:
+                notifier = attach(watcher)
+            except ValueError as exc:  # ConfigError: a header names an unset variable
+                print(f"otelwatch: config error: {exc}", file=sys.stderr)
+                watcher.stop()
+                return 2
             try:
                 server = HttpServer(
                     cfg.http.host, cfg.http.port, watcher,
@@ -856,6 +1074,8 @@ def run_daemon(cfg: Config) -> int:
             except OSError as exc:
                 print(f"otelwatch: cannot listen on {cfg.http.listen}: {exc.strerror or exc}", file=sys.stderr)
                 watcher.stop()
+                if notifier is not None:
+                    notifier.shutdown(0.5)
                 return 1
             stop = threading.Event()
 
@@ -871,10 +1091,15 @@ def run_daemon(cfg: Config) -> int:
             watcher._log("daemon.stopping", {})
             server.shutdown(1.0)
             watcher.stop(1.5)
+            if notifier is not None:
+                notifier.shutdown(1.0)
             return 0
     except AlreadyRunning as exc:
         print(f"otelwatch: {exc}", file=sys.stderr)
         return 1
+    except StateDirRefused as exc:
+        print(f"otelwatch: {exc}", file=sys.stderr)
+        return 2
     except PermissionError as exc:
         print(f"otelwatch: cannot use state directory {paths.state_dir}: {exc}", file=sys.stderr)
         return 1

@@ -1,9 +1,11 @@
-"""`otelwatch diag PID [--json]`: sample one process tree now and print the evidence.
+"""`otelwatch diag PID [--json] [--backend B]`: sample one process tree now and print the evidence.
 
 Owns the one-off report a person reads at 3 a.m.: two samples one second apart
-(so CPU is a real rate), with kernel wait channels, as a table or as JSON. It
-only reads; it never signals, and never prints a traceback: every failure is
-one line on stderr and a non-zero exit code.
+(so CPU is a real rate), with kernel wait channels, as a table or as JSON,
+read by either probe backend, with a note naming what that backend cannot know
+here (shown as "?", or "-" for wchan). It only reads; it never signals, and
+never prints a traceback: every failure is one line on stderr and a non-zero
+exit code.
 """
 
 from __future__ import annotations
@@ -13,43 +15,65 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+from otelwatch.backends import probe_backend, resolve
 from otelwatch.model import ProcessIdentity, ProcessSample, SampleStatus, TreeSample
 from otelwatch.probe import Prober
-from otelwatch.proctable import ProcessTableReader
 
-__all__ = ["diag_main", "format_table", "sample_to_json"]
+__all__ = ["backend_notes", "diag_main", "format_table", "sample_to_json"]
 
 EXIT_OK = 0
 EXIT_NO_PROCESS = 1
 EXIT_UNREADABLE = 2
+EXIT_USAGE = 2  # like the CLI's: a bad --backend
 INTERVAL = 1.0  # seconds between the two samples
 TIMEOUT = 5.0  # a one-off report may wait longer than a tick would
 SESSION = "diag"
 
 
-def diag_main(pid: int, as_json: bool = False, *, stdout: TextIO | None = None,
+def backend_notes(backend: str) -> list[str]:
+    """What the resolved backend ("procfs" or "psutil") cannot read on this host."""
+    if backend != "psutil":
+        return []
+    from otelwatch.probe_psutil import HAS_IO_COUNTERS, LINUX
+
+    notes = ["wchan: unknown (psutil has no kernel wait channel; the procfs backend reads it on Linux)"]
+    if not HAS_IO_COUNTERS:
+        notes.append("io: unknown (psutil has no per-process I/O counters on this platform)")
+    if LINUX:
+        notes.append("tcp: unknown for processes in another network namespace "
+                     "(psutil reads only its own namespace's sockets; the procfs backend reads theirs)")
+    return notes
+
+
+def diag_main(pid: int, as_json: bool = False, *, backend: str = "auto", stdout: TextIO | None = None,
               stderr: TextIO | None = None, interval: float = INTERVAL) -> int:
-    """Print pid's tree (table, or JSON with as_json). 0: printed; 1: no such process
-    (or it ended during the report); 2: printed, but some of it was not readable."""
+    """Print pid's tree (table, or JSON with as_json) as `backend` reads it ("auto",
+    "procfs", "psutil"). 0: printed; 1: no such process (or it ended during the report);
+    2: printed, but some of it was not readable."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     prober: Prober | None = None
     try:
-        reader = ProcessTableReader()
+        name = resolve(backend)
+    except ValueError as exc:
+        print(f"otelwatch diag: {exc}", file=err)
+        return EXIT_USAGE
+    try:
+        # One tree: psutil may read each process's own sockets, exact even where shared.
+        reader, prober = probe_backend(name, per_process_tcp=True)
         first = reader.read()
         info = first.get(pid)
         if info is None:
             print(f"otelwatch diag: no process with PID {pid}", file=err)
             return EXIT_NO_PROCESS
         identity = info.identity
-        prober = Prober()
         prober.sample(first, {SESSION: identity}, TIMEOUT)
         time.sleep(interval)
         sample = prober.sample(reader.read(), {SESSION: identity}, TIMEOUT, with_wchan=True)[SESSION]
-        return _report(pid, identity, sample, as_json, out, err)
+        return _report(pid, identity, sample, as_json, out, err, name)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -67,18 +91,19 @@ def diag_main(pid: int, as_json: bool = False, *, stdout: TextIO | None = None,
 
 
 def _report(pid: int, identity: ProcessIdentity, sample: TreeSample, as_json: bool,
-            out: TextIO, err: TextIO) -> int:
+            out: TextIO, err: TextIO, backend: str) -> int:
     if sample.status is SampleStatus.VANISHED:
         print(f"otelwatch diag: process {pid} exited during the report ({sample.error})", file=err)
         return EXIT_NO_PROCESS
     if sample.status is SampleStatus.PROBE_TIMEOUT:
         print(f"otelwatch diag: reading process {pid} did not finish ({sample.error})", file=err)
         return EXIT_UNREADABLE
+    notes = backend_notes(backend)
     if as_json:
-        json.dump(sample_to_json(sample), out, indent=2)
+        json.dump(sample_to_json(sample, backend=backend, notes=notes), out, indent=2)
         out.write("\n")
     else:
-        out.write(format_table(sample))
+        out.write(format_table(sample, backend=backend, notes=notes))
     if sample.status is SampleStatus.ACCESS_DENIED:
         print(f"otelwatch diag: some of process {pid}'s tree is not readable as uid {os.geteuid()} "
               f"({sample.error}); run as its owner or root for FDs and TCP", file=err)
@@ -115,16 +140,20 @@ def _cmd(p: ProcessSample, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def format_table(s: TreeSample) -> str:
-    """A human-readable report: the tree's totals, one row per process, remote endpoints."""
+def format_table(s: TreeSample, *, backend: str = "", notes: Sequence[str] = ()) -> str:
+    """A human-readable report: the tree's totals, one row per process, remote endpoints,
+    and (when given) the backend that read it with what it could not know."""
     lines = [
         f"tree of PID {s.root.pid if s.root else '?'}: status {s.status.value}"
         + (f" ({s.error})" if s.error else ""),
         f"  cpu {_pct(s.cpu_percent)}% of a core, cpu time {s.cpu_seconds:.2f} s, rss {_mib(s.rss_bytes)}, "
         f"threads {s.threads}, fds {_opt(s.num_fds)}, tcp {_tcp(s.tcp, s.listen)}, "
         f"descendants {s.children}, io read {_opt(s.read_bytes)} B / write {_opt(s.write_bytes)} B",
-        "",
     ]
+    if backend:
+        lines.append(f"  read by the {backend} backend" + (":" if notes else ""))
+        lines.extend(f"    {note}" for note in notes)
+    lines.append("")
     header = ("PID", "PPID", "S", "WCHAN", "CPU%", "RSS", "THR", "FDS", "TCP", "CMD")
     rows = [header]
     for p in s.processes:
@@ -159,9 +188,12 @@ def _usage(x: TreeSample | ProcessSample) -> dict[str, Any]:
     }
 
 
-def sample_to_json(s: TreeSample) -> dict[str, Any]:
-    """The sample as plain JSON types (the same field names as the model)."""
+def sample_to_json(s: TreeSample, *, backend: str = "", notes: Sequence[str] = ()) -> dict[str, Any]:
+    """The sample as plain JSON types (the same field names as the model), plus the backend
+    that read it and what it could not know, when given."""
+    extra: dict[str, Any] = {"backend": backend, "notes": list(notes)} if backend else {}
     return {
+        **extra,
         "time": s.time,
         "status": s.status.value,
         "error": s.error,

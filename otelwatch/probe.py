@@ -14,10 +14,11 @@ signal or change anything: it only reads.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,11 +50,14 @@ class _RawProc:
     info: ProcInfo
     uid: int | None
     num_fds: int | None
-    sockets: dict[int, TcpSocket] | None  # its TCP sockets by inode; None: unknown
+    # Its TCP sockets by a key that is the same for one socket shared by several processes
+    # (the inode here; the addresses where the inode is not known); None: unknown.
+    sockets: dict[Hashable, TcpSocket] | None
     read_bytes: int | None
     write_bytes: int | None
     cmdline: tuple[str, ...]
     wchan: str | None
+    cpu_known: bool = True  # False: info.cpu_seconds is a placeholder (not readable)
 
 
 @dataclass
@@ -241,6 +245,8 @@ class _Tick:
         self._lock = threading.Lock()
         self._ns_locks: dict[str, threading.Lock] = {}
         self._tables: dict[str, TcpTable | None] = {}
+        self._shared: dict[str, Any] = {}
+        self._shared_locks: dict[str, threading.Lock] = {}
 
     def tcp_table(self, ns: str, pid: int) -> TcpTable | None:
         """The TCP table of namespace ns (read through pid, a process in it); None: unknown."""
@@ -258,6 +264,18 @@ class _Tick:
                 return None  # pid went away; another process of the namespace will try again
             tables[ns] = table
             return table
+
+    def shared(self, key: str, read: Callable[[], Any]) -> Any:
+        """read() at most once per tick for `key`, whichever worker asks first (for
+        backends whose host-wide reads are not per network namespace)."""
+        with self._lock:
+            if key in self._shared:
+                return self._shared[key]
+            key_lock = self._shared_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            if key not in self._shared:
+                self._shared[key] = read()
+            return self._shared[key]
 
 
 # --------------------------------------------------------------------------- the prober
@@ -385,6 +403,20 @@ class Prober:
             out, self._problems = self._problems, []
         return out
 
+    def wchan(self, pid: int) -> str | None:
+        """pid's kernel wait channel now, for reports; None when unknown or gone."""
+        try:
+            return procfs.read_wchan(pid, self.proc_root)
+        except ProcessGone:
+            return None
+
+    def cwd(self, pid: int) -> str | None:
+        """pid's working directory now; None when unknown or gone."""
+        try:
+            return os.readlink(f"{self.proc_root}/{pid}/cwd")
+        except OSError:
+            return None
+
     @property
     def hung_threads(self) -> int:
         """Worker threads still stuck in a probe that overran its deadline."""
@@ -446,7 +478,7 @@ class Prober:
         raw = _RawTree(SampleStatus.OK, info.identity)
         denied: list[str] = []
         # Per inode: a socket shared by parent and child is one connection.
-        tree_sockets: dict[int, TcpSocket] = {}
+        tree_sockets: dict[Hashable, TcpSocket] = {}
         tcp_known = True
         for i, p in enumerate((info, *(table.get(c) for c in table.descendants(pid)))):
             if p is None:
@@ -483,7 +515,7 @@ class Prober:
         except OSError:
             uid = None
         num_fds: int | None = None
-        sockets: dict[int, TcpSocket] | None = None
+        sockets: dict[Hashable, TcpSocket] | None = None
         if p.state == "Z":
             num_fds, sockets = 0, {}  # a zombie holds no files
         else:
@@ -534,6 +566,7 @@ class Prober:
         cpu_now: dict[int, tuple[float, float]] = {}
         tree_rate = 0.0
         root_rate: float | None = None
+        cpu_unknown = False
         rss = threads = 0
         cpu_seconds = 0.0
         fds: int | None = 0
@@ -550,6 +583,8 @@ class Prober:
                 elif p.create_time > prev.wall - CREATE_TIME_TOLERANCE:
                     # Born since the previous sample: all its CPU time is new.
                     rate = p.cpu_seconds / dt * 100.0
+            if not rp.cpu_known:
+                rate, cpu_unknown = None, True
             if rate is not None:
                 tree_rate += rate
             if i == 0:
@@ -580,7 +615,7 @@ class Prober:
             status=raw.status,
             root=raw.root,
             processes=tuple(samples),
-            cpu_percent=None if root_rate is None else tree_rate,
+            cpu_percent=None if root_rate is None or cpu_unknown else tree_rate,
             cpu_seconds=cpu_seconds,
             rss_bytes=rss,
             threads=threads,

@@ -182,26 +182,35 @@ class ProcessTableReader:
                 procs[pid] = parse_stat(pid, read_small(f"{root}/{entry}/stat"), boot_time)
             except (OSError, IndexError, ValueError):
                 continue  # vanished between listdir and open, or unreadable
-        # Stamp the table with the middle of the read: each process was read somewhere in it.
+        t, m = self._stamp(procs, t0, m0)
+        return ProcessTable(procs, self, time=t, monotonic=m)
+
+    def _stamp(self, procs: dict[int, ProcInfo], t0: float, m0: float) -> tuple[float, float]:
+        """(wall, monotonic) of a table whose read began at (t0, m0): the middle of the read,
+        as each process was read somewhere in it. Also forgets the cmdlines of processes
+        that are gone, so the cache stays bounded."""
         t1, m1 = self._clock(), self._monotonic()
-        # Forget cmdlines of processes that are gone, so the cache stays bounded.
         if len(self._cmdlines) > 2 * len(procs) + 64:
             live = {p.identity for p in procs.values()}
             self._cmdlines = {k: v for k, v in self._cmdlines.items() if k in live}
-        return ProcessTable(procs, self, time=(t0 + t1) / 2, monotonic=(m0 + m1) / 2)
+        return (t0 + t1) / 2, (m0 + m1) / 2
 
     def cmdline(self, info: ProcInfo) -> tuple[str, ...]:
         key = info.identity
         cached = self._cmdlines.get(key)
         if cached is not None:
             return cached
+        argv = self._read_argv(info)
+        # An empty cmdline can be a process still in exec; do not cache it.
+        if argv:
+            self._cmdlines[key] = argv
+        return argv
+
+    def _read_argv(self, info: ProcInfo) -> tuple[str, ...]:
+        """argv read now (the cache misses); () on error. Other backends replace this read."""
         try:
             with open(f"{self.proc_root}/{info.pid}/cmdline", "rb") as fh:
                 raw = fh.read()
         except OSError:
             return ()
-        argv = tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a)
-        # An empty cmdline can be a process still in exec; do not cache it.
-        if argv:
-            self._cmdlines[key] = argv
-        return argv
+        return tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procs import FAKE, REPO, free_port, wait_for
+from procs import FAKE, PROBE_BACKEND, REPO, free_port, wait_for
 
 from otelwatch.sources.registry import register
 
@@ -154,6 +154,7 @@ def start_daemon(tmp: Path, extra: dict[str, Any] | None = None, *, wait: bool =
     registry = tmp / "sessions"
     registry.mkdir(mode=0o700, exist_ok=True)
     cfg = merge(FAST, {
+        "probe": {"backend": PROBE_BACKEND},
         "state_dir": str(state_dir),
         "http": {"listen": f"127.0.0.1:{port}"},
         "sources": {"registry": {"dir": str(registry)}, "processes": {"enabled": False},

@@ -22,6 +22,9 @@ from otelwatch.fake_agents import SilentServer as TcpServer  # noqa: F401 - re-e
 
 FAKE = [sys.executable, "-m", "otelwatch.fake_agents"]
 REPO = Path(__file__).resolve().parent.parent
+# The probe backend the verdict and recovery suites run with ([probe] backend): scripts/test
+# runs them a second time with OTELWATCH_TEST_PROBE_BACKEND=psutil.
+PROBE_BACKEND = os.environ.get("OTELWATCH_TEST_PROBE_BACKEND", "auto")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> object:

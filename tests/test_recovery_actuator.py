@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from procs import Spawner, TcpServer, wait_for
+from procs import PROBE_BACKEND, Spawner, TcpServer, wait_for
 
 from otelwatch import procfs
-from otelwatch.config import ClassifyConfig, Config, RecoveryConfig
+from otelwatch.config import ClassifyConfig, Config, ProbeConfig, RecoveryConfig
 from otelwatch.model import (
     ProcessIdentity,
     ProcessSample,
@@ -51,7 +51,7 @@ def config(**recovery: object) -> Config:
     base: dict[str, object] = {"enabled": True, "recover_after": RECOVER_AFTER, "grace": GRACE,
                                "max_per_hour": 100}
     base.update(recovery)
-    return Config(interval=1.0, probe_timeout=0.5,
+    return Config(interval=1.0, probe_timeout=0.5, probe=ProbeConfig(backend=PROBE_BACKEND),
                   classify=ClassifyConfig(stall_after=RECOVER_AFTER, cpu_idle_percent=1.0),
                   recovery=RecoveryConfig(**base))  # type: ignore[arg-type]
 
@@ -249,7 +249,8 @@ def test_hung_tree_root_and_child_are_both_gone(spawn: Spawner, state_path: Path
     assert done is not None and done.status is RecoveryStatus.TERMINATED, rec.history("s")
     sigterm = next(s for s in rec.history("s") if s.step == "sigterm")
     assert f"group {proc.pid}" in sigterm.detail  # the root leads its own group
-    assert wait_for(lambda: gone(proc.pid, proc) and not ProcView().alive(child.identity), timeout=5)
+    assert wait_for(lambda: gone(proc.pid, proc) and not ProcView(backend=PROBE_BACKEND).alive(child.identity),
+                    timeout=5)
 
 
 def test_child_ignoring_sigterm_is_killed_after_its_root_exited(
@@ -281,7 +282,7 @@ def test_child_ignoring_sigterm_is_killed_after_its_root_exited(
     assert done is not None and done.status is RecoveryStatus.KILLED, rec.history("s")
     sigkill = next(s for s in rec.history("s") if s.step == "sigkill")
     assert f"pids [{child_pid}]" in sigkill.detail
-    assert ended and not ProcView().alive(child.identity)
+    assert ended and not ProcView(backend=PROBE_BACKEND).alive(child.identity)
 
 
 def test_session_in_otelwatchs_own_group_is_signalled_one_by_one(
@@ -436,7 +437,7 @@ def test_pid1_self_and_ancestor_are_never_recovered(state_path: Path, recoveries
 
 def test_guard_refuses_init_self_and_ancestors_before_any_kill(tmp_path: Path) -> None:
     calls: list[tuple[str, int, int]] = []
-    procs = ProcView()
+    procs = ProcView(backend=PROBE_BACKEND)
     guard = Guard(os.getpid(), frozenset({os.getppid()}), frozenset({os.getuid()}))
     init = read_proc(1)
     me = read_proc(os.getpid())
@@ -468,7 +469,7 @@ def test_send_signal_reidentifies_every_target(spawn: Spawner) -> None:
     proc = spawn("sleeper")
     info = read_proc(proc.pid)
     assert info is not None
-    procs = ProcView()
+    procs = ProcView(backend=PROBE_BACKEND)
     guard = Guard(os.getpid(), frozenset({os.getppid()}), frozenset({os.getuid()}))
     calls: list[tuple[int, int]] = []
     stale = ProcessIdentity(proc.pid, info.create_time + 5.0)  # "the PID was reused"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import REPO, wait_for
+from procs import PROBE_BACKEND, REPO, wait_for
 from test_tmux import server as tmux_server  # noqa: F401 - the real tmux server fixture
 
 from otelwatch.config import parse_config
@@ -20,6 +20,7 @@ from otelwatch.model import State
 
 def _cfg(tmp_path: Path, **classify: Any) -> Any:
     return parse_config({
+        "probe": {"backend": PROBE_BACKEND},
         "interval": 1, "probe_timeout": 0.5, "state_dir": str(tmp_path / "state"),
         "classify": {"startup_grace": 0, "stall_after": 3, **classify},
         "sources": {"registry": {"enabled": False}, "processes": {"enabled": False},
