@@ -1,9 +1,14 @@
 """The verdict: a pure classifier of one session, and the backoff of its reports.
 
-Owns: turning (config, session info, recent tree samples, event activity, now)
-into a `Verdict` (state + reason + evidence), the fingerprint and schedule that
-back off repeated stalled/stuck reports, and the rule that decides whether a
-collector tick came so late that the watchdog itself was not watching.
+Owns: turning (config, session info, recent tree samples, event activity, now,
+and the session's previous verdict) into a `Verdict` (state + reason +
+evidence): the two CPU bars (`cpu_idle_percent` is the zero of the stuck gate,
+`cpu_spin_percent` sustained over the window is a spin, between them is
+neither), the stalled reason read from the whole window with hysteresis, and
+liveness while an announced API retry is not overdue. Also the fingerprint and
+schedule that back off repeated stalled/stuck reports, and the rule that
+decides whether a collector tick came so late that the watchdog itself was
+not watching.
 
 Must never: do I/O, read a clock, or import os, time, psutil or an exporter.
 Time is always passed in as a number (wall-clock seconds). Every function here
@@ -16,9 +21,8 @@ few samples, any sign of work, any heartbeat) resolves to something else.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,15 +41,20 @@ from otelwatch.model import (
 
 __all__ = [
     "LATE_TICK_MIN_S",
+    "MAX_ATTEMPT_S",
     "MIN_WINDOW_SAMPLES",
     "REPORTED_STATES",
+    "WORK_CPU_PERCENT",
     "ReportSchedule",
     "classify",
     "fingerprint",
     "is_late_tick",
     "next_report",
+    "retry_holds",
+    "retry_phrase",
     "tree_progress_time",
     "window_samples",
+    "work_cpu_percent",
 ]
 
 # A stuck verdict needs at least this many fully known samples in its window:
@@ -72,6 +81,31 @@ _MAX_LISTED = 10
 # --------------------------------------------------------------------------- classify
 
 
+# Work, for a session with no event source (its progress clock is its tree's activity):
+# CPU at or above this percent of one core. Measured idle noise of healthy waiting CLIs
+# is 0-3% in single samples (timers, GC) and 2-4% for an interactive TUI's spinner; a
+# model response being parsed or a build runs at 80-110%. 5% is clearly above the
+# noise and far below any real work. Never under cpu_idle_percent, never over the spin bar.
+WORK_CPU_PERCENT = 5.0
+
+# An API attempt is expected to last as long as the attempt before it took to fail
+# (the CLIs abort attempts on fixed timers: 360 s for a silent API and 300 s for an
+# idle byte stream in Claude Code, ~1 ms for a refused connection), but never longer
+# than this: Claude Code's request timeout is 600 s, Codex's stream idle timeout 300 s.
+MAX_ATTEMPT_S = 600.0
+
+# Reasons read from the window of samples, in the order they win when several hold over
+# the window: a busy process is spinning even with a socket open; what we could read
+# says more than what we could not.
+_WINDOW_REASONS = (
+    Reason.CPU_SPIN,
+    Reason.WAITING_ON_NETWORK,
+    Reason.TOOL_CALL_WITHOUT_PROGRESS,
+    Reason.PROBE_TIMEOUT,
+    Reason.ACCESS_DENIED,
+)
+
+
 def classify(
     cfg: ClassifyConfig,
     info: SessionInfo,
@@ -79,21 +113,28 @@ def classify(
     activity: Activity,
     now: float,
     watch_since: float,
+    previous: Verdict | None = None,
 ) -> Verdict:
     """Classify one session at `now`.
 
     `samples` are this session's recent tree samples, oldest first, all of the
-    same root identity; may be empty (not probed yet, or no pid known).
+    same root identity; may be empty (not probed yet, or no pid known). The first
+    of them is taken as the first sight of the process (a CPU rate of None there is
+    no rate yet, not unreadable data): pass the whole history the caller keeps.
     `watch_since` is when the watchdog last started watching continuously
     (daemon start, or the end of a gap in its own ticking): time before it
     is never counted as the agent's silence, and samples before it are never
-    used as evidence of idleness.
+    used as evidence of idleness. `previous` is this session's verdict of the
+    tick before: a stalled reason is kept while its evidence is still in the
+    window and no stronger reason holds over it (hysteresis); it never delays
+    a change of state.
     """
     thr = cfg.cpu_idle_percent
+    spin = max(cfg.cpu_spin_percent, thr)
     latest = samples[-1] if samples else None
 
     progress = activity.last_progress_time if info.has_event_source else tree_progress_time(
-        samples, thr
+        samples, work_cpu_percent(cfg)
     )
     # The clock of silence starts at the latest of: last progress, the start of
     # continuous watching (our own lag is not the agent's silence), and when we
@@ -103,12 +144,12 @@ def classify(
     window = window_samples(samples, start)
     # The last readable sample before the window lets a change at the window's
     # first sample (counters, child set) count: that change happened inside it.
-    before = [s for s in samples if s.time < start and s.status is SampleStatus.OK][-1:]
-    facts = _Facts.of(window, before, latest, thr)
+    before = _last_ok_before(samples, start)
+    first_sight = samples[0] if samples and samples[0].cpu_percent is None else None
+    facts = _Facts.of(window, before, latest, thr, spin, first_sight)
     hb_age = None if activity.last_heartbeat_time is None else now - activity.last_heartbeat_time
-    retry_age = None if activity.last_retry_time is None else now - activity.last_retry_time
     hb_fresh = hb_age is not None and hb_age < cfg.stall_after
-    retry_fresh = retry_age is not None and retry_age < cfg.stall_after
+    retry_live = retry_holds(activity, now, cfg.stall_after)
 
     def verdict(state: State, reason: Reason, detail: str = "") -> Verdict:
         evidence = _evidence(silence, latest, window, facts, activity, now, hb_age, detail)
@@ -143,13 +184,22 @@ def classify(
     if silence < cfg.stall_after:
         return verdict(State.ACTIVE, Reason.RECENT_PROGRESS)
 
+    held = previous.reason if previous is not None and previous.state is State.STALLED else None
+
     # 5./6. Heartbeats: the agent's loop is alive, so never stuck. Retries come
-    #    first, also with a tool open: a retry within stall_after is necessarily
-    #    newer than the last progress (hence than any open tool call), so the
-    #    agent (or a sub-agent inside that tool) is failing to reach its API,
-    #    which is worth a report; calling it long_running would hide it.
-    if retry_fresh:
-        return verdict(State.STALLED, Reason.API_RETRYING)
+    #    first, also with a tool open: a retry whose attempt is not overdue is
+    #    newer than the last progress (progress settles a retry), so the agent (or
+    #    a sub-agent inside that tool) is failing to reach its API, which is worth
+    #    a report; calling it long_running would hide it. An attempt sitting on an
+    #    open connection (a socket over most of the window; once so, until the
+    #    window has none) is waiting on the network, retry or not: the API that
+    #    never answers keeps that one reason across its aborted attempts.
+    if retry_live:
+        if facts.holds(Reason.WAITING_ON_NETWORK) or (
+            held is Reason.WAITING_ON_NETWORK and facts.support[Reason.WAITING_ON_NETWORK] > 0
+        ):
+            return verdict(State.STALLED, Reason.WAITING_ON_NETWORK, facts.detail(Reason.WAITING_ON_NETWORK))
+        return verdict(State.STALLED, Reason.API_RETRYING, retry_phrase(activity, now))
 
     if activity.open_tools:
         # A tool reporting progress (tool_progress heartbeats) is a long run.
@@ -170,53 +220,67 @@ def classify(
         # no open call we know of: its loop lives, so treat it like a tool run.
         return verdict(State.LONG_RUNNING, Reason.TOOL_RUNNING)
 
-    # 7. Unknown is never zero. The latest probe timing out means we do not know
-    #    the present; an unreadable or timed-out sample anywhere in the window
-    #    means we cannot prove idleness over it.
-    if latest is not None and latest.status is SampleStatus.PROBE_TIMEOUT:
-        return verdict(State.STALLED, Reason.PROBE_TIMEOUT)
-    if facts.timeouts:
-        return verdict(
-            State.STALLED, Reason.PROBE_TIMEOUT, f"{facts.timeouts} probe timeouts in window"
-        )
-    if facts.unknown:
-        return verdict(
-            State.STALLED, Reason.ACCESS_DENIED, f"{facts.unknown} unreadable samples in window"
-        )
+    # 7. What the window of samples shows. Anything but proven idleness is stalled:
+    #    unknown is never zero (an unreadable or timed-out sample), and neither is
+    #    any CPU at or above cpu_idle_percent, a socket, or a process working.
+    reason = facts.reason(held)
+    if reason is not None:
+        return verdict(State.STALLED, reason, facts.detail(reason))
 
-    # 8. Signs of work the agent could still finish: none of these is stuck.
-    #    Busy now or on average: spinning (also with TCP open: a busy process is
-    #    not "sleeping on" its socket).
-    if facts.cpu_latest_busy or facts.cpu_mean_busy:
-        return verdict(State.STALLED, Reason.CPU_SPIN)
-    if facts.tcp_seen:
-        return verdict(State.STALLED, Reason.WAITING_ON_NETWORK)
-    # A short burst of CPU in the window, or a process on a CPU (R) whose rate
-    # stayed under the threshold: the tree is computing, just not much.
-    if facts.cpu_blip or facts.running_pids:
-        running = ",".join(map(str, facts.running_pids[:_MAX_LISTED]))
-        return verdict(State.STALLED, Reason.CPU_SPIN, f"on CPU (R): {running}" if running else "")
-    # A process blocked in the kernel (D), I/O counters moving, or processes
-    # coming and going: something in the tree works outside the agent's event
-    # stream, which is what a tool call without progress looks like. The
-    # contract has no closer reason; the evidence names the processes.
-    if facts.blocked_pids or facts.io_changed or facts.children_changed:
-        return verdict(State.STALLED, Reason.TOOL_CALL_WITHOUT_PROGRESS, facts.work_detail())
-
-    # Too little evidence to prove idleness (no pid known yet, history lost,
-    # samples covering under half the window). The contract's reason for "we
-    # could not read what we need" is access_denied; the detail says why.
+    # Too little evidence to prove idleness (no pid known yet, history lost, the
+    # first sight of the process still in the window, samples covering under half
+    # the window): nothing says it works, but nothing proves it does not.
     if not facts.enough(now, cfg.stall_after):
         return verdict(
             State.STALLED,
-            Reason.ACCESS_DENIED,
-            f"insufficient samples: {facts.known} known in window",
+            Reason.INSUFFICIENT_SAMPLES,
+            f"{facts.known} of {MIN_WINDOW_SAMPLES} known samples covering half the window",
         )
 
-    # 9. Processing, silent and heartbeat-free for stall_after, and every sample
+    # 8. Processing, silent and heartbeat-free for stall_after, and every sample
     #    of the window proves zero TCP, CPU under the threshold, and no process
     #    working: the one recoverable state.
     return verdict(State.STUCK, Reason.NO_ACTIVITY)
+
+
+def work_cpu_percent(cfg: ClassifyConfig) -> float:
+    """The CPU percent that counts as work on the no-event-source progress clock."""
+    return min(max(WORK_CPU_PERCENT, cfg.cpu_idle_percent), max(cfg.cpu_spin_percent, cfg.cpu_idle_percent))
+
+
+def retry_holds(activity: Activity, now: float, stall_after: float) -> bool:
+    """Whether the last announced API retry still explains the silence at `now`.
+
+    The agent said when its next attempt starts (`retry_due`); that attempt may take
+    as long as the one before it took to fail (capped at MAX_ATTEMPT_S); after it
+    should have ended, the agent gets stall_after to say something, like after any
+    heartbeat (which also absorbs a tick of delay in seeing the line). A retry with
+    no schedule holds for stall_after, like any heartbeat. Progress after the retry
+    settles it (the fold clears `retry_due`).
+    """
+    t = activity.last_retry_time
+    if t is None:
+        return False
+    due = t if activity.retry_due is None else max(t, activity.retry_due)
+    attempt = min(activity.retry_attempt_s or 0.0, MAX_ATTEMPT_S)
+    return now < due + attempt + stall_after
+
+
+def retry_phrase(activity: Activity, now: float) -> str:
+    """ "attempt 6/10, next in 18 s" (before the announced attempt starts) or
+    "attempt 6/10 started 40 s ago" (after): the retry schedule as a person reads it."""
+    if activity.retry_attempt is None and activity.retry_due is None:
+        return ""
+    what = "attempt" if activity.retry_attempt is None else f"attempt {activity.retry_attempt}"
+    if activity.retry_attempt is not None and activity.retry_max is not None:
+        what += f"/{activity.retry_max}"
+    if activity.retry_due is None:
+        return what
+    left = activity.retry_due - now
+    if left > 0:
+        when = f"in {round(left)} s" if left >= 1 else "in <1 s"
+        return f"{what}, next {when}" if activity.retry_attempt is not None else f"next attempt {when}"
+    return f"{what} started {round(-left)} s ago"
 
 
 def window_samples(samples: Sequence[TreeSample], start: float) -> tuple[TreeSample, ...]:
@@ -224,20 +288,23 @@ def window_samples(samples: Sequence[TreeSample], start: float) -> tuple[TreeSam
     return tuple(s for s in samples if s.time >= start)
 
 
-def tree_progress_time(samples: Sequence[TreeSample], cpu_idle_percent: float) -> float | None:
+def tree_progress_time(samples: Sequence[TreeSample], work_percent: float) -> float | None:
     """For a session with no event source: when its tree last showed work.
 
-    Work is CPU at/above the threshold, read/write byte counters changing, or
-    the set of child processes changing. TCP alone is not work (a hung socket
-    is exactly what we want to see as silence). Byte counters and child sets
-    are compared only between consecutive fully readable (OK) samples: a partial
-    read is not a change.
+    Work is CPU at/above `work_percent` (see WORK_CPU_PERCENT: idle noise of a
+    waiting CLI is not work) and more than one clock tick's worth, read/write
+    byte counters changing, or the set of child processes changing. TCP alone is
+    not work (a hung socket is exactly what we want to see as silence). Byte
+    counters and child sets are compared only between consecutive fully readable
+    (OK) samples: a partial read is not a change.
     """
     last: float | None = None
     prev_ok: TreeSample | None = None
     prev_children: frozenset[tuple[int, float]] = frozenset()
+    prev_time: float | None = None
     for s in samples:
-        worked = s.cpu_percent is not None and s.cpu_percent >= cpu_idle_percent
+        floor = _tick_floor(prev_time, s.time)
+        worked = s.cpu_percent is not None and s.cpu_percent >= work_percent and s.cpu_percent > floor
         if s.status is SampleStatus.OK:
             children = _child_ids(s)
             if prev_ok is not None and (_io_changed(prev_ok, s) or prev_children != children):
@@ -245,25 +312,39 @@ def tree_progress_time(samples: Sequence[TreeSample], cpu_idle_percent: float) -
             prev_ok, prev_children = s, children
         if worked:
             last = s.time if last is None else max(last, s.time)
+        prev_time = s.time
     return last
+
+
+def _last_ok_before(samples: Sequence[TreeSample], start: float) -> list[TreeSample]:
+    for s in reversed(samples):
+        if s.time < start and s.status is SampleStatus.OK:
+            return [s]
+    return []
 
 
 @dataclass(frozen=True)
 class _Facts:
-    """What the window of samples proves, computed once."""
+    """What the window of samples proves, computed once in one pass over it.
+
+    `support` counts, per window reason, the samples of the window that show its
+    evidence: a probe timeout, unreadable data, CPU at the spin bar, an open socket,
+    work (any CPU at or above cpu_idle_percent, a process on a CPU or blocked in
+    the kernel, I/O moving, children coming or going). A reason holds over the
+    window when most of its samples support it (spinning also needs the window's
+    mean CPU at the bar): one sample never does, in a window of three or more.
+    """
 
     size: int
     known: int  # OK samples with known CPU rate and TCP
     earliest_known: float | None
-    timeouts: int
-    unknown: int  # ACCESS_DENIED samples, or OK samples with unknown CPU or TCP
+    first_sight_in_window: bool
+    support: Mapping[Reason, int]
+    spin_mean: bool  # the window's mean CPU is at or above the spin bar
     cpu_latest: float | None
     cpu_max: float | None
-    cpu_latest_busy: bool
-    cpu_mean_busy: bool
-    cpu_blip: bool
+    cpu_mean: float | None
     tcp_max: int | None
-    tcp_seen: bool
     running_pids: tuple[int, ...]
     blocked_pids: tuple[int, ...]
     working_children: tuple[int, ...]
@@ -273,106 +354,184 @@ class _Facts:
 
     @staticmethod
     def of(
-        window: Sequence[TreeSample], before: Sequence[TreeSample], latest: TreeSample | None, thr: float
+        window: Sequence[TreeSample],
+        before: Sequence[TreeSample],
+        latest: TreeSample | None,
+        thr: float,
+        spin: float,
+        first_sight: TreeSample | None,
     ) -> _Facts:
-        timeouts = sum(1 for s in window if s.status is SampleStatus.PROBE_TIMEOUT)
-        readable = [s for s in window if s.status in (SampleStatus.OK, SampleStatus.ACCESS_DENIED)]
-        unknown = sum(
-            1
-            for s in readable
-            if s.status is SampleStatus.ACCESS_DENIED or s.cpu_percent is None or s.tcp is None
-        )
-        known = [
-            s
-            for s in readable
-            if s.status is SampleStatus.OK and s.cpu_percent is not None and s.tcp is not None
-        ]
-        cpus = [s.cpu_percent for s in readable if s.cpu_percent is not None]
-        tcps = [t for t in (s.tcp_total for s in readable) if t is not None]
-        cpu_latest = latest.cpu_percent if latest is not None else None
+        # One clock tick of CPU accounting in a short interval reads as a rate at or
+        # above the threshold (10 ms in 0.5 s = 2%): a single sample counts as CPU
+        # work only when it holds more than one tick's worth, unless the window's
+        # mean says the process keeps using that little all the time.
+        cpus = [s.cpu_percent for s in window if s.cpu_percent is not None]
+        cpu_mean = math.fsum(cpus) / len(cpus) if cpus else None
+        mean_busy = cpu_mean is not None and cpu_mean >= thr
+        timeouts = denied = spins = nets = works = known = 0
+        earliest_known: float | None = None
+        tcp_max: int | None = None
         running: dict[int, None] = {}
         blocked: dict[int, None] = {}
         working_children: dict[int, None] = {}
-        # One clock tick of CPU accounting in a short interval reads as a rate at or
-        # above the threshold (10 ms in 0.5 s = 2%): a single sample counts as a
-        # burst of work only when it holds more than one tick's worth.
-        floors = _tick_floors(window, before)
-        for s in readable:
+        io_changed = children_changed = cpu_busy_any = False
+        prev_ok = before[-1] if before else None
+        prev_children = _child_ids(prev_ok) if prev_ok is not None else frozenset()
+        prev_time = prev_ok.time if prev_ok is not None else None
+        for s in window:
+            floor = _tick_floor(prev_time, s.time)
+            prev_time = s.time
+            if s.status is SampleStatus.PROBE_TIMEOUT:
+                timeouts += 1
+                continue
+            if s.status not in (SampleStatus.OK, SampleStatus.ACCESS_DENIED):
+                continue  # vanished / zombie: only ever the latest, handled before the window
+            cpu = s.cpu_percent
+            # The first sight of a process has no CPU rate yet: not unreadable, just not
+            # evidence (it never counts as known, so it can never prove idleness).
+            no_rate_yet = cpu is None and s is first_sight
+            if s.status is SampleStatus.ACCESS_DENIED or s.tcp is None or (cpu is None and not no_rate_yet):
+                denied += 1
+            elif cpu is not None:
+                known += 1
+                if earliest_known is None:
+                    earliest_known = s.time
+            busy_cpu = cpu is not None and cpu >= thr and (cpu > floor or mean_busy)
+            worked = busy_cpu
+            cpu_busy_any = cpu_busy_any or busy_cpu
+            if cpu is not None and cpu >= spin and cpu > floor:
+                spins += 1
+            tcp = s.tcp_total
+            if tcp is not None:
+                tcp_max = tcp if tcp_max is None else max(tcp_max, tcp)
+                if tcp > 0:
+                    nets += 1
             root_pid = s.root.pid if s.root is not None else None
-            floor = floors.get(id(s), 0.0)
             for p in s.processes:
-                is_root = p.pid == root_pid  # pids are unique within one sample
                 busy = p.cpu_percent is not None and p.cpu_percent >= thr and p.cpu_percent > floor
                 if p.status == _RUNNING or busy:
                     running[p.pid] = None
+                    worked = True
                 if p.status == _BLOCKED:
                     blocked[p.pid] = None
-                if (p.status in (_RUNNING, _BLOCKED) or busy) and not is_root:
+                    worked = True
+                if (p.status in (_RUNNING, _BLOCKED) or busy) and p.pid != root_pid:
                     working_children[p.pid] = None
-        ok = [*before, *(s for s in window if s.status is SampleStatus.OK)]
-        pairs = list(itertools.pairwise(ok))
-        child_sets = [_child_ids(s) for s in ok]  # once per sample, not once per pair side
-        cpu_busy_any = any(
-            s.cpu_percent is not None and s.cpu_percent >= thr and s.cpu_percent > floors.get(id(s), 0.0)
-            for s in readable
-        )
-        tcp_seen = any(t > 0 for t in tcps)
+            if s.status is SampleStatus.OK:
+                children = _child_ids(s)
+                if prev_ok is not None:
+                    if _io_changed(prev_ok, s):
+                        io_changed = worked = True
+                    if children != prev_children:
+                        children_changed = worked = True
+                prev_ok, prev_children = s, children
+            if worked:
+                works += 1
+        tcp_seen = nets > 0
         children_now = latest is not None and latest.alive and latest.children > 0
         return _Facts(
             size=len(window),
-            known=len(known),
-            earliest_known=known[0].time if known else None,
-            timeouts=timeouts,
-            unknown=unknown,
-            cpu_latest=cpu_latest,
+            known=known,
+            earliest_known=earliest_known,
+            first_sight_in_window=first_sight is not None and any(s is first_sight for s in window),
+            support={
+                Reason.CPU_SPIN: spins,
+                Reason.WAITING_ON_NETWORK: nets,
+                Reason.TOOL_CALL_WITHOUT_PROGRESS: works,
+                Reason.PROBE_TIMEOUT: timeouts,
+                Reason.ACCESS_DENIED: denied,
+            },
+            spin_mean=cpu_mean is not None and cpu_mean >= spin,
+            cpu_latest=latest.cpu_percent if latest is not None else None,
             cpu_max=max(cpus) if cpus else None,
-            cpu_latest_busy=cpu_latest is not None and cpu_latest >= thr,
-            cpu_mean_busy=bool(cpus) and math.fsum(cpus) / len(cpus) >= thr,
-            cpu_blip=cpu_busy_any,
-            tcp_max=max(tcps) if tcps else None,
-            tcp_seen=tcp_seen,
+            cpu_mean=cpu_mean,
+            tcp_max=tcp_max,
             running_pids=tuple(running),
             blocked_pids=tuple(blocked),
             working_children=tuple(working_children),
-            io_changed=any(_io_changed(a, b) for a, b in pairs),
-            children_changed=any(a != b for a, b in itertools.pairwise(child_sets)),
+            io_changed=io_changed,
+            children_changed=children_changed,
             tree_alive=children_now or cpu_busy_any or tcp_seen,
         )
+
+    def holds(self, reason: Reason) -> bool:
+        """Whether `reason`'s evidence holds over the window: most of its samples."""
+        if reason is Reason.CPU_SPIN and not self.spin_mean:
+            return False
+        return 2 * self.support[reason] > self.size
+
+    def reason(self, held: Reason | None) -> Reason | None:
+        """The stalled reason the window shows; None when it shows nothing but idleness.
+
+        With hysteresis: the reason `held` (the session's stalled reason at the tick
+        before) stays while any of its evidence is in the window, unless a reason
+        ahead of it holds over the window. So a reason changes only when the new
+        evidence holds over the window or the old evidence has left it entirely,
+        never on one sample. Without a held reason: the first reason that holds
+        over the window, else the one with the most evidence (spinning only ever
+        when it holds: one busy sample is not a loop).
+        """
+        if held is not None and self.support.get(held, 0) == 0:
+            held = None
+        for r in _WINDOW_REASONS:
+            if r is held or self.holds(r):
+                return r
+        weak = [r for r in _WINDOW_REASONS if r is not Reason.CPU_SPIN]
+        best = max(weak, key=lambda r: self.support[r])  # the first of equals wins
+        return best if self.support[best] > 0 else None
 
     def enough(self, now: float, stall_after: float) -> bool:
         """Whether the known samples can prove idleness over the window: at least
         MIN_WINDOW_SAMPLES of them, the earliest covering at least half of it (a
-        history that starts a tick ago proves nothing about the last five minutes)."""
+        history that starts a tick ago proves nothing about the last five minutes),
+        and no first sight of the process in it (whose CPU before it is unknown)."""
         return (
             self.known >= MIN_WINDOW_SAMPLES
             and self.earliest_known is not None
             and self.earliest_known <= now - stall_after / 2.0
+            and not self.first_sight_in_window
         )
 
-    def work_detail(self) -> str:
+    def detail(self, reason: Reason) -> str:
+        """What a person reads next to the reason: the evidence behind it."""
+        n = self.support[reason]
+        if reason is Reason.PROBE_TIMEOUT:
+            return f"{n} probe timeouts in window"
+        if reason is Reason.ACCESS_DENIED:
+            return f"{n} unreadable samples in window"
+        if reason is Reason.CPU_SPIN:
+            return f"CPU at the spin bar in {n} of {self.size} samples, window mean {_r(self.cpu_mean, 1)}%"
+        if reason is Reason.WAITING_ON_NETWORK:
+            return f"TCP open in {n} of {self.size} samples"
         parts = []
         if self.blocked_pids:
-            pids = ",".join(map(str, self.blocked_pids[:_MAX_LISTED]))
-            parts.append(f"blocked in kernel (D): {pids}")
+            parts.append(f"blocked in kernel (D): {_pids(self.blocked_pids)}")
+        if self.working_children:
+            parts.append(f"working children: {_pids(self.working_children)}")
+        elif self.running_pids:
+            parts.append(f"on CPU (R): {_pids(self.running_pids)}")
         if self.io_changed:
             parts.append("read/write bytes changed")
         if self.children_changed:
             parts.append("child processes changed")
+        if self.cpu_max is not None and not self.working_children:
+            # The agent's own process is awake but not spinning: timers, GC, or a tool
+            # it runs in-process. Work outside its event stream, like a silent tool call.
+            parts.append(f"CPU up to {_r(self.cpu_max, 1)}%, window mean {_r(self.cpu_mean, 1)}% (not spinning)")
         return "; ".join(parts)
 
 
-def _tick_floors(window: Sequence[TreeSample], before: Sequence[TreeSample]) -> dict[int, float]:
-    """Per sample (by id): the CPU percent that 1.5 clock ticks make over the interval
-    since the previous sample. A rate at or under it may be one tick of accounting
-    noise. The first sample with no predecessor gets no floor (counted as work: the
-    safe side)."""
-    floors: dict[int, float] = {}
-    prev = before[-1] if before else None
-    for s in window:
-        if prev is not None and s.time > prev.time:
-            floors[id(s)] = 150.0 * CPU_TICK_SECONDS / (s.time - prev.time)
-        prev = s
-    return floors
+def _pids(pids: Sequence[int]) -> str:
+    return ",".join(map(str, pids[:_MAX_LISTED]))
+
+
+def _tick_floor(prev_time: float | None, t: float) -> float:
+    """The CPU percent that 1.5 clock ticks make over the interval since the previous
+    sample. A rate at or under it may be one tick of accounting noise. A sample with no
+    predecessor gets no floor (counted as work: the safe side)."""
+    if prev_time is None or t <= prev_time:
+        return 0.0
+    return 150.0 * CPU_TICK_SECONDS / (t - prev_time)
 
 
 def _stopped_root(s: TreeSample | None) -> bool:
@@ -420,6 +579,7 @@ def _evidence(
         "silence_s": _r(silence, 1),
         "cpu_percent": _r(facts.cpu_latest),
         "cpu_window_max": _r(facts.cpu_max),
+        "cpu_window_mean": _r(facts.cpu_mean),
         "tcp": None if latest is None or latest.tcp is None else dict(latest.tcp),
         "tcp_window_max": facts.tcp_max,
         "children": latest.children if latest is not None else 0,
@@ -432,6 +592,13 @@ def _evidence(
         "sample_status": latest.status.value if latest is not None else None,
         "samples_in_window": len(window),
     }
+    if activity.retry_due is not None or activity.retry_attempt is not None:
+        ev["retry"] = {
+            "attempt": activity.retry_attempt,
+            "max_retries": activity.retry_max,
+            "next_in_s": None if activity.retry_due is None else _r(activity.retry_due - now, 1),
+            "text": retry_phrase(activity, now),
+        }
     if detail:
         ev["detail"] = detail
     return ev

@@ -20,6 +20,8 @@ or forged timestamp cannot make a session look alive in the future.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -46,9 +48,21 @@ _CODEX_TOOL_ITEMS = frozenset({"command_execution", "mcp_tool_call", "web_search
 # Codex rollout response items that open / close a tool call (linked by call_id).
 _ROLLOUT_TOOL_OPEN = frozenset({"function_call", "custom_tool_call", "local_shell_call"})
 _ROLLOUT_TOOL_CLOSE = frozenset({"function_call_output", "custom_tool_call_output"})
+# Claude Code transcript lines that record its own state, not work (2.1.330): written
+# after API errors and at exit, without a timestamp of their own.
+_CLAUDE_BOOKKEEPING = frozenset({"last-prompt", "atis-latch", "cost-state"})
 # Claude Code Notification types that mean a person is being waited on.
 _WAITING_NOTIFICATIONS = frozenset({"permission_prompt", "idle_prompt", "elicitation_dialog"})
 _WAITING_PHRASES = ("needs your permission", "waiting for your input", "needs your approval")
+# Codex announces a stream retry as "Reconnecting... 2/5" (and older releases as "stream
+# error: ...; retrying 2/5 in 400ms…"): the retry's number, the most it makes, the delay.
+_CODEX_RETRY = re.compile(
+    r"(?:reconnecting\W*|retrying\s+)(\d{1,6})\s*/\s*(\d{1,6})"
+    r"(?:\s+in\s+(\d+(?:\.\d+)?)\s*(ns|µs|us|ms|s)\b)?",
+    re.IGNORECASE,
+)
+_DURATION_UNITS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+MAX_RETRY_DELAY_S = 86_400.0  # a longer announced delay is clamped (it stays a finite time)
 
 
 def parse_line(raw: bytes, seen_at: float, source: str, *, json_only: bool = True) -> Event | None:
@@ -112,8 +126,17 @@ def parse_object(obj: Mapping[str, Any], seen_at: float, source: str) -> list[Ev
         return [_codex_exec(obj, typ, t, source)]
     if typ in ("session_meta", "response_item", "event_msg", "turn_context", "compacted"):
         return [_codex_rollout(obj, typ, t, source)]
+    if typ.startswith("api-request") or typ in _CLAUDE_BOOKKEEPING:
+        # Claude Code's transcript logs every API attempt (api-request, its shape and blobs),
+        # and keeps state lines without a timestamp: the loop at work on itself, which in a
+        # retry loop is all it does. Liveness, not progress.
+        return [Event(time=t, type=typ[:64], kind=HEARTBEAT, source=source)]
     # Claude transcript bookkeeping (summary, file-history-snapshot, ...) and anything else.
-    return [Event(time=t, type=typ[:64], source=source)]
+    # In a transcript, a line without a time of its own (mode, permission-mode, tools-used,
+    # file-history-snapshot in 2.1.330) records state, not work: dated only by when it was
+    # read, it must not pass for progress.
+    untimed = source == "transcript" and "timestamp" not in obj
+    return [Event(time=t, type=typ[:64], kind=EventKind.STATE if untimed else PROGRESS, source=source)]
 
 
 def fold(activity: Activity, events: Iterable[Event]) -> Activity:
@@ -201,8 +224,18 @@ def _claude_message(obj: Mapping[str, Any], typ: str, t: float, source: str) -> 
 def _claude_system(obj: Mapping[str, Any], t: float, source: str) -> Event:
     subtype = _str(obj.get("subtype"))
     if subtype == "api_retry":
+        # {"attempt": 6, "max_retries": 10, "retry_delay_ms": 17816, "error": "unknown", ...}
         return Event(time=t, type="api_retry", kind=HEARTBEAT, retry=True, source=source,
+                     retry_attempt=_count(obj.get("attempt")), retry_max=_count(obj.get("max_retries")),
+                     retry_delay_s=_delay(obj.get("retry_delay_ms"), 1e-3),
                      detail=_short(_str(obj.get("error"))))
+    if subtype == "api_error":
+        # Claude Code's transcript records each retry as {"subtype": "api_error", "retryAttempt": 6,
+        # "maxRetries": 10, "retryInMs": 17816, "error": {...}}: the same schedule as api_retry.
+        retrying = "retryInMs" in obj or "retryAttempt" in obj
+        return Event(time=t, type="api_error", kind=HEARTBEAT, retry=retrying, source=source,
+                     retry_attempt=_count(obj.get("retryAttempt")), retry_max=_count(obj.get("maxRetries")),
+                     retry_delay_s=_delay(obj.get("retryInMs"), 1e-3), detail=_error_text(obj.get("error")))
     if subtype == "init":
         return Event(time=t, type="init", source=source)
     if subtype == "status":  # "compacting" and similar: the loop is alive, nothing moved yet
@@ -224,9 +257,10 @@ def _codex_exec(obj: Mapping[str, Any], typ: str, t: float, source: str) -> Even
     if typ in ("turn.completed", "turn.failed"):
         return Event(time=t, type=typ, turn="close", source=source)
     if typ == "error":
-        # Codex reports stream disconnects it is about to retry as error events.
-        return Event(time=t, type=typ, kind=HEARTBEAT, retry=True, source=source,
-                     detail=_short(_str(obj.get("message"))))
+        # Codex reports stream disconnects it is about to retry as error events
+        # ("Reconnecting... 2/5"); a fatal error is followed by turn.failed.
+        message = _str(obj.get("message"))
+        return _codex_retry(typ, message, t, source)
     item = obj.get("item")
     if typ.startswith("item.") and isinstance(item, dict):
         item_type = _str(item.get("type") or item.get("item_type"))
@@ -263,9 +297,23 @@ def _codex_rollout(obj: Mapping[str, Any], typ: str, t: float, source: str) -> E
         if ptype == "exec_command_end":
             return Event(time=t, type=ptype, tool="shell", tool_id=call_id, tool_call="close", source=source)
         if ptype == "stream_error":
-            return Event(time=t, type=ptype, kind=HEARTBEAT, retry=True, source=source)
+            return _codex_retry(ptype, _str(payload.get("message")), t, source)
         return Event(time=t, type=f"event_msg/{ptype}"[:64], source=source)
     return Event(time=t, type=typ, source=source)
+
+
+def _codex_retry(typ: str, message: str, t: float, source: str) -> Event:
+    """A Codex retry heartbeat, with the retry's number, maximum and delay when the
+    message says them. Newer releases name no delay: the attempt is due at once."""
+    m = _CODEX_RETRY.search(message)
+    attempt = retry_max = None
+    delay: float | None = None
+    if m is not None:
+        attempt, retry_max = int(m.group(1)), int(m.group(2))
+        if m.group(3) is not None:
+            delay = min(float(m.group(3)) * _DURATION_UNITS[m.group(4).lower()], MAX_RETRY_DELAY_S)
+    return Event(time=t, type=typ, kind=HEARTBEAT, retry=True, retry_attempt=attempt,
+                 retry_max=retry_max, retry_delay_s=delay, source=source, detail=_short(message))
 
 
 # --------------------------------------------------------------------------- otelwatch spool
@@ -286,6 +334,9 @@ def _spool_record(obj: Mapping[str, Any], t: float, source: str) -> Event:
         tool_call=tool_call,
         awaiting_input=awaiting if isinstance(awaiting, bool) else None,
         retry=obj.get("retry") is True,
+        retry_attempt=_count(obj.get("retry_attempt")),
+        retry_max=_count(obj.get("retry_max")),
+        retry_delay_s=_delay(obj.get("retry_delay_s"), 1.0),
         source=_str(obj.get("source"))[:32] or source,
         detail=_short(_str(obj.get("detail"))),
     )
@@ -315,6 +366,41 @@ def _first_text(blocks: list[dict[str, Any]]) -> str:
         if b.get("type") == "text" and isinstance(b.get("text"), str):
             return _short(b["text"])
     return ""
+
+
+def _delay(value: object, unit_s: float) -> float | None:
+    """A retry delay in seconds from a finite, non-negative JSON number of `unit_s`
+    units, at most MAX_RETRY_DELAY_S; None for anything else (bools, strings, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    x = float(value) * unit_s
+    return min(x, MAX_RETRY_DELAY_S) if math.isfinite(x) and x >= 0 else None
+
+
+def _count(value: object) -> int | None:
+    """A non-negative JSON integer (retry numbers); None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return min(value, 1_000_000)
+
+
+def _error_text(value: object) -> str:
+    """A short text for an error that is a string or an object, as the APIs nest them
+    ({"status": 529, "error": {"type": "error", "error": {"type": "overloaded_error",
+    "message": "Overloaded"}}}): the innermost message, else the most specific type."""
+    kind = ""
+    for _ in range(4):
+        if isinstance(value, str):
+            return _short(value)
+        if not isinstance(value, dict):
+            break
+        message, typ = value.get("message"), value.get("type")
+        if isinstance(message, str) and message:
+            return _short(message)
+        if isinstance(typ, str) and typ and typ != "error":
+            kind = typ
+        value = value.get("error")
+    return _short(kind)
 
 
 def _str(value: object) -> str:

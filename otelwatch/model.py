@@ -13,7 +13,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 
-class State(str, enum.Enum):
+class StrEnum(str, enum.Enum):
+    """The base of otelwatch's named values (states, reasons, sources, steps): each
+    compares equal to, prints as and serialises as its string value, which is the
+    contract dashboards and scripts match on. (enum.StrEnum needs Python 3.11.)"""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class State(StrEnum):
     STARTING = "starting"
     ACTIVE = "active"
     IDLE = "idle"
@@ -22,11 +31,8 @@ class State(str, enum.Enum):
     STUCK = "stuck"
     EXITED = "exited"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Reason(str, enum.Enum):
+class Reason(StrEnum):
     STARTUP_GRACE = "startup_grace"
     RECENT_PROGRESS = "recent_progress"
     NO_OPEN_TURN = "no_open_turn"
@@ -38,12 +44,10 @@ class Reason(str, enum.Enum):
     TOOL_CALL_WITHOUT_PROGRESS = "tool_call_without_progress"
     PROBE_TIMEOUT = "probe_timeout"
     ACCESS_DENIED = "access_denied"
+    INSUFFICIENT_SAMPLES = "insufficient_samples"
     NO_ACTIVITY = "no_activity"
     PROCESS_EXITED = "process_exited"
     RUNTIME_ALIVE_PROCESS_DEAD = "runtime_alive_process_dead"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 # Which reasons belong to which state; the classifier and its tests use this.
@@ -60,6 +64,7 @@ REASONS_BY_STATE: Mapping[State, frozenset[Reason]] = {
             Reason.TOOL_CALL_WITHOUT_PROGRESS,
             Reason.PROBE_TIMEOUT,
             Reason.ACCESS_DENIED,
+            Reason.INSUFFICIENT_SAMPLES,
         }
     ),
     State.STUCK: frozenset({Reason.NO_ACTIVITY}),
@@ -67,15 +72,12 @@ REASONS_BY_STATE: Mapping[State, frozenset[Reason]] = {
 }
 
 
-class Mode(str, enum.Enum):
+class Mode(StrEnum):
     """A headless session processes from start to exit; an interactive one only
     while a turn is open."""
 
     HEADLESS = "headless"
     INTERACTIVE = "interactive"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 # --------------------------------------------------------------------------- probe
@@ -87,6 +89,28 @@ class Mode(str, enum.Enum):
 CPU_TICK_SECONDS = 0.01
 
 
+class SourceKind(StrEnum):
+    """Which source described a session (`SessionSpec.source`, the `source` label)."""
+
+    REGISTRY = "registry"  # a <registry_dir>/<id>.json file written by any program
+    EXEC = "exec"  # `otelwatch exec`
+    API = "api"  # Watcher.track() from a host application
+    HOOK = "hook"  # agent hooks and `otelwatch event`, through the spool
+    TMUX = "tmux"  # an agent found in a tmux pane
+    PROCESS = "process"  # an agent found by name in the process table
+
+
+class EscalationStep(StrEnum):
+    """The steps of one recovery, in `RecoveryStep.step` and the recovery state file.
+    The order they may follow each other in is `recovery.escalation.transition`."""
+
+    REQUESTED = "requested"  # decided and persisted; nothing done yet
+    SIGTERM = "sigterm"
+    SIGKILL = "sigkill"
+    COMMAND = "command"  # the configured recovery command ran
+    COMPLETED = "completed"  # the outcome (RecoveryStatus) is known
+
+
 class ProcessIdentity(NamedTuple):
     """A process is (pid, create_time): a PID whose create time changed is another
     process (PID reuse) and never inherits the old one's history or signals."""
@@ -95,15 +119,33 @@ class ProcessIdentity(NamedTuple):
     create_time: float
 
 
-class SampleStatus(str, enum.Enum):
+# The one comparison of process identities (probe, session table, recovery, actuator).
+# Create times read by one reader agree to float precision: the daemon's probe, recovery
+# and actuator share one boot time, and two processes on one PID never share a start
+# tick, so they are compared within IDENTITY_TOLERANCE_S. A create time written by another
+# program (the exec wrapper, a registration) was computed from that program's read of
+# /proc/stat's btime, whole seconds that can step by one between reads: it may be up to
+# FOREIGN_CREATE_TIME_SKEW_S off. A PID *can* be reused within a second (a busy host
+# wrapping pid_max, a small PID namespace), so the lenient skew only ever joins a
+# description to a session; every signal is gated by the exact comparison.
+IDENTITY_TOLERANCE_S = 0.005
+FOREIGN_CREATE_TIME_SKEW_S = 1.1
+
+
+def same_process(a: ProcessIdentity | None, b: ProcessIdentity | None, *,
+                 tolerance: float = IDENTITY_TOLERANCE_S) -> bool:
+    """Whether `a` and `b` are one process (not a reuse of its PID); False when either is unknown."""
+    if a is None or b is None:
+        return False
+    return a.pid == b.pid and abs(a.create_time - b.create_time) < tolerance
+
+
+class SampleStatus(StrEnum):
     OK = "ok"
     VANISHED = "vanished"  # root process gone, or its PID now belongs to another process
     ZOMBIE = "zombie"  # root exited but not yet reaped
     ACCESS_DENIED = "access_denied"  # something the classifier needs could not be read
     PROBE_TIMEOUT = "probe_timeout"  # the probe overran its deadline
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -175,14 +217,15 @@ class TreeSample:
 # --------------------------------------------------------------------------- events
 
 
-class EventKind(str, enum.Enum):
-    """Progress moves the agent's work; a heartbeat only shows its loop is alive."""
+class EventKind(StrEnum):
+    """Progress moves the agent's work; a heartbeat only shows its loop is alive; a state
+    line only records where the agent is (a transcript's untimed bookkeeping, an API call
+    logged with the prompt that caused it): written together with the work around it, it
+    is neither, and moves neither clock."""
 
     PROGRESS = "progress"
     HEARTBEAT = "heartbeat"
-
-    def __str__(self) -> str:
-        return self.value
+    STATE = "state"
 
 
 @dataclass(frozen=True)
@@ -196,12 +239,16 @@ class Event:
     tool_call: str | None = None  # "open" | "close" | None
     awaiting_input: bool | None = None  # True: now waiting on a person; False: no longer
     retry: bool = False  # an API retry heartbeat (api_retrying evidence)
+    retry_attempt: int | None = None  # the announced retry: its number,
+    retry_max: int | None = None  # out of at most this many,
+    retry_delay_s: float | None = None  # starting this long after the event
     source: str = ""  # "stream", "transcript", "hook", "http", "exec", ...
     detail: str = ""  # short text for diagnostics
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"time": self.time, "type": self.type, "kind": self.kind.value}
-        for key in ("tool", "tool_id", "turn", "tool_call", "awaiting_input", "detail"):
+        for key in ("tool", "tool_id", "turn", "tool_call", "awaiting_input", "retry_attempt", "retry_max",
+                    "retry_delay_s", "detail"):
             value = getattr(self, key)
             if value not in (None, ""):
                 out[key] = value
@@ -234,6 +281,12 @@ class Activity:
     last_progress_time: float | None = None
     last_heartbeat_time: float | None = None
     last_retry_time: float | None = None
+    # The last announced retry, until progress settles it: when its attempt starts, how
+    # long the attempt that failed before it took (the next may take as long), its number.
+    retry_due: float | None = None
+    retry_attempt_s: float | None = None
+    retry_attempt: int | None = None
+    retry_max: int | None = None
     turn_open: bool = False
     turn_opened_at: float | None = None
     open_tools: tuple[OpenTool, ...] = ()
@@ -252,10 +305,15 @@ class Activity:
         if event.kind is EventKind.PROGRESS:
             changes["last_progress_time"] = _latest(self.last_progress_time, t)
             changes["progress_events"] = self.progress_events + 1
-        else:
+            if self.retry_due is not None and self.last_retry_time is not None and t >= self.last_retry_time:
+                # Work moved after the retry: the call went through, nothing is announced.
+                changes.update(retry_due=None, retry_attempt_s=None, retry_attempt=None, retry_max=None)
+        elif event.kind is EventKind.HEARTBEAT:
             changes["last_heartbeat_time"] = _latest(self.last_heartbeat_time, t)
             if event.retry:
                 changes["last_retry_time"] = _latest(self.last_retry_time, t)
+                if self.last_retry_time is None or t >= self.last_retry_time:
+                    changes.update(_announced_retry(self, event))
 
         open_tools = self.open_tools
         turn_open = self.turn_open
@@ -268,12 +326,17 @@ class Activity:
             if not turn_open:
                 turn_open, turn_opened_at = True, t
             tool_id = event.tool_id or f"{event.tool or 'tool'}@{t}"
+            # The same call seen again (a hook and the transcript both report it) keeps the
+            # time it was first seen open.
+            since = min((o.since for o in open_tools if o.tool_id == tool_id), default=t)
             open_tools = (*(o for o in open_tools if o.tool_id != tool_id),
-                          OpenTool(tool_id, event.tool or "", t))
+                          OpenTool(tool_id, event.tool or "", min(since, t)))
         elif event.tool_call == "close":
             open_tools = _close_tool(open_tools, event.tool_id, event.tool)
-        if event.turn == "close":
-            # A finished turn leaves no tool call open, whatever we missed.
+        if event.turn == "close" and (turn_opened_at is None or t >= turn_opened_at):
+            # A finished turn leaves no tool call open, whatever we missed. A close older
+            # than the turn's opening belongs to the turn before (hooks and transcripts
+            # report the same turn edges, each in its own time): it closes nothing.
             turn_open, turn_opened_at, open_tools = False, None, ()
         changes.update(turn_open=turn_open, turn_opened_at=turn_opened_at, open_tools=open_tools)
 
@@ -288,6 +351,20 @@ class Activity:
         return replace(self, malformed=self.malformed + n)
 
 
+def _announced_retry(before: Activity, event: Event) -> dict[str, Any]:
+    """The retry schedule after a retry heartbeat. The attempt that just failed began when
+    the previously announced one was due or, for a first retry, at the last progress."""
+    t = event.time
+    began = before.retry_due if before.retry_due is not None else before.last_progress_time
+    delay = event.retry_delay_s if event.retry_delay_s is not None and event.retry_delay_s > 0 else 0.0
+    return {
+        "retry_due": t + delay,
+        "retry_attempt_s": t - began if began is not None and began <= t else None,
+        "retry_attempt": event.retry_attempt,
+        "retry_max": event.retry_max,
+    }
+
+
 def _latest(current: float | None, t: float) -> float:
     return t if current is None else max(current, t)
 
@@ -295,13 +372,20 @@ def _latest(current: float | None, t: float) -> float:
 def _close_tool(
     open_tools: tuple[OpenTool, ...], tool_id: str | None, tool: str | None
 ) -> tuple[OpenTool, ...]:
-    if tool_id is not None and any(o.tool_id == tool_id for o in open_tools):
-        return tuple(o for o in open_tools if o.tool_id != tool_id)
+    candidates = open_tools
+    if tool_id is not None:
+        if any(o.tool_id == tool_id for o in open_tools):
+            return tuple(o for o in open_tools if o.tool_id != tool_id)
+        # An id never seen opening: the same call closed a second time (a hook and the
+        # transcript both report it), or one opened without an id. Only those it may close.
+        candidates = tuple(o for o in open_tools if o.tool_id == f"{o.tool or 'tool'}@{o.since}")
+        if not candidates:
+            return open_tools
     # No id (hooks without tool_use_id): close the oldest call of that tool, else the oldest.
-    for candidate in open_tools:
+    for candidate in candidates:
         if tool is None or candidate.tool == tool:
             return tuple(o for o in open_tools if o is not candidate)
-    return open_tools[1:]
+    return tuple(o for o in open_tools if o is not candidates[0]) if candidates else open_tools
 
 
 # --------------------------------------------------------------------------- sessions
@@ -329,6 +413,10 @@ class SessionSpec:
     runtime_alive: bool | None = None  # e.g. the tmux pane still exists
     create_time: float | None = None  # when the source knows the process identity
     stderr_path: str | None = None  # exec wrapper's stderr ring, for diagnostics
+    # When the source wrote this description (a registry file's mtime, a spool record's
+    # time). Without create_time, the pid is bound to the process that existed then: a
+    # process started later has only reused the PID and is never this session.
+    registered_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -352,7 +440,7 @@ class Verdict:
 # --------------------------------------------------------------------------- act
 
 
-class RecoveryStatus(str, enum.Enum):
+class RecoveryStatus(StrEnum):
     TERMINATED = "terminated"
     KILLED = "killed"
     UNKILLABLE = "unkillable"
@@ -360,9 +448,6 @@ class RecoveryStatus(str, enum.Enum):
     IDENTITY_CHANGED = "identity_changed"
     FAILED = "failed"
     DRY_RUN = "dry_run"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -437,6 +522,9 @@ class SessionSnapshot:
     recoveries: tuple[RecoveryStep, ...] = ()
     evidence: Mapping[str, Any] = field(default_factory=dict)
     sample_status: SampleStatus = SampleStatus.OK
+    # The last stalled/stuck report's evidence (processes with wait channels, TCP
+    # remotes, stderr tail, summary), so /api/sessions can show it without /proc.
+    last_report: Mapping[str, Any] | None = None
 
     @property
     def live(self) -> bool:
@@ -471,6 +559,7 @@ class SessionSnapshot:
             "evidence": dict(self.evidence),
             "recent_events": [e.to_json() for e in self.recent_events],
             "recoveries": [r.to_json() for r in self.recoveries],
+            "last_report": None if self.last_report is None else dict(self.last_report),
         }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from otelwatch.model import Activity, SessionSnapshot, TreeSample, Verdict
+from otelwatch.model import Activity, Reason, SessionSnapshot, TreeSample, Verdict
 
 _STATUS_WORDS = {
     "R": "running",
@@ -36,11 +36,13 @@ def human_duration(seconds: float | None) -> str:
 def describe(verdict: Verdict, sample: TreeSample | None, wchans: Mapping[int, str] | None = None) -> str:
     """One sentence: what the root process is doing, on what, for how long.
 
-    e.g. "sleeping in ep_poll with 1 ESTABLISHED connection to 10.0.0.7:443, no progress for 14m".
+    e.g. "sleeping in ep_poll with 1 ESTABLISHED connection to 10.0.0.7:443, no progress for 14m",
+    or for an agent retrying its API, "..., API retry (attempt 6/10, next in 18 s), no progress for 3m05s".
     """
     silence = f"no progress for {human_duration(verdict.silence_s)}"
+    retry = _retry_words(verdict)
     if sample is None or not sample.processes:
-        return f"{verdict.state.value} ({verdict.reason.value}), {silence}"
+        return ", ".join(p for p in (f"{verdict.state.value} ({verdict.reason.value})", retry, silence) if p)
     root = sample.processes[0]
     doing = _STATUS_WORDS.get(root.status, f"in state {root.status}")
     wchan = (wchans or {}).get(root.pid) or root.wchan
@@ -63,7 +65,18 @@ def describe(verdict: Verdict, sample: TreeSample | None, wchans: Mapping[int, s
         parts.append("with no TCP connections")
     if sample.children:
         parts.append(f"{sample.children} child process{'es' if sample.children != 1 else ''}")
-    return ", ".join([" ".join(parts[:2]) if len(parts) > 1 else parts[0], *parts[2:], silence])
+    head = " ".join(parts[:2]) if len(parts) > 1 else parts[0]
+    return ", ".join([head, *parts[2:], *([retry] if retry else []), silence])
+
+
+def _retry_words(verdict: Verdict) -> str:
+    """The announced API retry the classifier put in the evidence (any reason: an attempt
+    may be waiting on the network), or plain "API retry" for api_retrying without one."""
+    retry = verdict.evidence.get("retry")
+    text = retry.get("text") if isinstance(retry, Mapping) else None
+    if isinstance(text, str) and text:
+        return f"API retry ({text})"
+    return "API retry" if verdict.reason is Reason.API_RETRYING else ""
 
 
 def children_detail(sample: TreeSample | None, wchans: Mapping[int, str] | None = None,

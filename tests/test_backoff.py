@@ -19,7 +19,7 @@ from otelwatch.classify import (
     next_report,
 )
 from otelwatch.config import ClassifyConfig
-from otelwatch.model import Activity, Reason, SampleStatus, State, Verdict
+from otelwatch.model import Activity, Event, EventKind, Reason, SampleStatus, State, Verdict
 
 CFG = ClassifyConfig(repeat_base=60.0, repeat_max=600.0)
 FP: tuple[Any, ...] = (State.STUCK, Reason.NO_ACTIVITY, 7, frozenset())
@@ -163,3 +163,22 @@ def test_is_late_tick() -> None:
     assert is_late_tick(100.0, 221.0, 60.0)
     # Early (clock stepped back) is not late.
     assert not is_late_tick(100.0, 50.0, 5.0)
+
+
+def test_retries_and_their_countdown_do_not_reset_the_backoff() -> None:
+    """An api_retrying session gets a heartbeat per retry and a countdown in its
+    evidence every tick: neither is in the fingerprint, so its reports back off."""
+    activity = acts(ev(NOW - 100))
+    schedule: ReportSchedule | None = None
+    reported = []
+    for k in range(120):  # 10 minutes of 5 s ticks, a retry line every 40 s
+        t = NOW + 5.0 * k
+        if k % 8 == 0:
+            activity = activity.apply(Event(time=t, type="api_retry", kind=EventKind.HEARTBEAT, retry=True,
+                                            retry_attempt=k // 8 + 1, retry_max=10, retry_delay_s=35.0))
+        v = Verdict(State.STALLED, Reason.API_RETRYING, t - NOW + 100,
+                    {"retry": {"next_in_s": (activity.retry_due or t) - t}})
+        schedule, report = next_report(schedule, fingerprint(v, activity, tree(t)), v.state, t, CFG)
+        if report:
+            reported.append(t - NOW)
+    assert reported == [0.0, 60.0, 180.0, 420.0]

@@ -16,17 +16,19 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_classify import NOW, ROOT_PID, acts, ev, hb, info, proc, tree
 
-from otelwatch.classify import classify, window_samples
+from otelwatch.classify import MAX_ATTEMPT_S, classify, retry_holds, window_samples
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
     REASONS_BY_STATE,
     Activity,
     Event,
     Mode,
+    Reason,
     SampleStatus,
     SessionInfo,
     State,
     TreeSample,
+    Verdict,
 )
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -47,6 +49,14 @@ CFGS = st.builds(
     stall_after=st.sampled_from([60.0, 300.0]),
     tool_stall_after=st.sampled_from([120.0, 1800.0]),
     cpu_idle_percent=st.sampled_from([1.0, 0.5]),
+    cpu_spin_percent=st.sampled_from([50.0, 20.0, 0.8]),
+)
+# Any previous verdict, however unlikely: hysteresis must never make anything stuck.
+PREVIOUS = st.one_of(
+    st.none(),
+    st.sampled_from([(s, r) for s, reasons in REASONS_BY_STATE.items() for r in reasons]).map(
+        lambda sr: Verdict(sr[0], sr[1], 0.0)
+    ),
 )
 
 
@@ -93,14 +103,17 @@ def activity_st(draw: st.DrawFn) -> Activity:
     events: list[Event] = []
     for _ in range(draw(st.integers(0, 8))):
         t = NOW - draw(st.floats(0, 5000, allow_nan=False))
-        kind = draw(st.sampled_from(["progress", "heartbeat", "retry", "turn_open", "turn_close",
-                                     "tool_open", "tool_close", "prompt", "answered"]))
+        kind = draw(st.sampled_from(["progress", "heartbeat", "retry", "scheduled_retry", "turn_open",
+                                     "turn_close", "tool_open", "tool_close", "prompt", "answered"]))
         if kind == "progress":
             events.append(ev(t))
         elif kind == "heartbeat":
             events.append(hb(t))
         elif kind == "retry":
             events.append(hb(t, "system/api_retry", retry=True))
+        elif kind == "scheduled_retry":
+            events.append(hb(t, "api_retry", retry=True, retry_attempt=draw(st.integers(1, 10)), retry_max=10,
+                             retry_delay_s=draw(st.sampled_from([0.6, 17.8, 40.0, 400.0]))))
         elif kind == "turn_open":
             events.append(ev(t, "UserPromptSubmit", turn="open"))
         elif kind == "turn_close":
@@ -131,12 +144,20 @@ def _working(s: TreeSample, thr: float) -> bool:
 
 
 @SETTINGS
-@given(cfg=CFGS, session=INFOS, samples=samples_st(), activity=activity_st(), watch_since=WATCH)
+@given(cfg=CFGS, session=INFOS, samples=samples_st(), activity=activity_st(), watch_since=WATCH,
+       previous=PREVIOUS)
 def test_classifier_invariants(
-    cfg: ClassifyConfig, session: SessionInfo, samples: list[TreeSample], activity: Activity, watch_since: float
+    cfg: ClassifyConfig,
+    session: SessionInfo,
+    samples: list[TreeSample],
+    activity: Activity,
+    watch_since: float,
+    previous: Verdict | None,
 ) -> None:
-    v = classify(cfg, session, samples, activity, NOW, watch_since)
+    v = classify(cfg, session, samples, activity, NOW, watch_since, previous)
     thr = cfg.cpu_idle_percent
+    # The previous verdict may steady a stalled reason, never change the state.
+    assert v.state is classify(cfg, session, samples, activity, NOW, watch_since).state
 
     # The reason always belongs to its state; the evidence always serialises.
     assert v.reason in REASONS_BY_STATE[v.state]
@@ -168,6 +189,9 @@ def test_classifier_invariants(
         assert NOW - activity.last_progress_time >= cfg.stall_after
     for t in (activity.last_heartbeat_time, activity.last_retry_time):
         assert t is None or NOW - t >= cfg.stall_after
+    # An announced retry is over: its attempt was due, and overdue by its expected length.
+    if activity.retry_due is not None:
+        assert activity.retry_due + min(activity.retry_attempt_s or 0.0, MAX_ATTEMPT_S) + cfg.stall_after <= NOW
     assert not activity.open_tools
     assert not activity.awaiting_input
     assert session.mode is Mode.HEADLESS or activity.turn_open
@@ -274,3 +298,138 @@ def test_root_pid_is_the_tree_root() -> None:
     # Guard for the helpers the properties rely on.
     s = tree(NOW, children=[proc(5000)])
     assert s.root is not None and s.root.pid == ROOT_PID and s.processes[0].identity == s.root
+
+
+# --------------------------------------------------------------------------- hysteresis
+
+# Steady stalled conditions: (the samples' shape, the reason they give).
+BASES: dict[str, tuple[dict[str, Any], Reason]] = {
+    "network": ({"tcp": {"ESTABLISHED": 1}, "cpu": 0.2}, Reason.WAITING_ON_NETWORK),
+    "spin": ({"cpu": 95.0}, Reason.CPU_SPIN),
+    "spin_with_socket": ({"cpu": 95.0, "tcp": {"ESTABLISHED": 1}}, Reason.CPU_SPIN),
+    "low_cpu": ({"cpu": 2.0}, Reason.TOOL_CALL_WITHOUT_PROGRESS),
+    "working_child": ({"children": [proc(5100, status="R", cpu=0.4)]}, Reason.TOOL_CALL_WITHOUT_PROGRESS),
+    "unreadable_sockets": ({"unknown_tcp": True}, Reason.ACCESS_DENIED),
+    "timeouts": ({"status": SampleStatus.PROBE_TIMEOUT}, Reason.PROBE_TIMEOUT),
+}
+BLIPS = [*SPOILS, "idle", "spin", "low_cpu", "spin_with_socket"]
+
+
+def _blip(s: TreeSample, how: str) -> TreeSample:
+    if how == "idle":
+        return tree(s.time)
+    if how == "spin":
+        return tree(s.time, cpu=100.0)
+    if how == "low_cpu":
+        return tree(s.time, cpu=2.6)
+    if how == "spin_with_socket":
+        return tree(s.time, cpu=100.0, tcp={"ESTABLISHED": 3})
+    if s.status is not SampleStatus.OK:
+        s = tree(s.time, cpu=0.2)  # spoil a readable sample (a timeout has nothing to spoil)
+    return _spoil(s, how)
+
+
+@SETTINGS
+@given(
+    base=st.sampled_from(sorted(BASES)),
+    how=st.sampled_from(BLIPS),
+    timing=st.sampled_from([(30.0, 5.0), (60.0, 10.0), (300.0, 10.0)]),
+)
+@example(base="timeouts", how="io", timing=(30.0, 5.0))
+@example(base="network", how="spin_with_socket", timing=(30.0, 5.0))
+def test_a_single_sample_blip_never_changes_a_stalled_reason(base: str, how: str, timing: tuple[float, float]) -> None:
+    """A stalled session whose evidence is steady keeps its reason, tick after tick,
+    while one different sample enters the window, crosses it and leaves it. (With an
+    event source: without one, a busy sample is progress and makes it active.)"""
+    stall_after, interval = timing
+    cfg = ClassifyConfig(stall_after=stall_after, cpu_idle_percent=1.0, cpu_spin_percent=50.0)
+    shape, expected = BASES[base]
+    session = info(started_at=NOW - 100_000)
+    activity = SILENT
+    n = int(2 * stall_after // interval)
+    samples = [tree(NOW - (n - i) * interval, read=100, **shape) for i in range(n + 1)]
+    previous = classify(cfg, session, samples, activity, NOW, NOW - 100_000)
+    assert (previous.state, previous.reason) == (State.STALLED, expected), previous.evidence
+    blip_at = NOW + interval
+    t = NOW
+    while t <= blip_at + stall_after + 2 * interval:
+        t += interval
+        sample = tree(t, read=100, **shape)
+        samples.append(_blip(sample, how) if t == blip_at else sample)
+        v = classify(cfg, session, samples, activity, t, NOW - 100_000, previous)
+        assert (v.state, v.reason) == (State.STALLED, expected), (t - blip_at, v.evidence)
+        previous = v
+
+
+def test_a_reason_changes_once_the_new_evidence_holds() -> None:
+    """The other side of hysteresis: a socket that opens for good takes over from
+    low-CPU work once it holds over most of the window, and the reason of a finished
+    spin changes once no spinning sample is left in the window."""
+    cfg = ClassifyConfig(stall_after=60.0)
+    session, since = info(started_at=NOW - 100_000), NOW - 100_000
+
+    def run(first: dict[str, Any], then: dict[str, Any]) -> list[tuple[float, Reason]]:
+        samples = [tree(NOW - 120 + 10 * i, **first) for i in range(13)]
+        previous = classify(cfg, session, samples, SILENT, NOW, since)
+        changes = [(0.0, previous.reason)]
+        for k in range(1, 12):
+            samples.append(tree(NOW + 10 * k, **then))
+            v = classify(cfg, session, samples, SILENT, NOW + 10 * k, since, previous)
+            if v.reason is not previous.reason:
+                changes.append((10.0 * k, v.reason))
+            previous = v
+        return changes
+
+    # Window of 7 samples: the socket holds over it from its 4th sample on.
+    assert run({"cpu": 2.0}, {"cpu": 2.0, "tcp": {"ESTABLISHED": 1}}) == [
+        (0.0, Reason.TOOL_CALL_WITHOUT_PROGRESS), (40.0, Reason.WAITING_ON_NETWORK)]
+    # The spin stops; the reason holds until the last spinning sample has left the window.
+    assert run({"cpu": 95.0, "tcp": {"ESTABLISHED": 1}}, {"cpu": 0.2, "tcp": {"ESTABLISHED": 1}}) == [
+        (0.0, Reason.CPU_SPIN), (70.0, Reason.WAITING_ON_NETWORK)]
+
+
+# --------------------------------------------------------------------------- announced retries
+
+
+@SETTINGS
+@given(
+    delays=st.lists(st.floats(0.0, 120.0, allow_nan=False), min_size=1, max_size=10),
+    lasting=st.floats(0.001, 400.0, allow_nan=False),
+    stall_after=st.sampled_from([30.0, 300.0]),
+    lag=st.floats(0.0, 10.0, allow_nan=False),
+    at=st.floats(0.0, 1.0, allow_nan=False),
+    tool=st.booleans(),
+)
+def test_never_stuck_while_an_announced_retry_is_not_overdue(
+    delays: list[float], lasting: float, stall_after: float, lag: float, at: float, tool: bool
+) -> None:
+    """A retry loop (each attempt lasting `lasting` s, announced delays, lines seen up to
+    `lag` s late) over an otherwise idle tree: from the last retry until its attempt is
+    due and has run as long as the one before, the session is stalled/api_retrying,
+    never stuck; some time after that, it is stuck (so the property bites)."""
+    cfg = ClassifyConfig(stall_after=stall_after, cpu_idle_percent=1.0)
+    events: list[Event] = [ev(NOW - 50_000, turn="open")]
+    if tool:
+        events.append(ev(NOW - 49_000, "PreToolUse", tool="Task", tool_call="open"))
+    start = NOW - 40_000.0  # the first attempt
+    events.append(ev(start))
+    for k, delay in enumerate(delays, 1):
+        fail = start + lasting
+        events.append(hb(fail + lag, "api_retry", retry=True, retry_attempt=k, retry_max=10, retry_delay_s=delay))
+        start = fail + lag + delay
+    activity = acts(*events)
+    assert activity.retry_due is not None and activity.last_retry_time is not None
+    overdue = activity.retry_due + min(activity.retry_attempt_s or 0.0, MAX_ATTEMPT_S)
+    now = activity.last_retry_time + at * (overdue - activity.last_retry_time)
+    samples = [tree(now - 400 + 10 * i) for i in range(41)]
+    session = info(started_at=NOW - 60_000)
+    v = classify(cfg, session, samples, activity, now, NOW - 60_000)
+    assert retry_holds(activity, now, stall_after)
+    if now - (activity.last_progress_time or 0.0) >= stall_after:
+        assert (v.state, v.reason) == (State.STALLED, Reason.API_RETRYING), v.evidence
+    else:
+        assert v.state is not State.STUCK
+    later = overdue + stall_after + 1.0
+    samples = [tree(later - 400 + 10 * i) for i in range(41)]
+    v = classify(cfg, session, samples, activity, later, NOW - 60_000)
+    assert v.state is (State.STALLED if tool else State.STUCK), v

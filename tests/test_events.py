@@ -63,7 +63,7 @@ def test_unknown_json_object_is_progress() -> None:
 
 
 def test_claude_stream_json_session() -> None:
-    lines = [
+    lines: list[dict[str, Any]] = [
         {"type": "system", "subtype": "init", "session_id": "s1", "model": "m"},
         {"type": "assistant", "message": {"role": "assistant", "content": [
             {"type": "text", "text": "let me look"},
@@ -91,6 +91,70 @@ def test_claude_stream_json_session() -> None:
 def test_api_retry_is_a_retry_heartbeat() -> None:
     ev = one({"type": "system", "subtype": "api_retry", "attempt": 3, "error": "overloaded"})
     assert ev.kind is EventKind.HEARTBEAT and ev.retry and ev.type == "api_retry"
+    assert (ev.retry_attempt, ev.retry_max, ev.retry_delay_s) == (3, None, None)
+
+
+def test_api_retry_carries_its_schedule() -> None:
+    """Claude Code's retry line as measured on 2.1.330."""
+    ev = one({"type": "system", "subtype": "api_retry", "attempt": 6, "max_retries": 10, "retry_delay_ms": 17816,
+              "error_status": None, "error": "unknown", "session_id": "s", "uuid": "u"})
+    assert (ev.retry_attempt, ev.retry_max, ev.retry_delay_s) == (6, 10, 17.816)
+    assert ev.detail == "unknown"
+
+
+def test_transcript_api_error_is_the_same_retry() -> None:
+    """Claude Code's transcript records each retry as system/api_error with its schedule."""
+    ev = one({"type": "system", "subtype": "api_error", "level": "error", "retryInMs": 17816, "retryAttempt": 6,
+              "maxRetries": 10, "timestamp": "2023-11-14T22:13:20.000Z",
+              "error": {"status": 529, "error": {"type": "error", "error": {"type": "overloaded_error",
+                                                                           "message": "Overloaded"}}}},
+             source="transcript")
+    assert ev.kind is EventKind.HEARTBEAT and ev.retry and ev.type == "api_error"
+    assert (ev.retry_attempt, ev.retry_max, ev.retry_delay_s, ev.detail) == (6, 10, 17.816, "Overloaded")
+    # Each attempt is logged as an api-request line first: the loop calling its API, not progress.
+    request = one({"type": "api-request", "sessionId": "s", "id": "r1", "timestamp": "2023-11-14T22:13:20.000Z",
+                   "version": "2.1.330", "querySource": "sdk", "params": {"model": "m"}}, source="transcript")
+    assert request.kind is EventKind.HEARTBEAT and not request.retry and request.type == "api-request"
+    for bookkeeping in ({"type": "last-prompt", "lastPrompt": "hi", "leafUuid": "u", "sessionId": "s"},
+                        {"type": "atis-latch", "atis": "", "sessionId": "s"},
+                        {"type": "cost-state", "sessionId": "s", "totalCostUSD": 0}):
+        assert one(bookkeeping, source="transcript").kind is EventKind.HEARTBEAT
+    final = one({"type": "system", "subtype": "api_error", "error": "Connection error."})
+    assert final.kind is EventKind.HEARTBEAT and not final.retry and final.detail == "Connection error."
+
+
+@pytest.mark.parametrize("fields", [
+    {"attempt": True, "max_retries": "10", "retry_delay_ms": "17816"},
+    {"attempt": -1, "max_retries": 2.5, "retry_delay_ms": -5},
+    {"attempt": None, "max_retries": [], "retry_delay_ms": float("nan")},
+])
+def test_api_retry_with_bad_schedule_fields_is_still_a_retry(fields: dict[str, Any]) -> None:
+    ev = one({"type": "system", "subtype": "api_retry", **fields})
+    assert ev.retry and (ev.retry_attempt, ev.retry_max, ev.retry_delay_s) == (None, None, None)
+
+
+def test_api_retry_delay_is_clamped() -> None:
+    ev = one({"type": "system", "subtype": "api_retry", "retry_delay_ms": 1e300})
+    assert ev.retry_delay_s == 86_400.0
+
+
+def test_retries_fold_into_the_next_attempt_due() -> None:
+    """Each retry: the next attempt is due after the announced delay; the attempt that
+    just failed began when the previous one was due (the first: at the last progress).
+    Progress after a retry settles it; an older retry line seen late moves nothing."""
+    def retry(t: float, attempt: int, delay_ms: int) -> Any:
+        return one({"type": "system", "subtype": "api_retry", "attempt": attempt, "max_retries": 10,
+                    "retry_delay_ms": delay_ms}, seen_at=t)
+
+    act = fold(Activity(), [one({"type": "system", "subtype": "init"}, seen_at=T), retry(T + 360, 1, 600)])
+    assert (act.retry_due, act.retry_attempt_s, act.retry_attempt, act.retry_max) == (T + 360.6, 360.0, 1, 10)
+    act = act.apply(retry(T + 720.6, 2, 1200))
+    assert act.retry_due == pytest.approx(T + 721.8) and act.retry_attempt_s == pytest.approx(360.0)
+    late = act.apply(retry(T + 100, 9, 99_000))
+    assert late.retry_due == act.retry_due and late.retry_attempt == 2 and late.last_retry_time == T + 720.6
+    done = act.apply(one({"type": "assistant", "message": {"content": []}}, seen_at=T + 730))
+    assert (done.retry_due, done.retry_attempt_s, done.retry_attempt, done.retry_max) == (None, None, None, None)
+    assert done.last_retry_time == T + 720.6
 
 
 def test_assistant_with_two_tool_calls_opens_both() -> None:
@@ -147,14 +211,15 @@ def test_transcript_meta_and_command_lines_do_not_open_turns() -> None:
 
 
 def test_codex_exec_json() -> None:
-    evs = [one(o) for o in [
+    lines: list[dict[str, Any]] = [
         {"type": "thread.started", "thread_id": "th_1"},
         {"type": "turn.started"},
         {"type": "item.started", "item": {"id": "item_1", "type": "command_execution", "command": "ls"}},
         {"type": "item.completed", "item": {"id": "item_1", "type": "command_execution", "exit_code": 0}},
         {"type": "item.completed", "item": {"id": "item_2", "type": "agent_message", "text": "done"}},
         {"type": "turn.completed", "usage": {"input_tokens": 1}},
-    ]]
+    ]
+    evs = [one(o) for o in lines]
     assert evs[1].turn == "open" and evs[5].turn == "close"
     assert (evs[2].tool_call, evs[2].tool, evs[2].tool_id) == ("open", "command_execution", "item_1")
     assert evs[3].tool_call == "close" and evs[4].tool_call is None
@@ -168,6 +233,23 @@ def test_codex_mcp_tool_name_and_error_retry() -> None:
     assert mcp.tool == "gh/pr"
     err = one({"type": "error", "message": "stream disconnected; reconnecting 1/5"})
     assert err.kind is EventKind.HEARTBEAT and err.retry
+    assert (err.retry_attempt, err.retry_max, err.retry_delay_s) == (1, 5, None)
+
+
+@pytest.mark.parametrize(("message", "expected"), [
+    # codex exec --json: the stream error with its details appended
+    ("Reconnecting... 2/5 (stream disconnected before completion: idle timeout waiting for SSE)", (2, 5, None)),
+    # older releases named the delay (Rust's Debug of a Duration)
+    ("stream error: error sending request; retrying 3/5 in 812.5ms…", (3, 5, 0.8125)),
+    ("stream error: 500; retrying 1/4 in 1.6s…", (1, 4, 1.6)),
+    ("unexpected status 401 Unauthorized", (None, None, None)),
+])
+def test_codex_reconnects_carry_their_number(message: str, expected: tuple[Any, ...]) -> None:
+    err = one({"type": "error", "message": message})
+    assert err.retry and (err.retry_attempt, err.retry_max, err.retry_delay_s) == expected
+    rollout = one({"timestamp": "2023-11-14T22:13:20.000Z", "type": "event_msg",
+                   "payload": {"type": "stream_error", "message": message}})
+    assert rollout.retry and (rollout.retry_attempt, rollout.retry_max, rollout.retry_delay_s) == expected
     failed = one({"type": "turn.failed", "error": {"message": "x"}})
     assert failed.turn == "close"
 
@@ -256,6 +338,11 @@ def test_spool_record_round_trip() -> None:
     record = {"otelwatch": 1, "session_id": "s", "pid": 42, "agent": "claude-code", **original.to_json()}
     back = one(record, seen_at=T + 5, source="spool")
     assert back == original
+    # A retry keeps its schedule through the exec wrapper's spool.
+    retry = one({"type": "system", "subtype": "api_retry", "attempt": 6, "max_retries": 10, "retry_delay_ms": 17816},
+                source="exec")
+    record = {"otelwatch": 1, "session_id": "s", **retry.to_json()}
+    assert one(record, seen_at=T + 5, source="spool") == retry
 
 
 def test_spool_record_with_bad_fields_is_sanitised() -> None:

@@ -45,6 +45,32 @@ def test_describe_says_where_it_waits_on_what_for_how_long() -> None:
     assert describe(Verdict(State.STUCK, Reason.NO_ACTIVITY, 400), None) == "stuck (no_activity), no progress for 6m40s"
 
 
+def test_describe_says_the_announced_retry() -> None:
+    """An announced retry: the attempt and when it starts, as the classifier put it in the evidence."""
+    evidence = {"retry": {"attempt": 6, "max_retries": 10, "next_in_s": 17.8, "text": "attempt 6/10, next in 18 s"}}
+    v = Verdict(State.STALLED, Reason.API_RETRYING, 185.0, evidence)
+    assert describe(v, _sample(), {100: "ep_poll"}) == (
+        "sleeping in ep_poll with no TCP connections, API retry (attempt 6/10, next in 18 s), no progress for 3m05s")
+    assert describe(v, None) == "stalled (api_retrying), API retry (attempt 6/10, next in 18 s), no progress for 3m05s"
+    bare = Verdict(State.STALLED, Reason.API_RETRYING, 40.0)
+    assert describe(bare, _sample()) == "sleeping with no TCP connections, API retry, no progress for 40s"
+    # An attempt sitting on its connection is waiting on the network: the retry is said too.
+    waiting = Verdict(State.STALLED, Reason.WAITING_ON_NETWORK, 400.0, evidence)
+    assert describe(waiting, _sample(tcp={"ESTABLISHED": 1})) == (
+        "sleeping with 1 ESTABLISHED connection to 10.0.0.7:443, API retry (attempt 6/10, next in 18 s), "
+        "no progress for 6m40s")
+    assert "retry" not in describe(Verdict(State.STALLED, Reason.WAITING_ON_NETWORK, 40.0), _sample())
+
+
+def test_report_summary_of_a_retrying_session() -> None:
+    evidence = {"retry": {"attempt": 2, "max_retries": 10, "next_in_s": -40.0, "text": "attempt 2/10 started 40 s ago"},
+                "detail": "attempt 2/10 started 40 s ago"}
+    report = build_report(_snap(State.STALLED, Reason.API_RETRYING, evidence=evidence), _sample(), Activity(),
+                          repeat=0, next_in_s=60.0)
+    assert "API retry (attempt 2/10 started 40 s ago)" in report["summary"]
+    assert report["evidence"]["detail"] == "attempt 2/10 started 40 s ago"
+
+
 def _snap(state: State = State.STUCK, reason: Reason = Reason.NO_ACTIVITY, **kw: object) -> SessionSnapshot:
     base: dict[str, object] = dict(session_id="s1", agent="claude-code", pid=100, state=state, reason=reason,
                                    state_since=900.0, last_event_time=500.0, last_event_age_s=500.0,
