@@ -448,7 +448,7 @@ def attach(watcher: Any, cfg: NotifyConfig | None = None, *, environ: Mapping[st
     if not cfg.command and not cfg.webhook:
         return None
     telemetry = getattr(watcher, "telemetry", None)
-    notifier = Notifier(cfg, count_failure=getattr(telemetry, "_count_export_failure", None),
+    notifier = Notifier(cfg, count_failure=getattr(telemetry, "count_export_failure", None),
                         log=getattr(telemetry, "log", None), environ=environ, retry_base=retry_base)
     watcher.subscribe(notifier.submit)
     return notifier

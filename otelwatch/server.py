@@ -54,7 +54,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.message import Message
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from otelwatch.config import HttpConfig
@@ -62,10 +62,39 @@ from otelwatch.procfs import tcp_peer_uid
 from otelwatch.sources.trust import resolve_users
 
 if TYPE_CHECKING:
-    from otelwatch.daemon import Watcher
+    from otelwatch.config import Config
+    from otelwatch.model import SessionSnapshot
 
-__all__ = ["MAX_BODY_BYTES", "MAX_EVENTS_PER_REQUEST", "HostPolicy", "HttpServer", "fd_budget", "parse_head",
-           "refusal"]
+
+class ServerTelemetry(Protocol):
+    """The counters and log the listener reports refusals to."""
+
+    def on_probe_problem(self, kind: str, timeout: bool) -> None: ...
+
+    def log(self, event: str, fields: Mapping[str, Any], level: str = "info") -> None: ...
+
+
+class SessionService(Protocol):
+    """What the listener needs of the collector: the daemon's `Watcher` is one, a test
+    double another. `cfg` and `telemetry` may be absent on a double (no uid check, no
+    counting)."""
+
+    @property
+    def cfg(self) -> Config: ...
+
+    @property
+    def telemetry(self) -> ServerTelemetry: ...
+
+    def sessions(self) -> list[SessionSnapshot]: ...
+
+    def session(self, session_id: str) -> SessionSnapshot | None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def post_event(self, payload: Any) -> list[str]: ...
+
+__all__ = ["MAX_BODY_BYTES", "MAX_EVENTS_PER_REQUEST", "HostPolicy", "HttpServer", "ServerTelemetry",
+           "SessionService", "fd_budget", "parse_head", "refusal"]
 
 MAX_BODY_BYTES = 1 << 20
 MAX_HEAD_BYTES = 16 << 10  # request line and headers
@@ -277,7 +306,7 @@ class Request:
 class _App:
     """Routes a complete, already admitted request to the watcher. Never raises."""
 
-    def __init__(self, watcher: Watcher, metrics: Callable[[str], tuple[bytes, str]] | None,
+    def __init__(self, watcher: SessionService, metrics: Callable[[str], tuple[bytes, str]] | None,
                  report: Reporter) -> None:
         self.watcher = watcher
         self.metrics = metrics
@@ -395,7 +424,7 @@ def fd_budget(max_connections: int) -> tuple[int, int]:
 class HttpServer:
     """Serves in background threads (one selector thread, a few workers); `shutdown()` is idempotent."""
 
-    def __init__(self, host: str, port: int, watcher: Watcher,
+    def __init__(self, host: str, port: int, watcher: SessionService,
                  metrics: Callable[[str], tuple[bytes, str]] | None, *, http: HttpConfig | None = None) -> None:
         http = http or watcher.cfg.http
         self._timeout = float(http.request_timeout)

@@ -213,7 +213,7 @@ def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data(
         zoo: tuple[Daemon, TcpServer], tmp_path: Path) -> None:
     """A real Prometheus scrapes the real daemon; the contract series carry the right
     labels and values, and every panel query of both dashboards returns data
-    (except panels listed in dashboards/expected_empty.json, with the reason)."""
+    (except panels listed in tests/data/expected_empty.json, with the reason)."""
     from dashboard_queries import iter_panel_queries
     from prom_support import start_prometheus
 
@@ -234,7 +234,7 @@ def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data(
         prom.wait_for("rate(otelwatch_collector_tick_duration_seconds_count[30s]) > 0")
 
         expected_empty = {(e["dashboard"], e["panel"])
-                          for e in json.loads((REPO / "dashboards" / "expected_empty.json").read_text())["panels"]}
+                          for e in json.loads((REPO / "tests" / "data" / "expected_empty.json").read_text())["panels"]}
         # In this run recovery (dry run) and stalled/stuck reports did happen, so only
         # probe problems and the minute-aligned subquery (a run under a minute) may be empty.
         allowed_empty = {k for k in expected_empty if "Probe" in k[1] or k[1].startswith("Minutes")}

@@ -204,7 +204,7 @@ def test_runnable_queries_have_no_grafana_syntax_left() -> None:
 
 
 def test_expected_empty_names_real_panels() -> None:
-    listed = json.loads((ROOT / "dashboards" / "expected_empty.json").read_text())["panels"]
+    listed = json.loads((ROOT / "tests" / "data" / "expected_empty.json").read_text())["panels"]
     titles = {p.name: {q["title"] for q in iter_panels(load(p))} for p in DASHBOARDS}
     assert listed
     for entry in listed:

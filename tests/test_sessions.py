@@ -56,3 +56,114 @@ def test_ended_registrations_are_exact_and_bounded() -> None:
     for sid in ("b", "c", "d"):
         ended.add(sid, 1, 1.0)
     assert len(ended) == 3 and not ended.ended("a", 10, 100.0)
+
+
+# ---------------------------------------------------------------------- the session table
+# Pure: a ProcessTable built from ProcInfo values, time passed in, no processes.
+
+from otelwatch.model import Event, EventKind, ProcessIdentity, SessionSpec, State  # noqa: E402
+from otelwatch.proctable import ProcessTable, ProcInfo  # noqa: E402
+from otelwatch.sessions import PENDING_EVENTS_PER_SESSION, SessionTable, Tracked  # noqa: E402
+
+
+def _table(*procs: tuple[int, float]) -> ProcessTable:
+    infos = {pid: ProcInfo(pid, 1, pid, pid, "S", "agent", 0.0, 1, created, 0) for pid, created in procs}
+    return ProcessTable(infos, reader=None, time=1000.0, monotonic=1.0)  # type: ignore[arg-type]
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+        self.rekeyed: list[str] = []
+        self.logged: list[str] = []
+
+    def table(self) -> SessionTable:
+        def on_end(tracked: Tracked, now: float) -> None:
+            tracked.ended_at = now
+            self.ended.append(tracked.key)
+
+        return SessionTable(on_end=on_end, on_rekey=self.rekeyed.append,
+                            log=lambda event, fields, level: self.logged.append(event))
+
+
+def _event(t: float) -> Event:
+    return Event(time=t, type="assistant", kind=EventKind.PROGRESS, source="api")
+
+
+def test_a_stronger_source_rekeys_a_discovered_session_and_keeps_its_history() -> None:
+    rec = _Recorder()
+    sessions = rec.table()
+    procs = _table((42, 900.0))
+    sessions.merge([SessionSpec("proc-42", 42, agent="claude", source="process")], procs, 1000.0, registry_ok=True)
+    found = sessions.get("proc-42")
+    assert found is not None
+    sessions.deliver("proc-42", _event(1001.0), None)
+    sessions.merge([SessionSpec("job-7", 42, source="registry", registered_at=950.0)], procs, 1002.0, registry_ok=True)
+    assert "proc-42" not in sessions and sessions.get("job-7") is found
+    assert found.spec.agent == "claude"  # the blanks filled from the weaker description
+    assert found.activity.events == 1 and rec.rekeyed == ["proc-42"]
+    assert sessions.find("proc-42") is found and sessions.resolve("proc-42") == "job-7"
+
+
+def test_events_before_their_session_wait_bounded_then_apply() -> None:
+    sessions = _Recorder().table()
+    for i in range(PENDING_EVENTS_PER_SESSION + 10):
+        sessions.deliver("hook-1", _event(float(i)), None)
+    sessions.merge([SessionSpec("hook-1", 50, source="hook")], _table((50, 1.0)), 100.0, registry_ok=True)
+    tracked = sessions.get("hook-1")
+    assert tracked is not None and tracked.activity.events == PENDING_EVENTS_PER_SESSION
+
+
+def test_an_alias_naming_another_pid_never_joins_the_session() -> None:
+    sessions = _Recorder().table()
+    procs = _table((10, 1.0), (11, 1.0))
+    sessions.merge([SessionSpec("a", 10, source="registry")], procs, 5.0, registry_ok=True)
+    tracked = sessions.get("a")
+    assert tracked is not None
+    sessions.adopt("transcript-uuid", tracked)
+    # A stale or forged description under the alias, naming another process.
+    sessions.merge([SessionSpec("a", 10, source="registry"), SessionSpec("transcript-uuid", 11, source="tmux")],
+                   procs, 6.0, registry_ok=True)
+    assert sessions.get("a") is tracked and tracked.spec.pid == 10
+    assert sessions.resolve("transcript-uuid") == "transcript-uuid"
+
+
+def test_a_pid_reused_after_the_registration_is_never_adopted() -> None:
+    rec = _Recorder()
+    sessions = rec.table()
+    # The process holding pid 77 started 10 s after the registration was written.
+    sessions.merge([SessionSpec("job", 77, source="registry", registered_at=100.0)], _table((77, 110.0)), 120.0,
+                   registry_ok=True)
+    tracked = sessions.get("job")
+    assert tracked is not None and tracked.identity is None
+    assert tracked.verdict is not None and tracked.verdict.state is State.EXITED
+    assert rec.ended == ["job"] and rec.logged == ["session.pid_reused"]
+
+
+def test_a_process_that_existed_at_registration_is_bound_by_identity() -> None:
+    sessions = _Recorder().table()
+    sessions.merge([SessionSpec("job", 77, source="registry", registered_at=100.0)], _table((77, 90.0)), 120.0,
+                   registry_ok=True)
+    tracked = sessions.get("job")
+    assert tracked is not None and tracked.identity == ProcessIdentity(77, 90.0)
+
+
+def test_an_ended_registration_stays_ended_and_a_removed_one_is_untracked() -> None:
+    rec = _Recorder()
+    sessions = rec.table()
+    procs = _table((5, 1.0), (6, 1.0))
+    spec = SessionSpec("gone", 5, source="registry", registered_at=2.0)
+    sessions.merge([spec, SessionSpec("kept", 6, source="registry")], procs, 3.0, registry_ok=True)
+    tracked = sessions.get("gone")
+    assert tracked is not None
+    tracked.ended_at = 4.0
+    sessions.record_end(tracked)
+    sessions.expire(now=100.0, retention=10.0)
+    assert "gone" not in sessions
+    sessions.merge([spec], procs, 101.0, registry_ok=True)  # the same file, still on disk
+    assert "gone" not in sessions
+    kept = sessions.get("kept")
+    assert kept is not None and kept.untracked  # its file was removed: a registry scan that worked
+    kept.untracked = False
+    sessions.merge([spec], procs, 102.0, registry_ok=False)  # a failed scan is no removal
+    assert not kept.untracked

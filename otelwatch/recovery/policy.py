@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 from otelwatch.config import Config, effective_recover_after
 from otelwatch.model import (
+    IDENTITY_TOLERANCE_S,
     ProcessIdentity,
     Reason,
     SampleStatus,
     State,
     TreeSample,
     Verdict,
+    same_process,
 )
 
 __all__ = [
@@ -48,16 +50,15 @@ __all__ = [
 RATE_WINDOW = 3600.0  # max_per_hour counts decisions in this rolling window
 # create_time has clock-tick (10 ms) resolution; readers that compute it by different
 # float paths may differ in the last bits, but two processes on one PID never share a tick.
-IDENTITY_TOLERANCE = 0.005
+IDENTITY_TOLERANCE = IDENTITY_TOLERANCE_S
 KIND_STUCK = "stuck"  # state stuck / no_activity: the default recoverable case
 KIND_NETWORK = "waiting_on_network"  # opt-in extension (recovery.waiting_on_network_after)
 _STOPPED = frozenset({"T", "t"})  # stopped by a person (Ctrl-Z) or traced by a debugger
 
 
 def same_identity(a: ProcessIdentity | None, b: ProcessIdentity | None) -> bool:
-    if a is None or b is None:
-        return False
-    return a.pid == b.pid and abs(a.create_time - b.create_time) < IDENTITY_TOLERANCE
+    """The exact identity check every recovery gate and signal uses (`model.same_process`)."""
+    return same_process(a, b, tolerance=IDENTITY_TOLERANCE)
 
 
 @dataclass(frozen=True)

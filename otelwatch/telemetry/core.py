@@ -12,6 +12,7 @@ never grows memory. This module must never touch /proc.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -32,7 +33,7 @@ from otelwatch.model import RecoveryStatus, RecoveryStep, SessionSnapshot, State
 from otelwatch.telemetry import instruments as names
 from otelwatch.telemetry.incidents import Incidents
 from otelwatch.telemetry.instruments import AsyncStatePruner, SessionGauges
-from otelwatch.telemetry.logs import JsonLog
+from otelwatch.telemetry.logs import JsonLog, JsonLogHandler
 from otelwatch.telemetry.otlp import FailureReporter, OtlpSettings, counting_exporter, resolve_otlp
 from otelwatch.telemetry.prometheus import PrometheusEndpoint
 from otelwatch.telemetry.resource import build_resource
@@ -64,7 +65,7 @@ class Telemetry:
             self.logger_provider = LoggerProvider(resource=self.resource, shutdown_on_exit=False)
             otel_logger = self.logger_provider.get_logger(SCOPE, __version__)
         self._log = JsonLog(log_stream if log_stream is not None else sys.stderr, otel_logger)
-        self.failures = FailureReporter(self._count_export_failure, self._log_export_failure)
+        self.failures = FailureReporter(self.count_export_failure, self._log_export_failure)
         self._exporters: list[Any] = []
 
         readers: list[MetricReader] = []
@@ -203,6 +204,16 @@ class Telemetry:
     def log(self, event: str, fields: Mapping[str, Any], level: str = "info") -> None:
         self._log.emit(event, fields, level)
 
+    def logging_handler(self, level: int = logging.INFO) -> logging.Handler:
+        """A `logging.Handler` writing to this telemetry's JSON lines and OTel log records
+        (`otelwatch run` installs it on the "otelwatch" logger)."""
+        return JsonLogHandler(self._log, level)
+
+    def count_export_failure(self, signal: str) -> None:
+        """One failed export of `signal` (metrics, traces, logs, notify):
+        otelwatch.export.failures. Thread-safe."""
+        self._export_failures.add(1, {"signal": signal})
+
     # ------------------------------------------------------------------ exporters
 
     @property
@@ -268,9 +279,6 @@ class Telemetry:
             worker.join(0.5)
 
     # ------------------------------------------------------------------ internals
-
-    def _count_export_failure(self, signal: str) -> None:
-        self._export_failures.add(1, {"signal": signal})
 
     def _log_export_failure(self, event: str, fields: Mapping[str, Any]) -> None:
         # Only to the stream: a failing logs exporter must not feed itself.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
 import threading
 import time
@@ -94,6 +95,35 @@ class JsonLog:
             except Exception:  # the OTel mirror is best effort
                 self.lines_dropped += 1
         return record
+
+
+class JsonLogHandler(logging.Handler):
+    """Routes the standard library's `logging` into the same JSON lines and OTel log
+    records as every other otelwatch log line, with its level: event "log", the
+    logger's name and the message as fields. Installed on the "otelwatch" logger only:
+    the OTel SDK's own loggers report export failures, and mirroring those into the
+    logs exporter could feed a failing exporter its own failures."""
+
+    def __init__(self, log: JsonLog, level: int = logging.INFO) -> None:
+        super().__init__(level)
+        self._json = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+            if record.exc_info and record.exc_info[0] is not None:
+                fields["exception"] = logging.Formatter().formatException(record.exc_info)
+            self._json.emit("log", fields, _level_name(record.levelno), t=record.created)
+        except Exception:  # a log line must never raise into the code that logged it
+            self.handleError(record)
+
+
+def _level_name(levelno: int) -> str:
+    if levelno >= logging.ERROR:
+        return "error"
+    if levelno >= logging.WARNING:
+        return "warning"
+    return "info" if levelno >= logging.INFO else "debug"
 
 
 def _otel_value(value: Any) -> Any:
