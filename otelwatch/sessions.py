@@ -238,6 +238,8 @@ class SessionTable:
         self._tracked: dict[str, Tracked] = {}
         self._aliases = AliasMap()  # other ids of a session (transcript uuid, hook id) -> key
         self._ended_registrations = EndedRegistrations()
+        # session id -> when its pid was first missing from the tick's process table
+        self._absent_since: dict[str, float] = {}
         self._pending: dict[str, deque[Event]] = {}
         self._end = on_end
         self._on_rekey = on_rekey
@@ -280,10 +282,14 @@ class SessionTable:
         `registry_ok`: the registry scan worked this tick, so a registration missing
         from it was removed (a failed read is not a removal)."""
         seen_registered: set[str] = set()
-        for spec in sorted(specs, key=lambda s: SOURCE_PRIORITY.get(s.source, 9)):
+        ordered = sorted(specs, key=lambda s: SOURCE_PRIORITY.get(s.source, 9))
+        for spec in ordered:
             if spec.source in ("registry", "exec", "api"):
                 seen_registered.add(spec.session_id)
             self._merge_spec(spec, table, now)
+        if self._absent_since:  # only ids still described this tick may wait (bounded)
+            described = {spec.session_id for spec in ordered}
+            self._absent_since = {k: t for k, t in self._absent_since.items() if k in described}
         # A removed registration ends tracking (DESIGN: "Removing the file ends tracking"),
         # judged only on a registry scan that worked: a failed read is not a removal.
         for tracked in self._tracked.values():
@@ -348,6 +354,15 @@ class SessionTable:
             return  # nothing to probe yet; its events wait in _pending
         if self._ended_registrations.ended(spec.session_id, spec.pid, spec.registered_at):
             return  # a registration whose process is gone stays ended (no summary every retention)
+        if spec.pid not in table:
+            # This tick's process table was read before the sources were scanned: a
+            # process started (and registered) in between is not in it yet and would be
+            # probed as vanished. Wait one tick; absent from a table read after the
+            # registration was seen, it really is gone.
+            first = self._absent_since.setdefault(spec.session_id, now)
+            if first == now:
+                return
+        self._absent_since.pop(spec.session_id, None)
         tracked = Tracked(key=spec.session_id, spec=spec, started_at=now, state_since=now)
         identity, reused = _bind_identity(spec, table)
         tracked.identity = identity

@@ -167,3 +167,23 @@ def test_an_ended_registration_stays_ended_and_a_removed_one_is_untracked() -> N
     kept.untracked = False
     sessions.merge([spec], procs, 102.0, registry_ok=False)  # a failed scan is no removal
     assert not kept.untracked
+
+
+def test_a_process_born_after_the_tick_read_its_table_waits_one_tick() -> None:
+    """Tables are read before sources are scanned: an agent started and registered in
+    between is missing from that table. Probing it then would call it vanished, and its
+    registration would stay ended for good (the agent then runs unwatched)."""
+    rec = _Recorder()
+    sessions = rec.table()
+    spec = SessionSpec("new", 88, source="registry", registered_at=99.0)
+    sessions.merge([spec], _table(), 100.0, registry_ok=True)
+    assert "new" not in sessions
+    sessions.merge([spec], _table((88, 99.5)), 101.0, registry_ok=True)
+    tracked = sessions.get("new")
+    assert tracked is not None and tracked.identity == ProcessIdentity(88, 99.5) and rec.ended == []
+    # A pid missing from a table read after the registration was seen is gone: tracked
+    # (so that it shows as exited once), not deferred for ever.
+    gone = SessionSpec("dead", 89, source="registry", registered_at=99.0)
+    sessions.merge([gone], _table(), 102.0, registry_ok=True)
+    sessions.merge([gone], _table(), 103.0, registry_ok=True)
+    assert sessions.get("dead") is not None
