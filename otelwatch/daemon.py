@@ -13,10 +13,7 @@ error becomes a counted, logged probe error for that session only.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -27,7 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from otelwatch.backends import probe_backend
-from otelwatch.classify import classify, fingerprint, is_late_tick, next_report
+from otelwatch.classify import SampleWindow, classify, fingerprint, is_late_tick, next_report
 from otelwatch.config import Config, Paths, default_paths
 from otelwatch.events import parse_line
 from otelwatch.model import (
@@ -46,7 +43,6 @@ from otelwatch.report import build_report, session_summary
 from otelwatch.sessions import SessionTable, Tracked, snapshot_of
 from otelwatch.sources.hub import Sources
 from otelwatch.sources.payloads import payload_to_event
-from otelwatch.sources.trust import untrusted_dir
 
 # The inbox between API/HTTP threads and the loop is bounded, and so is the work one tick
 # takes from it (the rest waits for the next tick). POST /api/events is refused (429) well
@@ -100,6 +96,9 @@ class Watcher:
         self._sources = Sources(self.cfg, self.paths, self.telemetry)
         self._sessions = SessionTable(on_end=self._end, on_rekey=self._prober.forget, log=self._log)
         self._explicit: dict[str, SessionSpec] = {}  # track() calls from the Python API
+        # Each live session's incremental window aggregates (classify.SampleWindow), by the
+        # identity of its Tracked (which a re-key keeps); dropped when the session ends.
+        self._windows: dict[int, tuple[Tracked, SampleWindow]] = {}
         self._inbox: deque[tuple[str, Event | bytes, int | None, bool]] = deque()
         self._subscribers: list[Subscriber] = []
         self._snapshots: tuple[SessionSnapshot, ...] = ()
@@ -361,8 +360,11 @@ class Watcher:
             has_event_source=tracked.spec.events_path is not None or tracked.activity.events > 0,
             runtime_alive=tracked.spec.runtime_alive,
         )
+        held = self._windows.get(id(tracked))
+        if held is None or held[0] is not tracked:
+            held = self._windows[id(tracked)] = (tracked, SampleWindow())
         verdict = classify(self.cfg.classify, info, tuple(tracked.samples), tracked.activity, now,
-                           self._watch_since, previous=tracked.verdict)
+                           self._watch_since, previous=tracked.verdict, window=held[1])
         tracked.verdict = verdict
         if verdict.state is not old:
             tracked.state_since = now
@@ -407,6 +409,7 @@ class Watcher:
     def _end(self, tracked: Tracked, now: float) -> None:
         """A session ends: one summary line; it stays listed for exited_retention."""
         tracked.ended_at = now
+        self._windows.pop(id(tracked), None)
         self._sessions.record_end(tracked)
         self._prober.forget(tracked.key)
         self.recovery.session_ended(tracked.key)
@@ -495,107 +498,3 @@ def _boottime_clock(fallback: Callable[[], float]) -> Callable[[], float]:
         return fallback
     return lambda: time.clock_gettime(clock_id)
 
-
-# ---------------------------------------------------------------------- `otelwatch run`
-
-
-class AlreadyRunning(RuntimeError):
-    pass
-
-
-class StateDirRefused(RuntimeError):
-    """The state directory is not safe to trust: others could write its spool or state."""
-
-
-@contextlib.contextmanager
-def state_dir_lock(paths: Paths) -> Any:
-    """One daemon per state directory: a second one refuses to start."""
-    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # The spool in it can open turns and the recovery state names PIDs: like the
-    # registry directory, it must be ours and closed to everyone else.
-    why = untrusted_dir(paths.state_dir, os.geteuid(), "state directory")
-    if why:
-        raise StateDirRefused(f"{why}; refusing it: run `chmod go-w {paths.state_dir}` or set state_dir")
-    fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise AlreadyRunning(
-                f"another otelwatch (pid {holder}) is running on state directory {paths.state_dir}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-def run_daemon(cfg: Config) -> int:
-    """`otelwatch run`: serve until SIGTERM/SIGINT. Returns the process exit code."""
-    from otelwatch.server import HttpServer
-    from otelwatch.sources.registry import RegistryRefused
-
-    paths = default_paths(cfg)
-    try:
-        with state_dir_lock(paths):
-            watcher = Watcher(cfg, paths=paths)
-            try:
-                watcher.start()  # refuses an unsafe registry directory before anything listens
-            except RegistryRefused as exc:
-                print(f"otelwatch: {exc}", file=sys.stderr)
-                watcher.stop()
-                return 2
-            from otelwatch.notify import attach
-
-            try:
-                notifier = attach(watcher)
-            except ValueError as exc:  # ConfigError: a header names an unset variable
-                print(f"otelwatch: config error: {exc}", file=sys.stderr)
-                watcher.stop()
-                return 2
-            try:
-                server = HttpServer(
-                    cfg.http.host, cfg.http.port, watcher,
-                    watcher.telemetry.prometheus_exposition if watcher.telemetry.prometheus_enabled else None,
-                ).start()
-            except OSError as exc:
-                print(f"otelwatch: cannot listen on {cfg.http.listen}: {exc.strerror or exc}", file=sys.stderr)
-                watcher.stop()
-                if notifier is not None:
-                    notifier.shutdown(0.5)
-                return 1
-            stop = threading.Event()
-
-            def on_signal(signum: int, frame: Any) -> None:
-                stop.set()
-
-            signal.signal(signal.SIGTERM, on_signal)
-            signal.signal(signal.SIGINT, on_signal)
-            # One log path: the modules' standard-library logging joins the JSON lines.
-            handler = watcher.telemetry.logging_handler(logging.INFO)
-            package_log = logging.getLogger("otelwatch")
-            package_log.addHandler(handler)
-            package_log.setLevel(logging.INFO)
-            package_log.propagate = False  # not a second, plain-text copy on stderr
-            watcher._log("daemon.started", {"listen": server.url, "state_dir": str(paths.state_dir),
-                                            "registry_dir": str(paths.registry_dir), "pid": os.getpid()})
-            while not stop.wait(0.5):
-                pass
-            watcher._log("daemon.stopping", {})
-            server.shutdown(1.0)
-            watcher.stop(1.5)
-            if notifier is not None:
-                notifier.shutdown(1.0)
-            package_log.removeHandler(handler)
-            return 0
-    except AlreadyRunning as exc:
-        print(f"otelwatch: {exc}", file=sys.stderr)
-        return 1
-    except StateDirRefused as exc:
-        print(f"otelwatch: {exc}", file=sys.stderr)
-        return 2
-    except PermissionError as exc:
-        print(f"otelwatch: cannot use state directory {paths.state_dir}: {exc}", file=sys.stderr)
-        return 1

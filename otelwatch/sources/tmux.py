@@ -8,6 +8,11 @@ maps each agent PID to the pane whose shell it runs under, and remembers
 which agent each pane had, so a pane whose agent died is reported with
 `agent_pid=None` and `last_agent_pid` set.
 
+The runtime is re-checked, not remembered: `pane_of` answers from the last
+scan (each tick), and `recheck` asks the pane's own server again at the moment
+an agent is found dead, so an agent that took its pane (and its server) with
+it is not reported as having left a live pane behind.
+
 Every tmux call has a timeout: a hung server costs at most `timeout` seconds,
 is counted in `timeouts`, and the scan goes on with the other servers. tmux
 is run with an argv list, never through a shell, and nothing from a pane is
@@ -85,7 +90,7 @@ class TmuxSource:
         sockets = self.sockets if self.sockets is not None else default_sockets()
         raw: list[tuple[str, str, int, bool]] = []
         for sock in sockets:
-            raw.extend((sock, *pane) for pane in self._list_panes(sock))
+            raw.extend((sock, *pane) for pane in self._list_panes(sock) or ())
         pane_of_pid = {pane_pid: i for i, (_, _, pane_pid, _) in enumerate(raw)}
 
         # Each agent belongs to the nearest pane process above it (or is one).
@@ -129,28 +134,45 @@ class TmuxSource:
                 return p
         return None
 
-    def _list_panes(self, sock: str) -> list[tuple[str, int, bool]]:
+    def recheck(self, pane: PaneInfo, agent_pid: int) -> bool | None:
+        """Whether `pane` still lives now that its agent `agent_pid` is gone: one fresh call
+        to its server. A pane whose own process was the agent closes with it unless tmux
+        keeps it (remain-on-exit: `pane_dead`), so still listing it alive a moment after
+        the agent died is the pane on its way out. None when the server did not answer."""
+        listed = self._list_panes(pane.socket, strict=True)
+        if listed is None:
+            return None
+        for target, pane_pid, dead in listed:
+            if target == pane.target and pane_pid == pane.pane_pid:
+                return dead or pane_pid != agent_pid
+        return False
+
+    def _list_panes(self, sock: str, strict: bool = False) -> list[tuple[str, int, bool]] | None:
+        """(target, pane pid, dead) of every pane of the server at `sock`; [] when there is
+        none (or no server), and with `strict`, None when that could not be told."""
         argv = [self.tmux, "-S", sock, "list-panes", "-a", "-F", _FORMAT]
+        failed: list[tuple[str, int, bool]] | None = None if strict else []
         try:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
                                   timeout=self.timeout, check=False)
         except subprocess.TimeoutExpired:
             self.timeouts += 1
             log.warning("tmux server %s did not answer within %.1f s", sock, self.timeout)
-            return []
+            return failed
         except FileNotFoundError:
             self.available = False
             log.info("tmux not found (%s); tmux source off", self.tmux)
-            return []
+            return failed
         except OSError as exc:
             self.errors += 1
             log.warning("cannot run tmux for %s: %s", sock, exc)
-            return []
+            return failed
         if proc.returncode != 0:
             # A stale socket of a server that is gone is normal, not an error.
             msg = proc.stderr.decode("utf-8", "replace")
             if "no server running" not in msg and "error connecting" not in msg:
                 self.errors += 1
+                return failed
             return []
         out = []
         for line in proc.stdout.decode("utf-8", "replace").splitlines():

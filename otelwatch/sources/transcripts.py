@@ -1,9 +1,14 @@
-"""Finding a discovered agent process's own transcript: `TranscriptLocator`.
+"""Following a discovered agent process's own transcript: `TranscriptLocator`.
 
 Owns the mapping (agent, pid, cwd, start time) -> (session id, transcript
 file), so a process found by name gets a real event stream without any
-change to the agent. Read-only: it lists and stats files under the home
-directory and reads at most the first line of a Codex rollout.
+change to the agent; what Claude Code's session file says about the CLI's
+state (`ClaudeSession`), and the events that bring a session's activity in
+line with it (`status_events`); and the reading of a transcript that its
+lines alone do not say (`fold_transcript`: an API attempt after an
+unanswered one is a retry). Read-only: it lists and stats files under the
+home directory and reads at most the first line of a Codex rollout and
+Claude Code's small session files. Never writes, never runs anything.
 
 What is known and what is heuristic:
 
@@ -11,10 +16,15 @@ What is known and what is heuristic:
   where <project> is the working directory with every character other than
   letters and digits replaced by "-" (so "/" and "." become "-"). Recent
   versions also write `~/.claude/sessions/<pid>.json` with `sessionId` and
-  `cwd`; when that file names a transcript that exists, it is used (known).
-  It can go stale (`/clear` starts a new transcript without updating it),
-  so a newer transcript of the same project that nobody else holds wins
-  over it (heuristic).
+  `cwd`. 2.1.330 keeps it current (measured): it is rewritten on every
+  status change (`status`: idle, busy, waiting with `waitingFor`, and
+  `statusUpdatedAt` in ms), `sessionId` follows `/clear` at once, and the
+  file is removed when the CLI exits. Such a file names the transcript even
+  before it exists (the CLI creates it at the first prompt), so a new
+  session's transcript is known from the first tick (known). An older
+  file without `status` was written once and can go stale (`/clear`
+  starts a new transcript without updating it), so a newer transcript of
+  the same project that nobody else holds wins over it (heuristic).
 - Otherwise, and for Codex (`~/.codex/sessions/YYYY/MM/DD/rollout-*.jsonl`,
   whose first line `session_meta` records `id` and `cwd`), the transcript is
   the most recently modified one of that working directory that was written
@@ -30,13 +40,39 @@ import os
 import re
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-__all__ = ["TranscriptLocator", "claude_project_dirs"]
+from otelwatch.model import Activity, Event, EventKind
+
+__all__ = ["ClaudeSession", "TranscriptLocator", "claude_project_dirs", "fold_transcript", "status_events"]
 
 _SLACK = 5.0  # seconds: a transcript touched just before the process start still counts
 _NON_ALNUM = re.compile(r"[^A-Za-z0-9]")
+_SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_SESSION_FILE_MAX = 65536
+
+
+@dataclass(frozen=True)
+class ClaudeSession:
+    """What Claude Code's `~/.claude/sessions/<pid>.json` says about one of its processes."""
+
+    pid: int
+    session_id: str | None
+    cwd: str | None
+    # "idle" (at its input box), "busy" (a turn runs), "waiting" (asks its user: `waiting_for`
+    # says what, e.g. "permission prompt"); others seen in passing ("shell") carry nothing
+    # known. None: a version that does not keep the file current.
+    status: str | None = None
+    status_at: float | None = None  # when the status was set (the CLI's own clock, seconds)
+    waiting_for: str | None = None
+    kind: str | None = None  # "interactive", ...
+
+    @property
+    def current(self) -> bool:
+        """Whether the CLI keeps this file current (it names the transcript in use now)."""
+        return self.status is not None
 
 
 def claude_project_dirs(claude_dir: Path, cwd: str) -> list[Path]:
@@ -55,9 +91,13 @@ class TranscriptLocator:
         self.home = Path(home)
         self._claims: dict[Path, int] = {}  # transcript -> pid it was handed to
         self._meta_cache: dict[Path, tuple[tuple[int, int], str | None, str | None]] = {}
+        self._sessions: dict[int, tuple[tuple[int, int, int, int], ClaudeSession | None]] = {}
 
     def find(self, agent: str, pid: int, cwd: str | None, started_at: float) -> tuple[str, Path] | None:
-        """(session_id, transcript path) for the process, or None when none is known yet."""
+        """(session_id, transcript path) for the process, or None when none is known yet.
+
+        For a Claude Code process whose session file is kept current the path is
+        the transcript it names, which may not exist yet (no prompt so far)."""
         if agent.startswith("claude"):
             found = self._claude(pid, cwd, started_at)
         elif agent.startswith("codex"):
@@ -72,13 +112,50 @@ class TranscriptLocator:
         """Forget what was handed to `pid` (its session ended)."""
         for path in [p for p, owner in self._claims.items() if owner == pid]:
             del self._claims[path]
+        self._sessions.pop(pid, None)
 
     # ------------------------------------------------------------------ claude
 
+    def claude_session(self, pid: int) -> ClaudeSession | None:
+        """The process's session file, parsed; None when it has none (or not a readable one).
+
+        Cheap enough for every tick: one stat, and one read of a small file only when it
+        changed since the last call."""
+        path = self.home / ".claude" / "sessions" / f"{pid}.json"
+        try:
+            st = path.stat()
+        except OSError:
+            self._sessions.pop(pid, None)
+            return None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._sessions.get(pid)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        session = _read_session_file(path, pid)
+        self._sessions[pid] = (key, session)
+        if len(self._sessions) > 4096:
+            self._sessions.clear()
+        return session
+
     def _claude(self, pid: int, cwd: str | None, started_at: float) -> tuple[str, Path] | None:
         claude_dir = self.home / ".claude"
-        sid, file_cwd = self._claude_session_file(claude_dir, pid)
-        cwd = cwd or file_cwd
+        session = self.claude_session(pid)
+        sid = session.session_id if session is not None else None
+        if session is not None and session.current and sid:
+            # Kept current by the CLI: it names the transcript in use, also after /clear,
+            # and no heuristic may take another process's transcript instead. Its cwd is
+            # the project the CLI files it under (the process may have changed directory).
+            where = session.cwd or cwd
+            dirs = claude_project_dirs(claude_dir, where) if where else []
+            named = next((p for d in dirs for p in [d / f"{sid}.jsonl"] if p.is_file()), None)
+            if named is None and not dirs:
+                named = next(iter((claude_dir / "projects").glob(f"*/{_glob_escape(sid)}.jsonl")), None)
+            if named is None and dirs:
+                named = dirs[0] / f"{sid}.jsonl"  # not written yet: the CLI creates it at the first prompt
+            if named is not None and self._free(named, pid):
+                return sid, named
+            return None
+        cwd = cwd or (session.cwd if session is not None else None)
         dirs = claude_project_dirs(claude_dir, cwd) if cwd else []
         candidates = self._recent(
             (p for d in dirs for p in _jsonl_in(d)), pid, started_at
@@ -96,19 +173,6 @@ class TranscriptLocator:
         if newest is not None:
             return newest[1].stem, newest[1]
         return None
-
-    def _claude_session_file(self, claude_dir: Path, pid: int) -> tuple[str | None, str | None]:
-        try:
-            with open(claude_dir / "sessions" / f"{pid}.json", "rb") as fh:
-                obj = json.loads(fh.read(65536))
-        except (OSError, ValueError):
-            return None, None
-        if not isinstance(obj, dict) or obj.get("pid") not in (pid, None):
-            return None, None
-        sid = obj.get("sessionId") or obj.get("session_id")
-        cwd = obj.get("cwd")
-        ok_sid = sid if isinstance(sid, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,128}", sid) else None
-        return ok_sid, cwd if isinstance(cwd, str) else None
 
     # ------------------------------------------------------------------ codex
 
@@ -202,3 +266,118 @@ def _days(start: float, now: float) -> list[str]:
     wanted = {start_day + timedelta(days=k) for k in (-1, 0, 1)}
     wanted |= {today - timedelta(days=k) for k in range(-1, 7)}
     return [f"{d.year:04d}/{d.month:02d}/{d.day:02d}" for d in sorted(wanted)]
+
+
+def _read_session_file(path: Path, pid: int) -> ClaudeSession | None:
+    try:
+        with open(path, "rb") as fh:
+            obj = json.loads(fh.read(_SESSION_FILE_MAX))
+    except (OSError, ValueError, RecursionError):
+        return None  # being rewritten, or not JSON: read again when it changes
+    if not isinstance(obj, dict) or obj.get("pid") not in (pid, None):
+        return None
+    sid = obj.get("sessionId") or obj.get("session_id")
+    status = obj.get("status")
+    at = obj.get("statusUpdatedAt", obj.get("updatedAt"))
+    return ClaudeSession(
+        pid=pid,
+        session_id=sid if isinstance(sid, str) and _SESSION_ID.fullmatch(sid) else None,
+        cwd=_text(obj.get("cwd"), 4096),
+        status=_text(status, 32),
+        status_at=float(at) / 1000.0 if isinstance(at, (int, float)) and not isinstance(at, bool) else None,
+        waiting_for=_text(obj.get("waitingFor"), 120),
+        kind=_text(obj.get("kind"), 32),
+    )
+
+
+def _text(value: object, limit: int) -> str | None:
+    return value[:limit] if isinstance(value, str) and value else None
+
+
+# --------------------------------------------------------------------------- reading a session's state
+
+
+def status_events(session: ClaudeSession, before: ClaudeSession | None, activity: Activity,
+                  now: float) -> list[Event]:
+    """The events that bring `activity` in line with the CLI's session file, at `now`.
+
+    Called every tick: it returns nothing once the activity agrees, and it never
+    undoes what happened after the status was set. Its events are heartbeats,
+    except the opening of a turn (a prompt is work). What the file gives that
+    nothing else does (measured on 2.1.330):
+
+    - idle: the CLI is back at its input box. Esc while waiting on the API writes
+      nothing anywhere (no transcript line, no Stop hook): this closes the turn,
+      when it was opened no later than the status was set.
+    - waiting: a person is asked (a permission prompt): awaiting_input, and it stays
+      so while the file says waiting (transcript lines flushed after the prompt
+      came up must not clear it).
+    - busy: a turn runs. After a permission prompt it means the person answered:
+      no longer awaiting input (hooks say nothing until the tool ends). A new busy
+      status with no turn open opens one (a prompt, before its transcript lines).
+
+    `before` is the file as seen at the previous tick (None: not seen before).
+    """
+    status = session.status
+    if status is None:
+        return []
+    t = min(session.status_at if session.status_at is not None else now, now)
+    if status == "idle":
+        opened = activity.turn_opened_at
+        if activity.turn_open and (opened is None or opened <= t):
+            return [Event(time=t, type="status/idle", kind=EventKind.HEARTBEAT, turn="close",
+                          awaiting_input=False, source="session", detail="back at the input box")]
+        return []
+    if status == "waiting":
+        if not activity.awaiting_input:
+            return [Event(time=t, type="status/waiting", kind=EventKind.HEARTBEAT, awaiting_input=True,
+                          source="session", detail=session.waiting_for or "")]
+        return []
+    if status != "busy":
+        return []
+    out: list[Event] = []
+    if activity.awaiting_input:
+        out.append(Event(time=t, type="status/busy", kind=EventKind.HEARTBEAT, awaiting_input=False,
+                         source="session", detail="answered"))
+    fresh = before is None or before.status != "busy" or before.status_at != session.status_at
+    closed = max((e.time for e in activity.recent if e.turn == "close"), default=None)
+    if fresh and not activity.turn_open and (closed is None or t > closed):
+        out.append(Event(time=t, type="status/busy", turn="open", awaiting_input=False, source="session",
+                         detail="turn started"))
+    return out
+
+
+# Claude Code transcript lines the parser calls heartbeats (the loop at work on itself) that
+# an interactive transcript writes together with a prompt or an answer (2.1.330).
+_WRITTEN_WITH_WORK = frozenset({"api-request", "api-request-shape", "api-request-blob", "last-prompt",
+                                "atis-latch", "cost-state"})
+
+
+def fold_transcript(activity: Activity, events: Iterable[Event]) -> Activity:
+    """`activity` after a Claude Code transcript's `events`, with what its lines imply.
+
+    In interactive mode the CLI announces no retry (no api_retry, no api_error line):
+    each attempt writes one `api-request` line, so an attempt made while the one before
+    it got no answer (no progress since) and was not announced is a retry. Every other
+    API-call and bookkeeping line is written in the same flush as the prompt or answer
+    it goes with: state, not a heartbeat (one a moment younger than the prompt would
+    outlive its silence and pass the hung turn off as a tool run)."""
+    for event in events:
+        if event.type in _WRITTEN_WITH_WORK and event.kind is EventKind.HEARTBEAT and not event.retry:
+            if event.type == "api-request" and _unanswered_attempt(activity, event.time):
+                event = replace(event, retry=True, detail=event.detail or "attempt after an unanswered one")
+            else:
+                event = replace(event, kind=EventKind.STATE)
+        activity = activity.apply(event)
+    return activity
+
+
+def _unanswered_attempt(activity: Activity, t: float) -> bool:
+    requests = [e.time for e in activity.recent if e.type == "api-request" and e.time <= t]
+    if not requests:
+        return False
+    last = max(requests)
+    if activity.last_progress_time is not None and activity.last_progress_time > last:
+        return False  # answered (or the turn moved on)
+    # A retry the CLI announced itself (api_retry / api_error with its schedule) is already counted.
+    return not any(e.retry and e.time >= last and e.type != "api-request" for e in activity.recent)

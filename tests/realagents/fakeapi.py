@@ -15,7 +15,11 @@ Behaviours (for the model call; other paths always get harmless answers):
 on the open connection; `partial_then_silence` sends the headers and the first
 content block, then stays silent; `tool_bash` asks for a Bash tool call
 (`--tool-command`) and answers normally once the tool's result comes back;
-`drop` closes every connection as soon as it is accepted.
+`drop` closes every connection as soon as it is accepted; `by_prompt` (Anthropic
+only) takes each call's behaviour from a marker such as `[fake:never_answer]` in
+the conversation's last user text, so one interactive session can go through
+several behaviours turn by turn (no marker: `normal`; `slow`: a normal answer
+streamed over SLOW_S).
 
 It must never talk to anything but the client that connected to it, never run
 anything a request names, and never keep a connection open after its peer left.
@@ -28,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -38,7 +43,10 @@ from typing import Any
 __all__ = ["APIS", "BEHAVIOURS", "Request", "main"]
 
 APIS = ("anthropic", "openai")
-BEHAVIOURS = ("normal", "never_answer", "partial_then_silence", "tool_bash", "drop")
+BEHAVIOURS = ("normal", "never_answer", "partial_then_silence", "tool_bash", "drop", "by_prompt")
+# by_prompt: the marker in the last user text names the behaviour of that call.
+_MARKER = re.compile(r"\[fake:(normal|slow|never_answer|partial_then_silence|tool_bash)\]")
+SLOW_S = 4.0  # by_prompt `[fake:slow]`: a normal answer streamed over this long
 MAX_HEADER_BYTES = 64 << 10
 MAX_BODY_BYTES = 64 << 20  # agents send their whole conversation and tool schemas
 ANSWER = "Hello from the otelwatch fake API."
@@ -237,10 +245,11 @@ class FakeApi:
         return {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "tests"}],
                 "models": []}
 
-    async def pace(self, n: int) -> None:
-        """Spread n pieces of an answer over --stream-seconds."""
-        if self.stream_seconds > 0 and n > 0:
-            await asyncio.sleep(self.stream_seconds / n)
+    async def pace(self, n: int, seconds: float | None = None) -> None:
+        """Spread n pieces of an answer over --stream-seconds (or `seconds`)."""
+        total = self.stream_seconds if seconds is None else seconds
+        if total > 0 and n > 0:
+            await asyncio.sleep(total / n)
 
     # ------------------------------------------------------------------ Anthropic Messages
 
@@ -248,9 +257,16 @@ class FakeApi:
         body = req.json()
         body = body if isinstance(body, dict) else {}
         stream = bool(body.get("stream"))
-        if self.behaviour == "never_answer":
+        behaviour = self.behaviour
+        if behaviour == "by_prompt":
+            behaviour = _marked_behaviour(body.get("messages"))
+            self.log(event="by_prompt", conn=cid, behaviour=behaviour)
+        pace_s = None
+        if behaviour == "slow":
+            behaviour, pace_s = "normal", SLOW_S
+        if behaviour == "never_answer":
             return await self.silence(reader, cid, "never_answer")
-        tool_turn = self.behaviour == "tool_bash" and not _has_tool_result(body.get("messages"))
+        tool_turn = behaviour == "tool_bash" and not _has_tool_result(body.get("messages"))
         msg_id = f"msg_fake_{cid}"
         if tool_turn:
             blocks: list[dict[str, Any]] = [
@@ -266,7 +282,7 @@ class FakeApi:
         usage = {"input_tokens": 12, "output_tokens": 9, "cache_creation_input_tokens": 0,
                  "cache_read_input_tokens": 0}
         if not stream:
-            if self.behaviour == "partial_then_silence":
+            if behaviour == "partial_then_silence":
                 await conn.respond(200, b'{"id": "' + msg_id.encode() + b'", "type": "mess')
                 return await self.silence(reader, cid, "partial_silence")
             await conn.json({"id": msg_id, "type": "message", "role": "assistant", "model": body.get("model", MODEL),
@@ -282,7 +298,7 @@ class FakeApi:
                 await conn.chunk(sse("content_block_start", {"type": "content_block_start", "index": index,
                                                               "content_block": {"type": "text", "text": ""}}))
                 for i, word in enumerate(words):
-                    await self.pace(len(words))
+                    await self.pace(len(words), pace_s)
                     piece = word if i == 0 else " " + word
                     await conn.chunk(sse("content_block_delta", {"type": "content_block_delta", "index": index,
                                                                   "delta": {"type": "text_delta", "text": piece}}))
@@ -292,7 +308,7 @@ class FakeApi:
                 await conn.chunk(sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
                     "type": "input_json_delta", "partial_json": json.dumps(block["input"])}}))
             await conn.chunk(sse("content_block_stop", {"type": "content_block_stop", "index": index}))
-            if self.behaviour == "partial_then_silence":
+            if behaviour == "partial_then_silence":
                 # One whole block (the CLI prints it as an `assistant` line), then nothing.
                 return await self.silence(reader, cid, "partial_silence")
         await conn.chunk(sse("message_delta", {"type": "message_delta", "delta": {
@@ -371,6 +387,29 @@ def _has_tool_result(messages: Any) -> bool:
     return isinstance(content, list) and any(
         isinstance(b, dict) and b.get("type") == "tool_result" for b in content
     )
+
+
+def _marked_behaviour(messages: Any) -> str:
+    """by_prompt: the behaviour named by the last `[fake:NAME]` marker in the last user
+    message's text (a string or text blocks); a tool result answers `tool_bash` normally."""
+    if not isinstance(messages, list):
+        return "normal"
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        content = message.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(blocks, list):
+            continue
+        if any(isinstance(b, dict) and b.get("type") == "tool_result" for b in blocks):
+            return "tool_bash"  # the tool ran: _has_tool_result makes this a normal answer
+        texts = [b["text"] for b in blocks if isinstance(b, dict) and isinstance(b.get("text"), str)]
+        found = [m for text in texts for m in _MARKER.findall(text)]
+        if found:
+            return found[-1]
+        if any(not t.startswith("<") for t in texts):  # a prompt without a marker
+            return "normal"
+    return "normal"
 
 
 def _has_function_output(items: Any) -> bool:

@@ -403,13 +403,18 @@ class Row:
     source: str
     started_at: float  # when the daemon first saw the session: silence before it is never counted
     events: int
+    runtime: tuple[str, str] | None = None  # (kind, target), e.g. ("tmux", "work:0.0")
+    detail: str = ""  # the verdict's evidence detail, for timelines
 
     @classmethod
     def of(cls, t: float, s: Mapping[str, Any]) -> Row:
+        rt = s.get("runtime")
+        runtime = (str(rt.get("kind")), str(rt.get("target"))) if isinstance(rt, dict) else None
+        detail = (s.get("evidence") or {}).get("detail") or ""
         return cls(t, s["session_id"], s.get("pid"), s["state"], s["reason"], s.get("cpu_percent"),
                    dict(s.get("tcp") or {}), len(s.get("children") or ()), s.get("last_event_age_s"),
                    len(s.get("recoveries") or ()), s.get("source", ""), float(s.get("started_at") or 0.0),
-                   int(s.get("events") or 0))
+                   int(s.get("events") or 0), runtime, str(detail)[:80])
 
 
 class Recorder:
