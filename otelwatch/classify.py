@@ -22,6 +22,7 @@ few samples, any sign of work, any heartbeat) resolves to something else.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ __all__ = [
     "REPORTED_STATES",
     "WORK_CPU_PERCENT",
     "ReportSchedule",
+    "SampleWindow",
     "classify",
     "fingerprint",
     "is_late_tick",
@@ -114,6 +116,7 @@ def classify(
     now: float,
     watch_since: float,
     previous: Verdict | None = None,
+    window: SampleWindow | None = None,
 ) -> Verdict:
     """Classify one session at `now`.
 
@@ -127,32 +130,43 @@ def classify(
     used as evidence of idleness. `previous` is this session's verdict of the
     tick before: a stalled reason is kept while its evidence is still in the
     window and no stronger reason holds over it (hysteresis); it never delays
-    a change of state.
+    a change of state. `window` is this session's `SampleWindow`, when the caller
+    keeps one: the same verdict at a per-tick cost of what changed since the last
+    tick (it is brought up to date with `samples` here).
     """
     thr = cfg.cpu_idle_percent
     spin = max(cfg.cpu_spin_percent, thr)
     latest = samples[-1] if samples else None
 
-    progress = activity.last_progress_time if info.has_event_source else tree_progress_time(
-        samples, work_cpu_percent(cfg)
-    )
+    if window is not None:
+        window.sync(samples, thr, spin, work_cpu_percent(cfg))
+        if not window.usable:
+            window = None
+    if info.has_event_source:
+        progress = activity.last_progress_time
+    elif window is not None:
+        progress = window.progress_time()
+    else:
+        progress = tree_progress_time(samples, work_cpu_percent(cfg))
     # The clock of silence starts at the latest of: last progress, the start of
     # continuous watching (our own lag is not the agent's silence), and when we
     # first saw the session.
     silence = max(0.0, now - max(_or(progress), watch_since, info.started_at))
     start = max(now - cfg.stall_after, watch_since)
-    window = window_samples(samples, start)
-    # The last readable sample before the window lets a change at the window's
-    # first sample (counters, child set) count: that change happened inside it.
-    before = _last_ok_before(samples, start)
-    first_sight = samples[0] if samples and samples[0].cpu_percent is None else None
-    facts = _Facts.of(window, before, latest, thr, spin, first_sight)
+    if window is not None:
+        facts = window.facts(start, latest)
+    else:
+        # The last readable sample before the window lets a change at the window's
+        # first sample (counters, child set) count: that change happened inside it.
+        before = _last_ok_before(samples, start)
+        first_sight = samples[0] if samples and samples[0].cpu_percent is None else None
+        facts = _Facts.of(window_samples(samples, start), before, latest, thr, spin, first_sight)
     hb_age = None if activity.last_heartbeat_time is None else now - activity.last_heartbeat_time
     hb_fresh = hb_age is not None and hb_age < cfg.stall_after
     retry_live = retry_holds(activity, now, cfg.stall_after)
 
     def verdict(state: State, reason: Reason, detail: str = "") -> Verdict:
-        evidence = _evidence(silence, latest, window, facts, activity, now, hb_age, detail)
+        evidence = _evidence(silence, latest, facts, activity, now, hb_age, detail)
         return Verdict(state, reason, silence, evidence)
 
     # 1. A dead process is dead whatever its events say. The runtime (tmux pane,
@@ -568,7 +582,6 @@ def _r(x: float | None, digits: int = 2) -> float | None:
 def _evidence(
     silence: float,
     latest: TreeSample | None,
-    window: Sequence[TreeSample],
     facts: _Facts,
     activity: Activity,
     now: float,
@@ -590,7 +603,7 @@ def _evidence(
         ],
         "heartbeat_age_s": _r(hb_age, 1),
         "sample_status": latest.status.value if latest is not None else None,
-        "samples_in_window": len(window),
+        "samples_in_window": facts.size,
     }
     if activity.retry_due is not None or activity.retry_attempt is not None:
         ev["retry"] = {
@@ -602,6 +615,431 @@ def _evidence(
     if detail:
         ev["detail"] = detail
     return ev
+
+
+# --------------------------------------------------------------------------- incremental window
+
+
+# Every finite double is an integer multiple of 2**-1074: CPU rates summed as integers
+# in that unit are exact, so the running mean is the same float as math.fsum's.
+_EXACT_SHIFT = 1074
+_EXACT_UNIT = 1 << _EXACT_SHIFT
+
+
+def _exact(x: float) -> int:
+    n, d = x.as_integer_ratio()
+    return n << (_EXACT_SHIFT - d.bit_length() + 1)
+
+
+class _Mark:
+    """What one sample adds to `_Facts`, given the sample before it (its tick floor)
+    and the readable sample before it (I/O and child-set changes)."""
+
+    __slots__ = ("blocked", "busy", "busy_mean", "children", "denied", "io", "net", "running", "spin",
+                 "timeout", "work", "work_mean", "working")
+
+    def __init__(self) -> None:
+        self.timeout = self.denied = self.spin = self.net = 0
+        self.busy = self.busy_mean = self.work = self.work_mean = self.io = self.children = 0
+        # (pid, position in the sample): the window lists pids in order of first sight
+        self.running: tuple[tuple[int, int], ...] = ()
+        self.blocked: tuple[tuple[int, int], ...] = ()
+        self.working: tuple[tuple[int, int], ...] = ()
+
+
+_COUNTS = ("timeout", "denied", "spin", "net", "busy", "busy_mean", "work", "work_mean", "io", "children")
+_NO_MARK = _Mark()
+
+
+def _mark(
+    s: TreeSample,
+    prev_time: float | None,
+    prev_ok: TreeSample | None,
+    prev_children: frozenset[tuple[int, float]],
+    children: frozenset[tuple[int, float]] | None,
+    first_sight: bool,
+    thr: float,
+    spin: float,
+) -> _Mark:
+    """One sample's share of `_Facts.of`, the same rules sample by sample. "_mean"
+    variants hold when the window's mean CPU is at the threshold (known only later)."""
+    m = _Mark()
+    if s.status is SampleStatus.PROBE_TIMEOUT:
+        m.timeout = 1
+        return m
+    if s.status not in (SampleStatus.OK, SampleStatus.ACCESS_DENIED):
+        return m
+    floor = _tick_floor(prev_time, s.time)
+    cpu = s.cpu_percent
+    no_rate_yet = cpu is None and first_sight
+    if s.status is SampleStatus.ACCESS_DENIED or s.tcp is None or (cpu is None and not no_rate_yet):
+        m.denied = 1
+    over = cpu is not None and cpu >= thr
+    m.busy_mean = int(over)
+    m.busy = int(over and cpu is not None and cpu > floor)
+    if cpu is not None and cpu >= spin and cpu > floor:
+        m.spin = 1
+    tcp = s.tcp_total
+    if tcp is not None and tcp > 0:
+        m.net = 1
+    worked = False
+    root_pid = s.root.pid if s.root is not None else None
+    running: list[tuple[int, int]] = []
+    blocked: list[tuple[int, int]] = []
+    working: list[tuple[int, int]] = []
+    for i, p in enumerate(s.processes):
+        busy = p.cpu_percent is not None and p.cpu_percent >= thr and p.cpu_percent > floor
+        if p.status == _RUNNING or busy:
+            running.append((p.pid, i))
+            worked = True
+        if p.status == _BLOCKED:
+            blocked.append((p.pid, i))
+            worked = True
+        if (p.status in (_RUNNING, _BLOCKED) or busy) and p.pid != root_pid:
+            working.append((p.pid, i))
+    m.running, m.blocked, m.working = tuple(running), tuple(blocked), tuple(working)
+    if s.status is SampleStatus.OK and prev_ok is not None:
+        if _io_changed(prev_ok, s):
+            m.io = 1
+            worked = True
+        if children != prev_children:
+            m.children = 1
+            worked = True
+    m.work = int(worked or bool(m.busy))
+    m.work_mean = int(worked or bool(m.busy_mean))
+    return m
+
+
+def _progress_mark(
+    s: TreeSample,
+    prev_time: float | None,
+    prev_ok: TreeSample | None,
+    prev_children: frozenset[tuple[int, float]],
+    children: frozenset[tuple[int, float]] | None,
+    work_percent: float,
+) -> bool:
+    """One sample's share of `tree_progress_time`: whether it shows work."""
+    floor = _tick_floor(prev_time, s.time)
+    cpu = s.cpu_percent
+    if cpu is not None and cpu >= work_percent and cpu > floor:
+        return True
+    return s.status is SampleStatus.OK and prev_ok is not None and (
+        _io_changed(prev_ok, s) or prev_children != children
+    )
+
+
+class _Rec:
+    __slots__ = ("children", "inverted", "mark", "odd", "progress", "sample", "seq", "time")
+
+    def __init__(self, seq: int, sample: TreeSample, children: frozenset[tuple[int, float]] | None,
+                 mark: _Mark, progress: bool, inverted: bool, odd: bool) -> None:
+        self.seq, self.sample, self.time, self.children = seq, sample, sample.time, children
+        self.mark, self.progress, self.inverted, self.odd = mark, progress, inverted, odd
+
+
+_NO_CHILDREN: frozenset[tuple[int, float]] = frozenset()
+
+
+class SampleWindow:
+    """One session's window aggregates, kept up to date one sample at a time.
+
+    `classify(..., window=w)` gives the same verdict as without it (the property test
+    `test_classify_incremental` compares them on random streams), at a per-tick cost
+    of the samples added and dropped since the last tick instead of the whole window:
+    running counts per window reason, an exact running CPU sum, expiring maxima,
+    the earliest known sample, the samples whose work is already known.
+
+    Mutable, on purpose: an immutable value handed back each tick would copy the
+    window's state every tick, which is the cost this exists to remove. One per
+    session, owned by the caller's loop thread; pass it the same history `classify`
+    gets (the caller only appends samples and drops the oldest; anything else, or a
+    history out of time order or with non-finite numbers, makes `classify` fall back
+    to the full recomputation, which stays the reference).
+
+    Every sample's share is computed once, against the sample before it. Only two
+    samples of a window see something else: its first (whose tick floor and readable
+    predecessor are the last readable sample before the window) and its first
+    readable one (whose predecessor is that same sample); both are recomputed each
+    tick, as are the history's first and first readable samples for the progress clock.
+    """
+
+    def __init__(self) -> None:
+        self._params: tuple[float, float, float] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._recs: deque[_Rec] = deque()
+        self._next = 0
+        self._inverted = 0  # samples older than the one before them
+        self._odd = 0  # samples with a non-finite time or CPU rate
+        self._last_ok: _Rec | None = None
+        self._ok: deque[_Rec] = deque()  # readable samples of the history
+        self._progress: deque[_Rec] = deque()  # samples that showed work (progress clock)
+        self._clear_window()
+
+    def _clear_window(self) -> None:
+        self._lo = self._recs[0].seq if self._recs else self._next
+        self._start = -math.inf
+        self._before: _Rec | None = None
+        self._counts = dict.fromkeys(_COUNTS, 0)
+        self._cpu_sum = 0
+        self._cpu_n = 0
+        self._cpu_max: deque[tuple[int, float]] = deque()
+        self._tcp_max: deque[tuple[int, int]] = deque()
+        self._known: deque[_Rec] = deque()
+        self._ok_in: deque[_Rec] = deque()
+        self._pids: tuple[dict[int, deque[tuple[int, int]]], ...] = ({}, {}, {})
+
+    # ------------------------------------------------------------------ feeding
+
+    def sync(self, samples: Sequence[TreeSample], thr: float, spin: float, work: float) -> None:
+        """Catch up with the caller's history: drop what it dropped, add what it added."""
+        if self._params != (thr, spin, work):
+            self._params = (thr, spin, work)
+            self._reset()
+        recs = self._recs
+        n = len(samples)
+        if recs and n and recs[0].sample is not samples[0]:
+            while recs and recs[0].sample is not samples[0]:
+                self._drop()
+        k = len(recs)
+        if k > n or (k and recs[-1].sample is not samples[k - 1]):
+            self._reset()
+            k = 0
+        for i in range(k, n):
+            self._push(samples[i])
+
+    def _push(self, s: TreeSample) -> None:
+        thr, spin, work = self._params or (0.0, 0.0, 0.0)
+        recs = self._recs
+        prev = recs[-1] if recs else None
+        prev_time = prev.time if prev is not None else None
+        ok = s.status is SampleStatus.OK
+        children = _child_ids(s) if ok else None
+        last_ok = self._last_ok
+        prev_ok = last_ok.sample if last_ok is not None else None
+        prev_children = last_ok.children or _NO_CHILDREN if last_ok is not None else _NO_CHILDREN
+        mark = _mark(s, prev_time, prev_ok, prev_children, children, False, thr, spin)
+        progress = _progress_mark(s, prev_time, prev_ok, prev_children, children, work)
+        inverted = prev is not None and not s.time >= prev.time
+        odd = not math.isfinite(s.time) or (s.cpu_percent is not None and not math.isfinite(s.cpu_percent))
+        rec = _Rec(self._next, s, children, mark, progress, inverted, odd)
+        self._next += 1
+        recs.append(rec)
+        self._inverted += inverted
+        self._odd += odd
+        if ok:
+            self._last_ok = rec
+            self._ok.append(rec)
+        if progress:
+            self._progress.append(rec)
+        self._enter(rec)
+
+    def _drop(self) -> None:
+        rec = self._recs.popleft()
+        if rec.seq >= self._lo:
+            self._leave(rec)
+        if rec is self._before:
+            self._before = None
+        if rec is self._last_ok:
+            self._last_ok = None
+        if self._ok and self._ok[0] is rec:
+            self._ok.popleft()
+        if self._progress and self._progress[0] is rec:
+            self._progress.popleft()
+        self._inverted -= rec.inverted
+        self._odd -= rec.odd
+        if self._recs and self._recs[0].inverted:
+            # the new first sample has no predecessor any more: no inversion to count
+            self._recs[0].inverted = False
+            self._inverted -= 1
+
+    def _enter(self, rec: _Rec) -> None:
+        m, c = rec.mark, self._counts
+        for k in _COUNTS:
+            c[k] += getattr(m, k)
+        s = rec.sample
+        cpu = s.cpu_percent
+        if cpu is not None and math.isfinite(cpu):
+            self._cpu_sum += _exact(cpu)
+            self._cpu_n += 1
+            q = self._cpu_max
+            while q and q[-1][1] <= cpu:
+                q.pop()
+            q.append((rec.seq, cpu))
+        if s.status in (SampleStatus.OK, SampleStatus.ACCESS_DENIED):
+            tcp = s.tcp_total
+            if tcp is not None:
+                t = self._tcp_max
+                while t and t[-1][1] <= tcp:
+                    t.pop()
+                t.append((rec.seq, tcp))
+            if s.status is SampleStatus.OK:
+                self._ok_in.append(rec)
+            if _is_known(s):
+                self._known.append(rec)
+        for index, pids in zip(self._pids, (m.running, m.blocked, m.working), strict=True):
+            for pid, pos in pids:
+                occ = index.get(pid)
+                if occ is None:
+                    occ = index[pid] = deque()
+                occ.append((rec.seq, pos))
+
+    def _leave(self, rec: _Rec) -> None:
+        """`rec` (the window's first sample) leaves the window."""
+        m, c = rec.mark, self._counts
+        for k in _COUNTS:
+            c[k] -= getattr(m, k)
+        cpu = rec.sample.cpu_percent
+        if cpu is not None and math.isfinite(cpu):
+            self._cpu_sum -= _exact(cpu)
+            self._cpu_n -= 1
+        for q in (self._cpu_max, self._tcp_max):
+            if q and q[0][0] == rec.seq:
+                q.popleft()
+        for d in (self._known, self._ok_in):
+            if d and d[0] is rec:
+                d.popleft()
+        for index, pids in zip(self._pids, (m.running, m.blocked, m.working), strict=True):
+            for pid, _ in pids:
+                occ = index[pid]
+                occ.popleft()
+                if not occ:
+                    del index[pid]
+        self._lo = rec.seq + 1
+
+    def _rec(self, seq: int) -> _Rec:
+        return self._recs[seq - self._recs[0].seq]
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def usable(self) -> bool:
+        """False: the history is out of time order or holds non-finite numbers, and
+        only the full recomputation is known to read it right."""
+        return not self._inverted and not self._odd
+
+    def facts(self, start: float, latest: TreeSample | None) -> _Facts:
+        """`_Facts.of` for the window of samples at or after `start` (after `sync`)."""
+        thr, spin, _ = self._params or (0.0, 0.0, 0.0)
+        if start < self._start:  # the window grew back (clock stepped back): start over
+            self._clear_window()
+            for rec in self._recs:
+                self._enter(rec)
+        self._start = start
+        while self._lo < self._next:
+            rec = self._rec(self._lo)
+            if rec.time >= start:
+                break
+            if rec.sample.status is SampleStatus.OK:
+                self._before = rec
+            self._leave(rec)
+        size = self._next - self._lo
+        before = self._before
+        counts = dict(self._counts)
+        first_marks: tuple[_Mark, _Mark] = (_NO_MARK, _NO_MARK)
+        first = self._rec(self._lo) if size else None
+        if first is not None:
+            # The window's first sample: its floor and readable predecessor are `before`'s.
+            b_sample = before.sample if before is not None else None
+            b_children = (before.children or _NO_CHILDREN) if before is not None else _NO_CHILDREN
+            sight = first is self._recs[0] and first.sample.cpu_percent is None
+            new1 = _mark(first.sample, before.time if before is not None else None, b_sample, b_children,
+                         first.children, sight, thr, spin)
+            _swap(counts, first.mark, new1)
+            first_marks = (first.mark, new1)
+            ok1 = self._ok_in[0] if self._ok_in else None
+            if ok1 is not None and ok1 is not first:
+                new2 = _mark(ok1.sample, self._rec(ok1.seq - 1).time, b_sample, b_children,
+                             ok1.children, False, thr, spin)
+                _swap(counts, ok1.mark, new2)
+        cpu_mean = (self._cpu_sum / _EXACT_UNIT) / self._cpu_n if self._cpu_n else None
+        mean_busy = cpu_mean is not None and cpu_mean >= thr
+        works = counts["work_mean"] if mean_busy else counts["work"]
+        busy_any = (counts["busy_mean"] if mean_busy else counts["busy"]) > 0
+        children_now = latest is not None and latest.alive and latest.children > 0
+        new = first_marks[1]
+        running, blocked, working = (
+            _first_seen(index, self._lo, new_pids)
+            for index, new_pids in zip(self._pids, (new.running, new.blocked, new.working), strict=True)
+        )
+        return _Facts(
+            size=size,
+            known=len(self._known),
+            earliest_known=self._known[0].time if self._known else None,
+            first_sight_in_window=first is not None and first is self._recs[0] and first.sample.cpu_percent is None,
+            support={
+                Reason.CPU_SPIN: counts["spin"],
+                Reason.WAITING_ON_NETWORK: counts["net"],
+                Reason.TOOL_CALL_WITHOUT_PROGRESS: works,
+                Reason.PROBE_TIMEOUT: counts["timeout"],
+                Reason.ACCESS_DENIED: counts["denied"],
+            },
+            spin_mean=cpu_mean is not None and cpu_mean >= spin,
+            cpu_latest=latest.cpu_percent if latest is not None else None,
+            cpu_max=self._cpu_max[0][1] if self._cpu_max else None,
+            cpu_mean=cpu_mean,
+            tcp_max=self._tcp_max[0][1] if self._tcp_max else None,
+            running_pids=running,
+            blocked_pids=blocked,
+            working_children=working,
+            io_changed=counts["io"] > 0,
+            children_changed=counts["children"] > 0,
+            tree_alive=children_now or busy_any or counts["net"] > 0,
+        )
+
+    def progress_time(self) -> float | None:
+        """`tree_progress_time` of the whole history (after `sync`)."""
+        if not self._recs:
+            return None
+        work = self._params[2] if self._params else 0.0
+        head = self._recs[0]
+        ok1 = self._ok[0] if self._ok else None
+        last: float | None = None
+        for rec in reversed(self._progress):
+            if rec is not head and rec is not ok1:
+                last = rec.time
+                break
+        # The history's first sample has no predecessor; its first readable one none readable.
+        if _progress_mark(head.sample, None, None, _NO_CHILDREN, head.children, work):
+            last = head.time if last is None else max(last, head.time)
+        if ok1 is not None and ok1 is not head:
+            prev_time = self._rec(ok1.seq - 1).time
+            if _progress_mark(ok1.sample, prev_time, None, _NO_CHILDREN, ok1.children, work):
+                last = ok1.time if last is None else max(last, ok1.time)
+        return last
+
+
+def _is_known(s: TreeSample) -> bool:
+    """`_Facts.of`'s known sample: readable (OK), with a CPU rate and TCP counts."""
+    return s.status is SampleStatus.OK and s.tcp is not None and s.cpu_percent is not None
+
+
+def _swap(counts: dict[str, int], old: _Mark, new: _Mark) -> None:
+    for k in _COUNTS:
+        counts[k] += getattr(new, k) - getattr(old, k)
+
+
+def _first_seen(
+    index: Mapping[int, deque[tuple[int, int]]], lo: int, first: tuple[tuple[int, int], ...]
+) -> tuple[int, ...]:
+    """The pids of the window in order of first sight, the window's first sample
+    contributing `first` (its recomputed share) instead of what it stored."""
+    if not index and not first:
+        return ()
+    keyed = [((lo, pos), pid) for pid, pos in first]
+    mine = {pid for pid, _ in first}
+    for pid, occ in index.items():
+        if pid in mine:
+            continue
+        at = occ[0]
+        if at[0] == lo:  # listed by the first sample's stored share only
+            if len(occ) < 2:
+                continue
+            at = occ[1]
+        keyed.append((at, pid))
+    keyed.sort()
+    return tuple(pid for _, pid in keyed)
 
 
 # --------------------------------------------------------------------------- backoff

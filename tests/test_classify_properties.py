@@ -12,11 +12,11 @@ import math
 from dataclasses import replace
 from typing import Any
 
+from classify_builders import NOW, ROOT_PID, acts, ev, hb, info, proc, tree
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_classify import NOW, ROOT_PID, acts, ev, hb, info, proc, tree
 
-from otelwatch.classify import MAX_ATTEMPT_S, classify, retry_holds, window_samples
+from otelwatch.classify import MAX_ATTEMPT_S, SampleWindow, classify, retry_holds, window_samples
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
     REASONS_BY_STATE,
@@ -156,6 +156,10 @@ def test_classifier_invariants(
 ) -> None:
     v = classify(cfg, session, samples, activity, NOW, watch_since, previous)
     thr = cfg.cpu_idle_percent
+    # The incremental window (here fed the whole history at once, the daemon's first
+    # tick) gives exactly the full recomputation's verdict: test_classify_incremental
+    # feeds it tick by tick.
+    assert classify(cfg, session, samples, activity, NOW, watch_since, previous, window=SampleWindow()) == v
     # The previous verdict may steady a stalled reason, never change the state.
     assert v.state is classify(cfg, session, samples, activity, NOW, watch_since).state
 

@@ -67,9 +67,26 @@ TICK_BUCKETS: tuple[float, ...] = (
 ALWAYS_TCP_STATES = ("ESTABLISHED",)
 
 
+# The most sessions one daemon exports without an `otel.metric.overflow` series. The
+# SDK's default cardinality limit (2 000 attribute sets per instrument and collection)
+# would fold the TCP gauge (one series per session and TCP state) into an overflow
+# series past a few hundred sessions. A limit only caps the SDK's per-set state (sets
+# otelwatch stops observing are pruned, see AsyncStatePruner); nothing is preallocated.
+MAX_EXPORTED_SESSIONS = 10_000
+# Non-LISTEN TCP states a session can report (ESTABLISHED ... CLOSING, NEW_SYN_RECV).
+_TCP_STATES_MAX = 11
+
+
 def views() -> list[View]:
-    """Explicit histogram buckets; the SDK's defaults top out at 10 000 and start at 0."""
+    """Explicit histogram buckets (the SDK's defaults top out at 10 000 and start at 0),
+    and per-session gauges sized for MAX_EXPORTED_SESSIONS sessions."""
+    per_session = [
+        View(instrument_name=name, aggregation_cardinality_limit=MAX_EXPORTED_SESSIONS * (
+            _TCP_STATES_MAX if name == SESSION_TCP else 1) + 1)
+        for name in SessionGauges.PER_SESSION
+    ]
     return [
+        *per_session,
         View(instrument_name=SESSION_STALLED_AGE,
              aggregation=ExplicitBucketHistogramAggregation(SILENCE_BUCKETS)),
         View(instrument_name=SESSION_STUCK_AGE,
