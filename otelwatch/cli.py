@@ -1,6 +1,8 @@
-"""The `otelwatch` command: parses arguments and hands off to the module that owns
-each subcommand. Imports are lazy so that `otelwatch hook` and `otelwatch event`,
-which agents run on every tool call, start in a few tens of milliseconds.
+"""The `otelwatch` command: parses arguments and hands off to the module in
+`otelwatch.commands` that owns each subcommand. Imports are lazy so that
+`otelwatch hook` and `otelwatch event`, which agents run on every tool call,
+start in a few tens of milliseconds; this module must never import a command
+module, the OpenTelemetry SDK or psutil at its top level.
 """
 
 from __future__ import annotations
@@ -83,36 +85,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     if command == "hook":
-        from otelwatch.hooks import hook_main
+        from otelwatch.commands.hook import hook_main
 
         return hook_main(args.agent, sys.stdin.buffer)
     if command == "event":
-        from otelwatch.hooks import event_main
+        from otelwatch.commands.hook import event_main
 
         return event_main(args.session_id, args.type, tool=args.tool, agent=args.agent, pid=args.pid)
     if command == "diag":
-        from otelwatch.diag import diag_main
+        from otelwatch.commands.diag import diag_main
 
         return diag_main(args.pid, as_json=args.json, backend=args.backend)
+    if command == "check-config":
+        from otelwatch.commands.check_config import check_config_main
+
+        return check_config_main(args.file)
 
     from otelwatch.config import Config, ConfigError, load_config
 
-    config_path = getattr(args, "config", None) if command != "check-config" else args.file
+    config_path = getattr(args, "config", None)  # demo has no --config
     try:
         cfg = load_config(config_path) if config_path else Config()
     except ConfigError as exc:
         print(f"otelwatch: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    if command == "check-config":
-        print(f"{args.file}: ok")
-        return EXIT_OK
     if command == "run":
-        from otelwatch.daemon import run_daemon
+        from otelwatch.commands.run import run_daemon
 
         return run_daemon(cfg)
     if command == "exec":
-        from otelwatch.exec_wrapper import exec_main
+        from otelwatch.commands.exec import exec_main
 
         cmd = list(args.cmd)
         if cmd and cmd[0] == "--":
@@ -122,18 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         return exec_main(cmd, cfg, session_id=args.session_id, agent=args.agent, mode=args.mode)
     if command == "status":
-        from otelwatch.status import status_main
+        from otelwatch.commands.status import status_main
 
         url = args.url or f"http://{cfg.http.listen}"
         return status_main(url, watch=args.watch, interval=args.interval, as_json=args.json,
                            color=False if args.no_color else None)
     if command == "top":
-        from otelwatch.top import default_url, top_main
+        from otelwatch.commands.top import default_url, top_main
 
         return top_main(args.url or default_url(cfg.http.listen), args.interval,
                         color=False if args.no_color else None)
     if command == "demo":
-        from otelwatch.demo import demo_main
+        from otelwatch.commands.demo import demo_main
 
         return demo_main(duration=args.duration, listen=args.listen, backend=args.backend)
     raise AssertionError(command)  # pragma: no cover

@@ -12,7 +12,6 @@ error becomes a counted, logged probe error for that session only.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
@@ -21,7 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from otelwatch.backends import probe_backend
 from otelwatch.classify import SampleWindow, classify, fingerprint, is_late_tick, next_report
@@ -43,6 +42,9 @@ from otelwatch.report import build_report, session_summary
 from otelwatch.sessions import SessionTable, Tracked, snapshot_of
 from otelwatch.sources.hub import Sources
 from otelwatch.sources.payloads import payload_to_event
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when Telemetry is built
+    from otelwatch.telemetry import TelemetrySink
 
 # The inbox between API/HTTP threads and the loop is bounded, and so is the work one tick
 # takes from it (the rest waits for the next tick). POST /api/events is refused (429) well
@@ -67,13 +69,13 @@ class Watcher:
         cfg: Config | None = None,
         *,
         paths: Paths | None = None,
-        telemetry: Any | None = None,
+        telemetry: TelemetrySink | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         boottime: Callable[[], float] | None = None,
         proc_root: str = "/proc",
         environ: Mapping[str, str] | None = None,
-        log_stream: Any | None = None,
+        log_stream: IO[str] | None = None,
     ) -> None:
         self.cfg = cfg or Config()
         self.paths = paths or default_paths(self.cfg, environ)
@@ -89,7 +91,7 @@ class Watcher:
             from otelwatch.telemetry import Telemetry
 
             telemetry = Telemetry(self.cfg, environ=environ, log_stream=log_stream)
-        self.telemetry = telemetry
+        self.telemetry: TelemetrySink = telemetry
         # One boot time for every identity the daemon compares (see ProcessTableReader).
         self.recovery = Recovery(self.cfg, self.paths.recovery_state, clock=clock, proc_root=proc_root,
                                  boot_time=self._reader.boot_time)
@@ -225,8 +227,10 @@ class Watcher:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(max(0.0, deadline - time.monotonic()))
         for part in (self._prober, self.recovery, self.telemetry):
-            with contextlib.suppress(Exception):
+            try:
                 part.shutdown(max(0.1, deadline - time.monotonic()))
+            except Exception as exc:  # the other parts must still be shut down
+                self._log("shutdown.error", {"part": type(part).__name__, "error": repr(exc)}, "error")
         self._sources.close()
 
     shutdown = stop
@@ -278,8 +282,7 @@ class Watcher:
         self._last_tick_boot = boot
         self._last_tick_mono = self._monotonic()
         self._last_tick_wall = now
-        with contextlib.suppress(Exception):
-            self.telemetry.on_tick(self._last_tick_mono - t0)
+        self._tell("on_tick", self.telemetry.on_tick, self._last_tick_mono - t0)
         return self.sessions()
 
     # ------------------------------------------------------------------ sources
@@ -375,8 +378,7 @@ class Watcher:
         tracked.snapshot = snapshot_of(tracked, now)
         if verdict.state is not old:
             # Before the report: entering stalled/stuck opens the incident span its events go on.
-            with contextlib.suppress(Exception):
-                self.telemetry.on_transition(tracked.snapshot, old)
+            self._tell("on_transition", self.telemetry.on_transition, tracked.snapshot, old)
             self._emit({"event": "session.state", "session_id": tracked.key, "agent": tracked.spec.agent,
                         "state": verdict.state.value, "reason": verdict.reason.value,
                         "previous": None if old is None else old.value})
@@ -414,16 +416,19 @@ class Watcher:
         self._prober.forget(tracked.key)
         self.recovery.session_ended(tracked.key)
         if self._sources.transcripts is not None and tracked.spec.pid is not None:
-            with contextlib.suppress(Exception):
+            try:
                 self._sources.transcripts.release(tracked.spec.pid)
+            except Exception as exc:  # the session still ends; counted like a failing source
+                self._probe_problem("source_transcripts", timeout=False)
+                self._log("source.error", {"source": "transcripts", "session_id": tracked.key,
+                                           "error": repr(exc)}, "error")
         snap = tracked.snapshot or snapshot_of(tracked, now)
         summary = session_summary(snap, ended_at=now, longest_silence_s=tracked.longest_silence,
                                   stalls=tracked.stalls,
                                   # requested, not completed: the completion of a recovery
                                   # that ended the session is recorded just after its end
                                   recoveries=sum(1 for r in tracked.recoveries if r.step == "requested"))
-        with contextlib.suppress(Exception):
-            self.telemetry.on_session_end(snap, summary)
+        self._tell("on_session_end", self.telemetry.on_session_end, snap, summary)
         self._emit(summary)
 
     # ------------------------------------------------------------------ act
@@ -454,8 +459,7 @@ class Watcher:
                     # Escalations finish on their own thread, often after the process
                     # was already seen gone: the listing must still show the outcome.
                     owner.snapshot = replace(owner.snapshot, recoveries=tuple(owner.recoveries))
-            with contextlib.suppress(Exception):
-                self.telemetry.on_recovery_step(step)
+            self._tell("on_recovery_step", self.telemetry.on_recovery_step, step)
             self._emit({"event": f"recovery.{step.step}", **step.to_json()})
 
     # ------------------------------------------------------------------ export
@@ -478,9 +482,20 @@ class Watcher:
             except Exception as exc:
                 self._log("subscriber.error", {"error": repr(exc)}, "error")
 
+    def _tell(self, call: str, fn: Callable[..., None], *args: Any) -> None:
+        """Hand something to telemetry: a failure there is counted (probe error kind
+        "telemetry") and logged, and never reaches the loop."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self._probe_problem("telemetry", timeout=False)
+            self._log("telemetry.error", {"call": call, "error": repr(exc)}, "error")
+
     def _probe_problem(self, kind: str, *, timeout: bool) -> None:
-        with contextlib.suppress(Exception):
+        try:
             self.telemetry.on_probe_problem(kind, timeout)
+        except Exception as exc:  # the counter itself failed: logging is all that is left
+            self._log("telemetry.error", {"call": "on_probe_problem", "kind": kind, "error": repr(exc)}, "error")
 
     def _log(self, event: str, fields: Mapping[str, Any], level: str = "info") -> None:
         try:

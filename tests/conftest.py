@@ -3,12 +3,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from procs import Spawner, TcpServer
+from tmux_support import Server, running_tmux_server
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from otelwatch.telemetry import Telemetry
 
 
 @pytest.fixture
@@ -36,3 +43,39 @@ def tcp_server6() -> Iterator[TcpServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def tmux_server() -> Iterator[Server]:
+    """A real private tmux server with one pane running a fake agent (see tmux_support)."""
+    with running_tmux_server() as srv:
+        yield srv
+
+
+# The telemetry fixtures import the OpenTelemetry SDK only when a test asks for them.
+
+
+@pytest.fixture
+def tel() -> Iterator[Telemetry]:
+    """A real `Telemetry` with default config, no OTLP, JSON lines into a StringIO."""
+    import io
+
+    from otelwatch.config import Config
+    from otelwatch.telemetry import Telemetry
+
+    t = Telemetry(Config(), environ={}, log_stream=io.StringIO(), service_instance_id="test-1")
+    try:
+        yield t
+    finally:
+        t.shutdown()
+
+
+@pytest.fixture
+def spans(tel: Telemetry) -> InMemorySpanExporter:
+    """The finished spans of `tel`, through the SDK's own in-memory exporter."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    tel.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter

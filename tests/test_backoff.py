@@ -7,9 +7,9 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from classify_builders import NOW, acts, ev, proc, tree
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_classify import NOW, acts, ev, proc, tree
 
 from otelwatch.classify import (
     LATE_TICK_MIN_S,

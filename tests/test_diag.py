@@ -9,7 +9,7 @@ import sys
 
 from procs import REPO, Spawner, TcpServer
 
-from otelwatch.diag import diag_main
+from otelwatch.commands.diag import diag_main
 
 
 def test_diag_table_of_a_real_tree(spawn: Spawner, tcp_server: TcpServer) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from procs import REPO
 
-from otelwatch.hooks import STDIN_TIMEOUT_S, agent_pid, event_main, hook_main, payload_to_event
+from otelwatch.commands.hook import STDIN_TIMEOUT_S, agent_pid, event_main, hook_main, payload_to_event
 from otelwatch.model import EventKind
 from otelwatch.sources.spool import SpoolSource, append_records, safe_name, spool_path
 
@@ -253,7 +253,7 @@ def test_hook_with_stdin_held_open_returns_at_once(tmp_path: Path) -> None:
 def test_hook_read_is_bounded_by_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Half a payload and a writer that never closes: the deadline ends the read, exit 0."""
-    import otelwatch.hooks as hooks
+    import otelwatch.commands.hook as hooks
 
     monkeypatch.setenv("OTELWATCH_STATE_DIR", str(tmp_path))
     monkeypatch.setattr(hooks, "STDIN_TIMEOUT_S", 0.3)

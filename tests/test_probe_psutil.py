@@ -25,9 +25,9 @@ import pytest
 from procs import FAKE, REPO, Spawner, TcpServer, wait_for
 
 from otelwatch.backends import probe_backend, resolve
+from otelwatch.commands.diag import diag_main
 from otelwatch.config import parse_config
 from otelwatch.daemon import Watcher
-from otelwatch.diag import diag_main
 from otelwatch.model import ProcessIdentity, SampleStatus, TreeSample
 from otelwatch.probe import Prober
 from otelwatch.probe_psutil import PsutilProber, PsutilProcessTable, PsutilTableReader, read_info

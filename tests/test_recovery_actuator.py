@@ -1,7 +1,7 @@
 """Recovery against REAL processes: what must be recovered is, what must survive does.
 
-Views are built from real /proc reads by `RealProbe` below (the project's probe is
-written separately; this small stand-in keeps these tests independent of it).
+Views are built from samples of the project's own `Prober` (`RealProbe` below), with
+the probe backend the suite runs with.
 The verdict is what the test says the classifier would say; several "must survive"
 cases deliberately pass STUCK (a classifier bug) to show the recovery gates alone
 keep the process alive.
@@ -18,12 +18,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from procs import PROBE_BACKEND, Spawner, TcpServer, wait_for
 
-from otelwatch import procfs
+from otelwatch.backends import probe_backend
 from otelwatch.config import ClassifyConfig, Config, ProbeConfig, RecoveryConfig
 from otelwatch.model import (
     ProcessIdentity,
@@ -31,11 +30,11 @@ from otelwatch.model import (
     Reason,
     RecoveryStatus,
     RecoveryStep,
-    SampleStatus,
     State,
     TreeSample,
     Verdict,
 )
+from otelwatch.probe import Prober
 from otelwatch.proctable import ProcessTableReader, read_proc
 from otelwatch.recovery import Recovery, SessionView
 from otelwatch.recovery.actuator import Guard, ProcView, StateStore, send_signal, substitute
@@ -44,7 +43,10 @@ TICK = 0.2
 RECOVER_AFTER = 1.0
 GRACE = 0.5
 STUCK = Verdict(State.STUCK, Reason.NO_ACTIVITY, silence_s=60.0)
-T = TypeVar("T")
+# A survival check needs a minimum observation time: a signal sent by the escalation
+# (its worker thread runs on after `completed`) lands well within this.
+SURVIVAL_S = 0.2
+PROBE_TIMEOUT = 5.0  # generous: a loaded CI host must not turn a sample into probe_timeout
 
 
 def config(**recovery: object) -> Config:
@@ -56,65 +58,23 @@ def config(**recovery: object) -> Config:
                   recovery=RecoveryConfig(**base))  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------- a small real probe
+# --------------------------------------------------------------------------- views from the real probe
 
 
 class RealProbe:
-    """TreeSamples of a real process tree from the project's /proc readers (not its
-    Prober): CPU from two stat reads, TCP from the process's own socket FDs joined
-    with its namespace's /proc/PID/net/tcp{,6}."""
+    """SessionViews of a real process tree, sampled by the project's own `Prober` (through
+    `probe_backend`, so the psutil run of the suite uses the psutil prober). One instance
+    per session: CPU rates need the previous sample of the same tree."""
+
+    live: list[Prober] = []  # shut down after each test (autouse fixture below)
 
     def __init__(self) -> None:
-        self.reader = ProcessTableReader()
-        self.prev: dict[ProcessIdentity, tuple[float, float]] = {}
-
-    @staticmethod
-    def _read(fn: Callable[[int], T], pid: int) -> T | None:
-        """fn(pid), or None (unknown) when the process is gone or unreadable."""
-        try:
-            return fn(pid)
-        except (OSError, procfs.ProcessGone):
-            return None
+        self.reader, self.prober = probe_backend(PROBE_BACKEND)
+        RealProbe.live.append(self.prober)
 
     def sample(self, pid: int) -> TreeSample:
-        table = self.reader.read()
-        now = time.time()
-        info = table.get(pid)
-        if info is None:
-            return TreeSample(now, SampleStatus.VANISHED)
-        tcp_table = self._read(procfs.proc_tcp_table, pid)
-        procs: list[ProcessSample] = []
-        tree_tcp: dict[str, int] | None = {}
-        for p in (pid, *table.descendants(pid)):
-            i = table.get(p)
-            if i is None:
-                continue
-            prev = self.prev.get(i.identity)
-            cpu = None if prev is None or now <= prev[1] else 100.0 * (i.cpu_seconds - prev[0]) / (now - prev[1])
-            self.prev[i.identity] = (i.cpu_seconds, now)
-            fds = self._read(procfs.scan_fds, p)
-            tcp: dict[str, int] | None = None
-            if fds is not None and tcp_table is not None:
-                tcp = {}
-                for inode in fds.sockets:
-                    sock = tcp_table.get(inode)
-                    if sock is not None and sock.state != "LISTEN":
-                        tcp[sock.state] = tcp.get(sock.state, 0) + 1
-            if tree_tcp is not None and tcp is not None:
-                for k, v in tcp.items():
-                    tree_tcp[k] = tree_tcp.get(k, 0) + v
-            else:
-                tree_tcp = None
-            procs.append(ProcessSample(
-                pid=p, ppid=i.ppid, create_time=i.create_time, name=i.comm, status=i.state,
-                cpu_seconds=i.cpu_seconds, cpu_percent=cpu, rss_bytes=i.rss_bytes, threads=i.threads,
-                pgid=i.pgid, uid=self._read(procfs.owner_uid, p), tcp=tcp, cmdline=table.cmdline(p)))
-        cpus = [p.cpu_percent for p in procs]
-        status = SampleStatus.ZOMBIE if info.state == "Z" else SampleStatus.OK
-        return TreeSample(
-            time=now, status=status, root=info.identity, processes=tuple(procs),
-            cpu_percent=None if any(c is None for c in cpus) else sum(c for c in cpus if c is not None),
-            cpu_seconds=sum(p.cpu_seconds for p in procs), tcp=tree_tcp, children=len(procs) - 1)
+        key = str(pid)  # the prober keeps CPU history per key: one per tree
+        return self.prober.sample(self.reader.read(), {key: pid}, PROBE_TIMEOUT)[key]
 
     def view(self, pid: int, session_id: str, *, verdict: Verdict = STUCK, events: int = 0,
              shift_create_time: float = 0.0) -> SessionView | None:
@@ -162,6 +122,19 @@ def gone(pid: int, proc: subprocess.Popen[bytes] | None = None) -> bool:
     return info is None or info.state in ("Z", "X")
 
 
+def survives(proc: subprocess.Popen[bytes], observe_s: float) -> bool:
+    """True when `proc` stays alive for all of `observe_s`; False as soon as it dies."""
+    deadline = time.monotonic() + observe_s
+    for _ in range(int(observe_s / 0.02) + 2):
+        if proc.poll() is not None:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(0.02, left))
+    return proc.poll() is None
+
+
 @pytest.fixture
 def state_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "recovery.json"
@@ -173,6 +146,13 @@ def recoveries() -> Iterator[list[Recovery]]:
     yield made
     for rec in made:
         rec.shutdown(2.0)
+
+
+@pytest.fixture(autouse=True)
+def _shut_probers() -> Iterator[None]:
+    yield
+    while RealProbe.live:
+        RealProbe.live.pop().shutdown(1.0)
 
 
 def new_recovery(made: list[Recovery], cfg: Config, path: Path, **kw: object) -> Recovery:
@@ -391,8 +371,7 @@ def test_pid_reuse_before_the_first_signal_signals_nothing(
     done = completed(rec, "s")
     assert done is not None and done.status is RecoveryStatus.IDENTITY_CHANGED, rec.history("s")
     assert steps(rec, "s") == ["requested", "completed"]
-    time.sleep(0.2)
-    assert proc.poll() is None
+    assert survives(proc, SURVIVAL_S)
 
 
 def test_process_of_a_disallowed_user_survives(spawn: Spawner, state_path: Path,
@@ -494,8 +473,7 @@ def test_dry_run_signals_nothing_and_reports(spawn: Spawner, state_path: Path,
     assert done is not None and done.status is RecoveryStatus.DRY_RUN
     assert f"would signal pgid {proc.pid}" in done.detail and "gates:" in done.detail
     assert steps(rec, "s") == ["requested", "completed"]
-    time.sleep(0.2)
-    assert proc.poll() is None
+    assert survives(proc, SURVIVAL_S)
 
 
 def test_restart_windows_starts_every_window_again(spawn: Spawner, state_path: Path,

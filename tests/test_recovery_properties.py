@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_recovery_policy import CT, PID, SELF, T0, UID, config, context, make_view, proc
+from recovery_builders import CT, PID, SELF, T0, UID, config, context, make_view, proc
 
 from otelwatch.model import Reason, SampleStatus, State
 from otelwatch.recovery.policy import RATE_WINDOW, SessionView, Window, step

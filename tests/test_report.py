@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from otelwatch.commands.status import format_table
 from otelwatch.model import (
     Activity,
     Event,
@@ -14,7 +15,6 @@ from otelwatch.model import (
     Verdict,
 )
 from otelwatch.report import build_report, describe, human_duration, session_summary
-from otelwatch.status import format_table
 
 
 def _sample(status: str = "S", tcp: dict[str, int] | None = None, cpu: float = 0.0, children: int = 0) -> TreeSample:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from procs import REPO, free_port
 
-from otelwatch.status import LiveScreen, clip, use_color
+from otelwatch.commands.status import LiveScreen, clip, use_color
 
 SESSION = {"session_id": "s1", "agent": "claude-code", "pid": 42, "state": "stuck", "reason": "no_activity",
            "state_since": time.time() - 60, "silence_s": 70.0, "cpu_percent": 0.0, "rss_bytes": 1 << 20,

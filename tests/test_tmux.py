@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
@@ -22,6 +21,7 @@ from tmux_support import AGENT, Server
 
 from otelwatch.proctable import ProcessTableReader
 from otelwatch.sources.tmux import TmuxSource, default_sockets
+
 
 @pytest.fixture
 def server(tmux_server: Server) -> Server:

@@ -18,7 +18,7 @@ import pytest
 from e2e_support import Daemon, start_daemon
 from procs import REPO, TcpServer, free_port, require_binary, wait_for
 
-from otelwatch.top import (
+from otelwatch.commands.top import (
     COLUMNS,
     History,
     Poll,

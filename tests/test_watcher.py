@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from procs import PROBE_BACKEND, REPO, wait_for
-from test_tmux import server as tmux_server  # noqa: F401 - the real tmux server fixture
 
 from otelwatch.config import parse_config
 from otelwatch.daemon import Watcher
@@ -186,7 +185,7 @@ def test_a_hook_session_between_turns_is_idle_never_stuck(tmp_path: Path, spawn:
 
 
 def test_a_hung_tmux_server_is_counted_as_a_probe_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           tmux_server: Any) -> None:  # noqa: F811
+                                                           tmux_server: Any) -> None:
     """A real tmux server, frozen with SIGSTOP: the tick goes on within the tmux timeout
     and the timeout reaches otelwatch_probe_timeouts_total{kind="tmux"}."""
     import signal
@@ -210,4 +209,39 @@ def test_a_hung_tmux_server_is_counted_as_a_probe_timeout(tmp_path: Path, monkey
         assert 'otelwatch_probe_timeouts_total{kind="tmux"} 1.0' in body
     finally:
         os.kill(pid, signal.SIGCONT)
+        w.stop()
+
+
+def test_a_failing_telemetry_call_is_counted_and_logged_never_raised(tmp_path: Path, spawn: Any) -> None:
+    """Telemetry's meter provider is passed in, so the count is read through the public SDK."""
+    import io
+    import json
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from otelwatch.telemetry import Telemetry
+
+    class Broken(Telemetry):
+        def on_transition(self, *args: Any) -> None:
+            raise RuntimeError("exporter bug")
+
+    reader = InMemoryMetricReader()
+    stream = io.StringIO()
+    cfg = _cfg(tmp_path)
+    w = Watcher(cfg, telemetry=Broken(cfg, environ={}, log_stream=stream,
+                                      meter_provider=MeterProvider(metric_readers=[reader])))
+    try:
+        w.track(spawn("sleeper").pid, "s1")
+        assert w.tick()[0].state is State.ACTIVE  # the tick went on past the failure
+        data = reader.get_metrics_data()
+        assert data is not None
+        errors = {dict(p.attributes or {}).get("kind"): p.value
+                  for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+                  if m.name == "otelwatch.probe.errors" for p in m.data.data_points}
+        assert errors == {"telemetry": 1}
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [(r["call"], r["level"]) for r in lines if r["event"] == "telemetry.error"] == [
+            ("on_transition", "error")]
+    finally:
         w.stop()

@@ -10,12 +10,12 @@ Must never classify, signal or export: it only says what the sources say.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from otelwatch.config import Config, Paths
 from otelwatch.events import fold
@@ -27,6 +27,9 @@ from otelwatch.sources.tail import FileTail, open_regular
 from otelwatch.sources.tmux import PaneInfo
 from otelwatch.sources.transcripts import fold_transcript, status_events
 
+if TYPE_CHECKING:  # no OpenTelemetry SDK import for a type
+    from otelwatch.telemetry import TelemetrySink
+
 __all__ = ["TRANSCRIPT_RETRY_S", "Sources"]
 
 TRANSCRIPT_RETRY_S = 10.0  # looking again for a transcript no session file names
@@ -37,7 +40,7 @@ _TRANSCRIPT_SOURCES = frozenset({"process", "tmux", "hook"})
 class Sources:
     """The configured session sources behind one `scan()`; each is optional and guarded."""
 
-    def __init__(self, cfg: Config, paths: Paths, telemetry: Any) -> None:
+    def __init__(self, cfg: Config, paths: Paths, telemetry: TelemetrySink) -> None:
         from otelwatch.sources.processes import ProcessMatcher
         from otelwatch.sources.registry import RegistrySource
         from otelwatch.sources.spool import SpoolSource
@@ -101,11 +104,10 @@ class Sources:
         assert self.tmux is not None
         timeouts, errors = self.tmux.timeouts, self.tmux.errors
         seen_timeouts, seen_errors = self._tmux_counted
-        with contextlib.suppress(Exception):
-            for _ in range(timeouts - seen_timeouts):
-                self._telemetry.on_probe_problem("tmux", True)
-            for _ in range(errors - seen_errors):
-                self._telemetry.on_probe_problem("tmux", False)
+        for _ in range(timeouts - seen_timeouts):
+            self._problem("tmux", True)
+        for _ in range(errors - seen_errors):
+            self._problem("tmux", False)
         self._tmux_counted = (timeouts, errors)
 
     def runtime_target_alive(self, spec: SessionSpec) -> bool | None:
@@ -129,8 +131,7 @@ class Sources:
         return None if result is None else bool(result)
 
     def _warn(self, source: str, message: str) -> None:
-        with contextlib.suppress(Exception):
-            self._telemetry.log("source.untrusted", {"source": source, "detail": message}, "warning")
+        self._log("source.untrusted", {"source": source, "detail": message}, "warning")
 
     def _guard(self, name: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -138,17 +139,17 @@ class Sources:
         except Exception as exc:
             if name not in self._failed:  # log once per failing source, count every time
                 self._failed.add(name)
-                with contextlib.suppress(Exception):
-                    self._telemetry.log("source.error", {"source": name, "error": repr(exc)}, "error")
-            with contextlib.suppress(Exception):
-                self._telemetry.on_probe_problem(f"source_{name}", False)
+                self._log("source.error", {"source": name, "error": repr(exc)}, "error")
+            self._problem(f"source_{name}", False)
             return None
         self._failed.discard(name)
         return result
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
+        try:
             self.spool.close()
+        except OSError as exc:  # closing the spool's files: nothing left to lose
+            self._log("source.error", {"source": "spool", "error": repr(exc)}, "warning")
 
     def _match_transcripts(self, sessions: SessionTable, table: ProcessTable, now: float,
                            cwd_of: Callable[[int], str | None]) -> None:
@@ -225,12 +226,18 @@ class Sources:
         return _read_tail(spec.stderr_path)
 
     def _log(self, event: str, fields: Mapping[str, Any], level: str) -> None:
-        with contextlib.suppress(Exception):
+        try:
             self._telemetry.log(event, fields, level)
+        except Exception:  # the log itself failed: stderr is all that is left, never the tick
+            print(f"otelwatch: {event} {dict(fields)}", file=sys.stderr)
 
     def _problem(self, kind: str, timeout: bool) -> None:
-        with contextlib.suppress(Exception):
+        """Count a source problem (otelwatch.probe.errors/timeouts, `kind`); a failing
+        counter is logged instead."""
+        try:
             self._telemetry.on_probe_problem(kind, timeout)
+        except Exception as exc:
+            self._log("telemetry.error", {"call": "on_probe_problem", "kind": kind, "error": repr(exc)}, "error")
 
 
 def _read_tail(path: str | None, limit: int = 4096) -> str:

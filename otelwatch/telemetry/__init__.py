@@ -7,7 +7,7 @@ in this package reads /proc or blocks the tick on a backend.
 
 from __future__ import annotations
 
-from otelwatch.telemetry.core import Telemetry
+from otelwatch.telemetry.core import Telemetry, TelemetrySink
 from otelwatch.telemetry.otlp import OtlpSettings, resolve_otlp
 
-__all__ = ["OtlpSettings", "Telemetry", "resolve_otlp"]
+__all__ = ["OtlpSettings", "Telemetry", "TelemetrySink", "resolve_otlp"]

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
@@ -47,11 +47,35 @@ SPAN_EVENTS = 128
 _FAILED_STATUSES = frozenset({RecoveryStatus.UNKILLABLE, RecoveryStatus.FAILED})
 
 
+class TelemetrySink(Protocol):
+    """The telemetry protocol: what the loop (`daemon.Watcher`) and the sources hub hand
+    their view to. `Telemetry` is the production one; the loop guards every call, so an
+    implementation may raise without taking a tick down."""
+
+    def update(self, snapshots: Sequence[SessionSnapshot]) -> None: ...
+    def on_tick(self, duration_s: float) -> None: ...
+    def on_probe_problem(self, kind: str, timeout: bool) -> None: ...
+    def on_transition(self, snap: SessionSnapshot, old_state: State | None) -> None: ...
+    def on_report(self, snap: SessionSnapshot, report: Mapping[str, Any]) -> None: ...
+    def on_recovery_step(self, step: RecoveryStep) -> None: ...
+    def on_session_end(self, snap: SessionSnapshot, summary: Mapping[str, Any]) -> None: ...
+    def log(self, event: str, fields: Mapping[str, Any], level: str = "info") -> None: ...
+    def shutdown(self, timeout: float = 2.0) -> None: ...
+
+
 class Telemetry:
-    """Metrics, incident traces and structured logs for otelwatch (see DESIGN.md)."""
+    """Metrics, incident traces and structured logs for otelwatch (see DESIGN.md).
+
+    `meter_provider` / `tracer_provider`: by default Telemetry builds its own (Prometheus
+    and OTLP readers, OTLP span export, per [export]). A provider passed in is used as
+    it is, with the caller's readers or processors (no Prometheus endpoint, no OTLP
+    export of that signal), so tests read what was recorded through the public SDK.
+    `shutdown()` shuts it down too: Telemetry is its only user."""
 
     def __init__(self, cfg: Config, *, environ: Mapping[str, str] | None = None,
-                 log_stream: IO[str] | None = None, service_instance_id: str | None = None) -> None:
+                 log_stream: IO[str] | None = None, service_instance_id: str | None = None,
+                 meter_provider: MeterProvider | None = None,
+                 tracer_provider: TracerProvider | None = None) -> None:
         env: Mapping[str, str] = os.environ if environ is None else environ
         self.resource = build_resource(env, service_instance_id)
         self.otlp: OtlpSettings = resolve_otlp(cfg, env)
@@ -70,11 +94,11 @@ class Telemetry:
 
         readers: list[MetricReader] = []
         self.prometheus: PrometheusEndpoint | None = None
-        if cfg.export.prometheus.enabled:
+        if cfg.export.prometheus.enabled and meter_provider is None:
             self.prometheus = PrometheusEndpoint()
             readers.append(self.prometheus.reader)
         self._otlp_reader: PeriodicExportingMetricReader | None = None
-        if "metrics" in self.otlp.targets:
+        if "metrics" in self.otlp.targets and meter_provider is None:
             exporter = counting_exporter("metrics", self.otlp.targets["metrics"], self.otlp, self.failures)
             self._exporters.append(exporter)
             self._otlp_reader = PeriodicExportingMetricReader(
@@ -83,7 +107,7 @@ class Telemetry:
                 export_timeout_millis=self.otlp.timeout_s * 1000,
             )
             readers.append(self._otlp_reader)
-        self.meter_provider = MeterProvider(
+        self.meter_provider = meter_provider or MeterProvider(
             metric_readers=readers, resource=self.resource, views=names.views(),
             shutdown_on_exit=False)
         meter = self.meter_provider.get_meter(SCOPE, __version__)
@@ -116,10 +140,10 @@ class Telemetry:
         self._pruner = AsyncStatePruner(self.meter_provider)
 
         # At most SPAN_EVENTS events per open incident, whatever the environment says.
-        self.tracer_provider = TracerProvider(
+        self.tracer_provider = tracer_provider or TracerProvider(
             resource=self.resource, shutdown_on_exit=False,
             span_limits=SpanLimits(max_events=SPAN_EVENTS))
-        if "traces" in self.otlp.targets:
+        if "traces" in self.otlp.targets and tracer_provider is None:
             exporter = counting_exporter("traces", self.otlp.targets["traces"], self.otlp, self.failures)
             self._exporters.append(exporter)
             self.tracer_provider.add_span_processor(BatchSpanProcessor(

@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from otelwatch.commands.status import _bytes, _tcp
 from otelwatch.report import human_duration
-from otelwatch.status import _bytes, _tcp
 
 __all__ = ["History", "Poll", "layout", "matches", "render_detail", "render_list", "sort_sessions",
            "sparkline", "top_main"]

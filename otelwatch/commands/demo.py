@@ -25,10 +25,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from otelwatch.commands.status import LiveScreen, format_table, use_color
 from otelwatch.config import parse_config
 from otelwatch.fake_agents import SilentServer
 from otelwatch.sources.registry import register
-from otelwatch.status import LiveScreen, format_table, use_color
 
 # kind, mode, what a person should see, extra args for the fake agent
 ZOO: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -61,6 +61,7 @@ def demo_config(state_dir: Path, listen: str, backend: str = "auto") -> Any:
 def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464", backend: str = "auto") -> int:
     from otelwatch.daemon import Watcher
     from otelwatch.server import HttpServer
+    from otelwatch.telemetry import Telemetry
 
     tmp = Path(tempfile.mkdtemp(prefix="otelwatch-demo-"))
     os.chmod(tmp, 0o700)
@@ -73,7 +74,8 @@ def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464", backend: s
     screen = LiveScreen(sys.stdout)
     try:
         cfg = demo_config(tmp, listen, backend)
-        watcher = Watcher(cfg, log_stream=open(tmp / "otelwatch.log", "a"))  # noqa: SIM115
+        telemetry = Telemetry(cfg, log_stream=open(tmp / "otelwatch.log", "a"))  # noqa: SIM115
+        watcher = Watcher(cfg, telemetry=telemetry)
         reports: deque[str] = deque(maxlen=6)
 
         def on_report(report: Mapping[str, Any]) -> None:
@@ -87,9 +89,9 @@ def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464", backend: s
 
         watcher.subscribe(on_report)
         try:
-            http = HttpServer(cfg.http.host, cfg.http.port, watcher, watcher.telemetry.prometheus_exposition)
+            http = HttpServer(cfg.http.host, cfg.http.port, watcher, telemetry.prometheus_exposition)
         except OSError:
-            http = HttpServer("127.0.0.1", 0, watcher, watcher.telemetry.prometheus_exposition)
+            http = HttpServer("127.0.0.1", 0, watcher, telemetry.prometheus_exposition)
         http.start()
 
         expected: dict[str, str] = {}

@@ -1,81 +1,21 @@
-"""Telemetry with the real OpenTelemetry SDK: the metric contract as Prometheus
-sees it, per-session gauges that come and go, bounded SDK state, incident
-spans, JSON logs, OTLP settings from config and environment.
-
-Spans are read with the SDK's own InMemorySpanExporter (a real exporter that
-keeps spans in a list); the real OTLP receivers are in tests/test_otlp_real.py.
+"""Telemetry's instruments through the real OpenTelemetry SDK and the Prometheus
+endpoint (telemetry/instruments.py, telemetry/prometheus.py): the metric
+contract as Prometheus sees it, per-session gauges that come and go, bounded
+SDK state, scrape cost.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client.parser import text_string_to_metric_families
+from telemetry_support import NOW, find, samples, snap
 
-from otelwatch.config import Config, ExportConfig, OtlpExportConfig, PrometheusExportConfig, parse_config
-from otelwatch.model import (
-    Reason,
-    RecoveryStatus,
-    RecoveryStep,
-    SessionSnapshot,
-    State,
-)
-from otelwatch.telemetry import Telemetry, resolve_otlp
-from otelwatch.telemetry.otlp import FailureReporter, parse_key_values
-
-NOW = time.time()
-
-
-def snap(sid: str = "s1", state: State = State.ACTIVE, reason: Reason = Reason.RECENT_PROGRESS,
-         **kw: Any) -> SessionSnapshot:
-    fields: dict[str, Any] = dict(
-        session_id=sid, agent="claude-code", pid=4242, state=state, reason=reason,
-        state_since=NOW - 30, last_event_time=NOW - 20, last_event_age_s=20.0, silence_s=20.0,
-        cpu_percent=50.0, rss_bytes=123456, open_fds=9, threads=4, tcp={"ESTABLISHED": 1})
-    fields.update(kw)
-    return SessionSnapshot(**fields)
-
-
-def samples(body: bytes) -> list[tuple[str, dict[str, str], float]]:
-    return [(s.name, dict(s.labels), s.value)
-            for fam in text_string_to_metric_families(body.decode()) for s in fam.samples]
-
-
-def find(body: bytes, name: str, **labels: str) -> list[float]:
-    return [v for n, lab, v in samples(body)
-            if n == name and all(lab.get(k) == val for k, val in labels.items())]
-
-
-@pytest.fixture
-def tel() -> Iterator[Telemetry]:
-    t = Telemetry(Config(), environ={}, log_stream=io.StringIO(), service_instance_id="test-1")
-    try:
-        yield t
-    finally:
-        t.shutdown()
-
-
-@pytest.fixture
-def spans(tel: Telemetry) -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    tel.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
-
-
-def logs_of(t: Telemetry) -> list[dict[str, Any]]:
-    stream = t._log._stream
-    assert isinstance(stream, io.StringIO)
-    return [json.loads(line) for line in stream.getvalue().splitlines()]
-
-
-# --------------------------------------------------------------------------- the contract
+from otelwatch.config import Config, ExportConfig, PrometheusExportConfig
+from otelwatch.model import Reason, RecoveryStatus, RecoveryStep, State
+from otelwatch.telemetry import Telemetry
 
 
 def test_exposition_has_every_contract_name_with_its_labels(tel: Telemetry) -> None:
@@ -256,197 +196,6 @@ def test_pruner_disables_itself_when_sdk_internals_change(caplog: pytest.LogCapt
         assert pruner.prune(stale) == 0
         assert pruner.prune(stale) == 0
     assert [r.getMessage().startswith("cannot prune") for r in caplog.records] == [True]
-
-
-# --------------------------------------------------------------------------- incidents
-
-
-def test_incident_span_opens_on_stuck_and_ends_when_active(tel: Telemetry,
-                                                           spans: InMemorySpanExporter) -> None:
-    stalled = snap("s1", State.STALLED, Reason.WAITING_ON_NETWORK, state_since=NOW - 5,
-                   tcp={"ESTABLISHED": 1}, children=({"pid": 1},))
-    tel.on_transition(stalled, State.ACTIVE)
-    tel.on_report(stalled, {"wchan": "ep_poll", "remote": ["1.2.3.4:443"]})
-    stuck = snap("s1", State.STUCK, Reason.NO_ACTIVITY, tcp={}, cpu_percent=0.0)
-    tel.on_transition(stuck, State.STALLED)
-    tel.on_report(stuck, {})
-    assert spans.get_finished_spans() == ()
-    tel.on_transition(snap("s1"), State.STUCK)
-    (span,) = spans.get_finished_spans()
-    assert span.name == "otelwatch.incident"
-    attrs = dict(span.attributes or {})
-    assert attrs["session.id"] == "s1"
-    assert attrs["agent"] == "claude-code"
-    assert attrs["state"] == "stuck"  # the latest diagnostics
-    assert attrs["outcome"] == "resolved"
-    assert attrs["cpu.utilization"] == 0.0
-    assert "fds" not in attrs and attrs["open_fds"] == 9
-    assert [e.name for e in span.events] == ["report", "state_change", "report"]
-    assert dict(span.events[0].attributes or {})["wchan"] == "ep_poll"
-    assert span.start_time == int((NOW - 5) * 1e9)
-    assert span.resource.attributes["service.name"] == "otelwatch"
-
-
-def test_recovery_ends_incident_and_dry_run_does_not(tel: Telemetry,
-                                                      spans: InMemorySpanExporter) -> None:
-    stuck = snap("s1", State.STUCK, Reason.NO_ACTIVITY)
-    tel.on_transition(stuck, State.ACTIVE)
-    base: dict[str, Any] = dict(session_id="s1", agent="claude-code", action="signal", pid=4242)
-    tel.on_recovery_step(RecoveryStep(step="requested", time=NOW, reason="no_activity", **base))
-    tel.on_recovery_step(RecoveryStep(step="completed", time=NOW, status=RecoveryStatus.DRY_RUN,
-                                      duration_s=0.0, **base))
-    assert spans.get_finished_spans() == ()
-    tel.on_recovery_step(RecoveryStep(step="sigterm", time=NOW + 1, **base))
-    tel.on_recovery_step(RecoveryStep(step="completed", time=NOW + 2,
-                                      status=RecoveryStatus.TERMINATED, duration_s=2.0, **base))
-    (span,) = spans.get_finished_spans()
-    assert [e.name for e in span.events] == [
-        "recovery.requested", "recovery.completed", "recovery.sigterm", "recovery.completed"]
-    assert dict(span.attributes or {})["recovery.status"] == "terminated"
-    assert dict(span.attributes or {})["outcome"] == "recovered"
-    events = [line["event"] for line in logs_of(tel)]
-    assert events.count("recovery_completed") == 2
-
-
-def test_incident_ends_when_session_exits_or_vanishes(tel: Telemetry,
-                                                      spans: InMemorySpanExporter) -> None:
-    a = snap("a", State.STALLED, Reason.CPU_SPIN)
-    b = snap("b", State.STUCK, Reason.NO_ACTIVITY)
-    tel.update([a, b])
-    tel.on_transition(a, State.ACTIVE)
-    tel.on_transition(b, State.ACTIVE)
-    tel.on_session_end(snap("a", State.EXITED, Reason.PROCESS_EXITED), {"final_state": "exited"})
-    tel.update([b])
-    tel.update([])  # b left without an end: its span must not leak
-    outcomes = {dict(s.attributes or {})["session.id"]: dict(s.attributes or {})["outcome"]
-                for s in spans.get_finished_spans()}
-    assert outcomes == {"a": "exited", "b": "gone"}
-    assert len(tel.incidents) == 0
-
-
-def test_shutdown_ends_open_incidents_and_is_idempotent(tel: Telemetry,
-                                                        spans: InMemorySpanExporter) -> None:
-    tel.on_transition(snap("s1", State.STUCK, Reason.NO_ACTIVITY), State.ACTIVE)
-    tel.shutdown()
-    tel.shutdown()
-    assert [dict(s.attributes or {})["outcome"] for s in spans.get_finished_spans()] == ["shutdown"]
-
-
-# --------------------------------------------------------------------------- logs
-
-
-def test_report_and_summary_are_one_json_line_each(tel: Telemetry) -> None:
-    s = snap("s1", State.STUCK, Reason.NO_ACTIVITY, silence_s=901.5)
-    tel.on_report(s, {"fingerprint": "abc", "processes": [{"pid": 1, "wchan": "ep_poll"}],
-                      "time": 5})
-    tel.on_session_end(s, {"duration_s": 1000.0, "stalls": 2, "recoveries": 0})
-    tel.log("started", {"version": "0.1.0", "nan": float("nan")}, level="debug")
-    lines = logs_of(tel)
-    assert [line["event"] for line in lines] == ["session_stuck", "session_summary", "started"]
-    report = lines[0]
-    assert report["level"] == "warning"
-    assert report["session_id"] == "s1" and report["reason"] == "no_activity"
-    assert report["silence_s"] == 901.5
-    assert report["processes"] == [{"pid": 1, "wchan": "ep_poll"}]
-    assert report["field_time"] == 5  # reserved keys are never overwritten
-    assert report["time"].endswith("Z")
-    assert lines[1]["stalls"] == 2 and lines[1]["agent"] == "claude-code"
-    assert lines[2]["level"] == "debug" and lines[2]["nan"] is None
-
-
-def test_closed_log_stream_never_raises() -> None:
-    stream = io.StringIO()
-    t = Telemetry(Config(), environ={}, log_stream=stream)
-    try:
-        stream.close()
-        t.log("x", {})
-        t.on_report(snap("s1", State.STUCK, Reason.NO_ACTIVITY), {})
-        assert t._log.lines_dropped == 2
-    finally:
-        t.shutdown()
-
-
-def test_failure_log_is_rate_limited_per_signal() -> None:
-    clock = [0.0]
-    counted: list[str] = []
-    logged: list[dict[str, Any]] = []
-    reporter = FailureReporter(counted.append, lambda e, f: logged.append(dict(f)),
-                               interval_s=60, clock=lambda: clock[0])
-    for _ in range(5):
-        reporter.failed("metrics", "http://x", "refused")
-        clock[0] += 10
-    reporter.failed("traces", "http://x", "refused")
-    clock[0] = 61
-    reporter.failed("metrics", "http://x", "refused")
-    assert counted == ["metrics"] * 5 + ["traces", "metrics"]
-    assert [(f["signal"], f["suppressed_since_last"]) for f in logged] == [
-        ("metrics", 0), ("traces", 0), ("metrics", 4)]
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def otlp_cfg(**kw: Any) -> Config:
-    return Config(export=ExportConfig(otlp=OtlpExportConfig(**kw)))
-
-
-def test_otlp_off_by_default() -> None:
-    assert not resolve_otlp(Config(), {}).enabled
-    assert not resolve_otlp(Config(), {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://x"}).enabled
-
-
-def test_otlp_from_general_env_endpoint() -> None:
-    s = resolve_otlp(Config(), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/",
-                                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-                                "OTEL_EXPORTER_OTLP_HEADERS": "a=1,b=x%20y"})
-    assert s.enabled
-    assert {k: (v.endpoint, v.protocol) for k, v in s.targets.items()} == {
-        "metrics": ("http://c:4318/v1/metrics", "http/protobuf"),
-        "traces": ("http://c:4318/v1/traces", "http/protobuf"),
-        "logs": ("http://c:4318/v1/logs", "http/protobuf"),
-    }
-    assert s.headers == {"a": "1", "b": "x y"}
-
-
-def test_otlp_signal_endpoints_and_config_precedence() -> None:
-    env = {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m:4317",
-           "OTEL_TRACES_EXPORTER": "none"}
-    s = resolve_otlp(Config(), env)
-    assert s.enabled
-    assert s.targets["metrics"].endpoint == "http://m:4317"
-    assert "traces" not in s.targets
-    assert "logs" not in s.targets  # no logs endpoint named anywhere
-    cfg = otlp_cfg(enabled=True, endpoint="http://cfg:4318", protocol="http/protobuf", timeout=1.5)
-    s = resolve_otlp(cfg, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://env:4317"})
-    assert s.targets["metrics"].endpoint == "http://cfg:4318/v1/metrics"
-    assert s.timeout_s == 1.5
-    s = resolve_otlp(otlp_cfg(enabled=True), {})
-    assert s.targets["metrics"] == type(s.targets["metrics"])("http://localhost:4317", "grpc")
-    assert resolve_otlp(otlp_cfg(enabled=True), {"OTEL_SDK_DISABLED": "true"}).enabled is False
-    # The config parser accepts the keys used here.
-    parsed = parse_config({"export": {"otlp": {"enabled": True, "protocol": "grpc", "timeout": "2s"}}})
-    assert resolve_otlp(parsed, {}).timeout_s == 2.0
-
-
-def test_resource_from_environment() -> None:
-    t = Telemetry(Config(), environ={"OTEL_SERVICE_NAME": "ow-test",
-                                     "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=ci,service.name=x"},
-                  log_stream=io.StringIO(), service_instance_id="inst-9")
-    try:
-        attrs = t.resource.attributes
-        assert attrs["service.name"] == "ow-test"
-        assert attrs["deployment.environment"] == "ci"
-        assert attrs["service.instance.id"] == "inst-9"
-        assert attrs["service.version"] and attrs["host.name"]
-        t.update([])
-        assert find(t.prometheus_exposition()[0], "target_info", service_name="ow-test",
-                    deployment_environment="ci")
-    finally:
-        t.shutdown()
-
-
-def test_parse_key_values_ignores_junk() -> None:
-    assert parse_key_values("a=1,,=x,b,c=%3D") == {"a": "1", "c": "="}
 
 
 def test_prometheus_disabled_gives_empty_body() -> None:
