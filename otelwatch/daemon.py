@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import IO, TYPE_CHECKING, Any
 
 from otelwatch.backends import probe_backend
-from otelwatch.classify import SampleWindow, classify, fingerprint, is_late_tick, next_report
+from otelwatch.classify import SampleWindow, classify, fingerprint, is_late_tick, next_report, work_cpu_percent
 from otelwatch.config import Config, Paths, default_paths
 from otelwatch.events import parse_line
 from otelwatch.model import (
@@ -444,7 +444,7 @@ class Watcher:
             view = SessionView(
                 session_id=tracked.key, agent=tracked.spec.agent, identity=sample.root, pgid=root.pgid,
                 uid=root.uid, cmdline=root.cmdline, verdict=verdict, sample=sample,
-                events=tracked.activity.events, reacted=tracked.reacted(self.cfg.classify.cpu_idle_percent),
+                events=tracked.activity.events, reacted=tracked.reacted(work_cpu_percent(self.cfg.classify)),
             )
             try:
                 self.recovery.observe(view, now)

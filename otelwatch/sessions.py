@@ -21,11 +21,12 @@ Must never do I/O or read a clock: time comes in as `now`, process facts in a Pr
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from otelwatch.model import (
+    CPU_TICK_SECONDS,
     FOREIGN_CREATE_TIME_SKEW_S,
     Activity,
     Event,
@@ -203,7 +204,7 @@ class Tracked:
     def latest(self) -> TreeSample | None:
         return self.samples[-1] if self.samples else None
 
-    def reacted(self, cpu_idle_percent: float) -> bool:
+    def reacted(self, work_percent: float) -> bool:
         """Whether a turn-based session's own processes showed work since its turn opened.
 
         A headless session processes from start to exit; no event moves it into
@@ -217,7 +218,7 @@ class Tracked:
         opened = activity.turn_opened_at
         if not activity.turn_open or opened is None:
             return False
-        if self.reacted_turn != opened and reaction_seen(self.samples, activity, opened, cpu_idle_percent):
+        if self.reacted_turn != opened and reaction_seen(tuple(self.samples), activity, opened, work_percent):
             self.reacted_turn = opened
         return self.reacted_turn == opened
 
@@ -508,24 +509,40 @@ def _bind_identity(spec: SessionSpec, table: ProcessTable) -> tuple[ProcessIdent
     return info.identity, False
 
 
-def reaction_seen(samples: Iterable[TreeSample], activity: Activity, since: float, cpu_idle_percent: float) -> bool:
+def reaction_seen(samples: Sequence[TreeSample], activity: Activity, since: float, work_percent: float) -> bool:
     """Whether anything after `since` shows the session itself working: a sample with
-    CPU at or over the idle threshold, an open TCP connection, or a child that was not
-    there before; or one of its own progress events (not a turn start, not from HTTP)."""
-    before: frozenset[tuple[int, float]] | None = None
+    CPU at the work bar (and above one clock tick's noise for its interval), a TCP
+    connection that was not open before, or a child that was not there before; or one
+    of its own progress events (not a turn start, not from HTTP).
+
+    The bars are those of work, not of the stuck gate: an idle sleeper is charged a
+    stray 10 ms clock tick now and then (2% of a 0.5 s interval), and an interactive
+    CLI may hold an old keep-alive connection across turns; neither is a reaction to a
+    turn, and taking one for it would let a forged turn start open the recovery gate."""
+    before_children: frozenset[tuple[int, float]] | None = None
+    before_conns: frozenset[tuple[str, str]] | None = None
+    prev: TreeSample | None = None
     for s in samples:
         if s.status is not SampleStatus.OK:
             continue
         children = frozenset((p.pid, p.create_time) for p in s.processes[1:])
+        conns = frozenset((c.local, c.remote) for p in s.processes for c in p.connections)
         if s.time <= since:
-            before = children
+            before_children, before_conns, prev = children, conns, s
             continue
-        if (s.cpu_percent is not None and s.cpu_percent >= cpu_idle_percent) or (s.tcp_total or 0) > 0:
+        floor = 0.0 if prev is None or s.time <= prev.time else 150.0 * CPU_TICK_SECONDS / (s.time - prev.time)
+        prev = s
+        if s.cpu_percent is not None and s.cpu_percent >= max(work_percent, floor):
             return True
-        if before is not None and children - before:
+        if before_conns is None:
+            if (s.tcp_total or 0) > 0:
+                return True
+        elif conns - before_conns:
             return True
-        if before is None:
-            before = children
+        if before_children is not None and children - before_children:
+            return True
+        if before_children is None:
+            before_children = children
     return any(e.time > since and e.kind is EventKind.PROGRESS and e.turn != "open" and e.source != "http"
                for e in activity.recent)
 

@@ -187,3 +187,39 @@ def test_a_process_born_after_the_tick_read_its_table_waits_one_tick() -> None:
     sessions.merge([gone], _table(), 102.0, registry_ok=True)
     sessions.merge([gone], _table(), 103.0, registry_ok=True)
     assert sessions.get("dead") is not None
+
+
+# ---------------------------------------------------------------------- the reaction gate
+
+from otelwatch.model import Activity, ProcessSample, SampleStatus, TcpConnection, TreeSample  # noqa: E402
+from otelwatch.sessions import reaction_seen  # noqa: E402
+
+KEEPALIVE = TcpConnection("ESTABLISHED", "127.0.0.1:40000", "10.0.0.7:443")
+
+
+def _sample(t: float, cpu: float, conns: tuple[TcpConnection, ...] = (), children: int = 0) -> TreeSample:
+    root = ProcessSample(pid=10, ppid=1, create_time=1.0, name="claude", status="S", cpu_seconds=0.0,
+                         cpu_percent=cpu, rss_bytes=1, threads=1, tcp={"ESTABLISHED": len(conns)}, connections=conns)
+    kids = tuple(ProcessSample(pid=100 + i, ppid=10, create_time=t, name="bash", status="S", cpu_seconds=0.0,
+                               cpu_percent=0.0, rss_bytes=1, threads=1, tcp={}) for i in range(children))
+    return TreeSample(time=t, status=SampleStatus.OK, root=ProcessIdentity(10, 1.0), processes=(root, *kids),
+                      cpu_percent=cpu, tcp={"ESTABLISHED": len(conns)} if conns else {}, children=children)
+
+
+def test_stray_clock_ticks_and_an_old_keepalive_are_no_reaction() -> None:
+    """An idle sleeper is charged a 10 ms tick now and then (2% of a 0.5 s interval), and
+    an interactive CLI may keep a keep-alive connection across turns: a forged turn start
+    must not find either and take it for the session reacting."""
+    since = 10.0
+    quiet = [_sample(9.5, 0.0, (KEEPALIVE,))] + [_sample(10.0 + 0.5 * i, 2.0 if i % 3 == 0 else 0.0, (KEEPALIVE,))
+                                                 for i in range(1, 40)]
+    assert not reaction_seen(quiet, Activity(), since, 5.0)
+
+
+def test_work_a_new_connection_or_a_new_child_after_the_turn_is_a_reaction() -> None:
+    since = 10.0
+    base = [_sample(9.5, 0.0, (KEEPALIVE,)), _sample(10.5, 0.0, (KEEPALIVE,))]
+    assert reaction_seen([*base, _sample(11.0, 80.0, (KEEPALIVE,))], Activity(), since, 5.0)
+    fresh = TcpConnection("ESTABLISHED", "127.0.0.1:40001", "10.0.0.7:443")
+    assert reaction_seen([*base, _sample(11.0, 0.0, (KEEPALIVE, fresh))], Activity(), since, 5.0)
+    assert reaction_seen([*base, _sample(11.0, 0.0, (KEEPALIVE,), children=1)], Activity(), since, 5.0)
