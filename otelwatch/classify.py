@@ -215,13 +215,16 @@ def classify(
             return verdict(State.STALLED, Reason.WAITING_ON_NETWORK, facts.detail(Reason.WAITING_ON_NETWORK))
         return verdict(State.STALLED, Reason.API_RETRYING, retry_phrase(activity, now))
 
-    if activity.open_tools:
+    # Calls still open, and tool runs the agent moved to the background (they outlive
+    # their turn: a headless Claude Code ends its turn and waits for them).
+    tools = (*activity.open_tools, *activity.background_tasks)
+    if tools:
         # A tool reporting progress (tool_progress heartbeats) is a long run.
         if hb_fresh:
             return verdict(State.LONG_RUNNING, Reason.TOOL_RUNNING)
         # The tool may run silently for tool_stall_after while its tree lives.
         # Its age, like silence, does not count time we were not watching.
-        oldest = min(t.since for t in activity.open_tools)
+        oldest = min(t.since for t in tools)
         tool_age = now - max(oldest, watch_since)
         if tool_age < cfg.tool_stall_after and facts.tree_alive:
             return verdict(State.LONG_RUNNING, Reason.TOOL_RUNNING)
@@ -599,7 +602,7 @@ def _evidence(
         "working_children": list(facts.working_children[:_MAX_LISTED]),
         "open_tools": [
             {"tool": t.tool, "age_s": _r(now - t.since, 1)}
-            for t in activity.open_tools[:_MAX_LISTED]
+            for t in (*activity.open_tools, *activity.background_tasks)[:_MAX_LISTED]
         ],
         "heartbeat_age_s": _r(hb_age, 1),
         "sample_status": latest.status.value if latest is not None else None,

@@ -240,6 +240,14 @@ def _claude_system(obj: Mapping[str, Any], t: float, source: str) -> Event:
         return Event(time=t, type="init", source=source)
     if subtype == "status":  # "compacting" and similar: the loop is alive, nothing moved yet
         return Event(time=t, type="system/status", kind=HEARTBEAT, source=source)
+    if subtype == "background_tasks_changed":
+        # {"tasks": [{"task_id": "b87qhzozz", "task_type": "local_bash", ...}]}: the whole
+        # set of the agent's background tasks. Where it stands, not work that moved.
+        tasks = obj.get("tasks")
+        ids = tuple(_str(task.get("task_id"))[:64] for task in tasks if isinstance(task, Mapping)
+                    and _str(task.get("task_id"))) if isinstance(tasks, list) else ()
+        return Event(time=t, type="system/background_tasks_changed", kind=EventKind.STATE, background=ids,
+                     source=source)
     return Event(time=t, type=f"system/{subtype}"[:64] if subtype else "system", source=source)
 
 

@@ -242,6 +242,9 @@ class Event:
     retry_attempt: int | None = None  # the announced retry: its number,
     retry_max: int | None = None  # out of at most this many,
     retry_delay_s: float | None = None  # starting this long after the event
+    # The agent's whole set of background tasks now (Claude Code moves a Bash call past
+    # its 120 s timeout to the background and ends the turn while it runs); None: not said.
+    background: tuple[str, ...] | None = None
     source: str = ""  # "stream", "transcript", "hook", "http", "exec", ...
     detail: str = ""  # short text for diagnostics
 
@@ -254,6 +257,8 @@ class Event:
                 out[key] = value
         if self.retry:
             out["retry"] = True
+        if self.background is not None:
+            out["background"] = list(self.background)
         if self.source:
             out["source"] = self.source
         return out
@@ -290,6 +295,9 @@ class Activity:
     turn_open: bool = False
     turn_opened_at: float | None = None
     open_tools: tuple[OpenTool, ...] = ()
+    # Tool runs the agent moved to the background: they outlive the turn that started
+    # them, so a turn's end does not close them; the agent's next list of them does.
+    background_tasks: tuple[OpenTool, ...] = ()
     awaiting_input: bool = False
     recent: tuple[Event, ...] = ()
 
@@ -339,6 +347,10 @@ class Activity:
             # report the same turn edges, each in its own time): it closes nothing.
             turn_open, turn_opened_at, open_tools = False, None, ()
         changes.update(turn_open=turn_open, turn_opened_at=turn_opened_at, open_tools=open_tools)
+        if event.background is not None:
+            known = {o.tool_id: o.since for o in self.background_tasks}
+            changes["background_tasks"] = tuple(OpenTool(task, "background_task", min(known.get(task, t), t))
+                                                for task in event.background)
 
         if event.awaiting_input is not None:
             changes["awaiting_input"] = event.awaiting_input

@@ -126,7 +126,8 @@ def build_report(snap: SessionSnapshot, sample: TreeSample | None, activity: Act
             "cmdline": " ".join(root.cmdline)[:300],
         },
         "children": children_detail(sample, wchans),
-        "open_tools": [{"tool": t.tool, "tool_id": t.tool_id, "since": t.since} for t in activity.open_tools],
+        "open_tools": [{"tool": t.tool, "tool_id": t.tool_id, "since": t.since}
+                       for t in (*activity.open_tools, *activity.background_tasks)],
         "recent_events": [e.to_json() for e in activity.recent[-10:]],
         "evidence": dict(snap.evidence),
         "repeat": repeat,

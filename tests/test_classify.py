@@ -887,3 +887,58 @@ def test_retry_phrase() -> None:
     assert retry_phrase(Activity(retry_due=NOW), NOW - 10) == "next attempt in 10 s"
     assert retry_phrase(Activity(retry_attempt=3), NOW) == "attempt 3"
     assert retry_phrase(Activity(), NOW) == ""
+
+
+# Claude Code 2.1.330 moves a Bash call past its 120 s timeout to the background, ends
+# the turn (tool_result, assistant, result) and keeps running until the task is done.
+BACKGROUNDED_BASH = Signature(
+    sample=lambda r: tree(0.0, cpu=0.2 + (int(r) % 9) / 10.0, tcp={"ESTABLISHED": 1} if r < 420 else {},
+                          children=_bash if 3.5 <= r < 603.0 else ()),
+    lines=[
+        (1.0, INIT),
+        (3.0, {"type": "assistant", "message": {"content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "sleep 600"}}]}}),
+        (4.0, {"type": "system", "subtype": "task_started", "task_id": "b87", "tool_use_id": "toolu_1",
+               "is_backgrounded": False, "task_type": "local_bash"}),
+        *((33.0 + 30 * k, {"type": "tool_progress", "tool_use_id": "toolu_1", "tool_name": "Bash",
+                           "elapsed_time_seconds": 30 * (k + 1)}) for k in range(4)),
+        (121.0, {"type": "system", "subtype": "background_tasks_changed",
+                 "tasks": [{"task_id": "b87", "task_type": "local_bash"}]}),
+        (121.0, {"type": "system", "subtype": "task_updated", "task_id": "b87", "patch": {"is_backgrounded": True}}),
+        (121.1, {"type": "user", "message": {"content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                          "content": "moved to the background (ID: b87)"}]}}),
+        (121.1, {"type": "assistant", "message": {"content": [{"type": "text", "text": "started"}],
+                                                  "stop_reason": "end_turn"}}),
+        (121.1, {"type": "result", "subtype": "success", "is_error": False}),
+        (603.1, {"type": "system", "subtype": "background_tasks_changed", "tasks": []}),
+    ],
+    exit_at=605.0,
+)
+
+
+def test_replay_bash_moved_to_the_background() -> None:
+    """The turn ends but the task runs on with its processes: long_running, not
+    stalled/waiting_on_network (measured on the real CLI: 2.1.330 backgrounds at 121 s)."""
+    timeline, reports = replay(BACKGROUNDED_BASH, 690.0)
+    assert timeline == [
+        (2.0, State.STARTING, Reason.STARTUP_GRACE),
+        (32.0, State.ACTIVE, Reason.RECENT_PROGRESS),
+        (37.0, State.LONG_RUNNING, Reason.TOOL_RUNNING),
+        (122.0, State.ACTIVE, Reason.RECENT_PROGRESS),  # the turn's end is progress
+        (152.0, State.LONG_RUNNING, Reason.TOOL_RUNNING),  # was stalled/waiting_on_network at 157 s
+        (607.0, State.EXITED, Reason.PROCESS_EXITED),
+    ]
+    assert reports == []
+
+
+def test_background_task_list_replaces_and_keeps_first_seen() -> None:
+    from otelwatch.events import parse_line
+    first = parse_line(b'{"type":"system","subtype":"background_tasks_changed","tasks":[{"task_id":"a"}]}',
+                       NOW - 100, "stream")
+    second = parse_line(b'{"type":"system","subtype":"background_tasks_changed",'
+                        b'"tasks":[{"task_id":"a"},{"task_id":"b"}]}', NOW - 50, "stream")
+    assert first is not None and second is not None and first.background == ("a",)
+    a = acts(ev(NOW - 200, "result", turn="close")).apply(first).apply(second)
+    assert [(o.tool_id, o.since) for o in a.background_tasks] == [("a", NOW - 100), ("b", NOW - 50)]
+    assert a.last_progress_time == NOW - 200  # where the agent stands, not progress
+    assert acts(ev(NOW - 10, "Stop", turn="close")).background_tasks == ()
