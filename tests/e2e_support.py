@@ -119,6 +119,18 @@ class Daemon:
         self.agents.append(proc)
         return proc, path
 
+    def log_events(self) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines so far, as objects (other lines skipped)."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+        return out
+
     def log_tail(self, n: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_support import Daemon, start_daemon
+from e2e_support import start_daemon
 from procs import FAKE, REPO, wait_for
 
 RECOVERY = {"recovery": {"enabled": True, "recover_after": 1.5, "grace": 0.5, "max_per_hour": 100},
@@ -38,18 +38,6 @@ def spawn_at(pid: int, argv: list[str]) -> subprocess.Popen[bytes]:
         proc.kill()
         proc.wait()
     raise AssertionError(f"could not start a process as pid {pid}")
-
-
-def log_events(daemon: Daemon) -> list[dict[str, Any]]:
-    out = []
-    for line in daemon.log_path.read_text(errors="replace").splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
 
 
 def named(events: list[dict[str, Any]], name: str, sid: str) -> list[dict[str, Any]]:
@@ -71,7 +59,7 @@ def stale_registry(tmp: Path) -> dict[str, Any]:
     try:
         # Long enough for recover_after and several exited_retention periods.
         time.sleep(4.0)
-        events = log_events(daemon)
+        events = daemon.log_events()
         snap = daemon.session("stale")
         return {"victim_pid": victim.pid, "registered_pid": first.pid, "victim_alive": victim.poll() is None,
                 "ends": len(named(events, "session_summary", "stale")),
@@ -90,7 +78,7 @@ def restart_mid_escalation(tmp: Path) -> dict[str, Any]:
     deaf = subprocess.Popen([*FAKE, "ignore-term", "--lifetime", "60"], cwd=str(REPO),
                             stdout=subprocess.DEVNULL, start_new_session=True)
     daemon.register("deaf", deaf.pid, mode="headless")
-    wait_for(lambda: named(log_events(daemon), "recovery_sigterm", "deaf"), timeout=20, interval=0.2)
+    wait_for(lambda: named(daemon.log_events(), "recovery_sigterm", "deaf"), timeout=20, interval=0.2)
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
     deaf.kill()
@@ -100,7 +88,7 @@ def restart_mid_escalation(tmp: Path) -> dict[str, Any]:
                                           "sources": {"registry": {"dir": str(daemon.registry)}}})
     try:
         time.sleep(5.0)
-        events = log_events(second)
+        events = second.log_events()
         signals = [e for e in events if e.get("event") in ("recovery_sigterm", "recovery_sigkill")]
         return {"victim_pid": victim.pid, "victim_alive": victim.poll() is None, "signals_after_restart": signals,
                 "completed": [e.get("status") for e in named(events, "recovery_completed", "deaf")],
@@ -118,7 +106,7 @@ def pid1_and_self(tmp: Path) -> dict[str, Any]:
         daemon.register("init", 1, mode="headless")
         daemon.register("self", daemon.proc.pid, mode="headless")
         time.sleep(4.0)
-        events = log_events(daemon)
+        events = daemon.log_events()
         return {"requested": [e for e in events if e.get("event") == "recovery_requested"],
                 "daemon_alive": daemon.proc.poll() is None,
                 "states": {sid: (daemon.session(sid) or {}).get("state") for sid in ("init", "self")}}

@@ -63,18 +63,6 @@ def record_event(daemon: Daemon, sid: str, type: str, pid: int) -> None:
                    cwd=str(REPO), env=env, check=True, timeout=10)
 
 
-def log_lines(daemon: Daemon) -> list[dict[str, Any]]:
-    out = []
-    for line in daemon.log_path.read_text(errors="replace").splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
-
-
 def test_an_event_alone_never_opens_the_recovery_gate(tmp_path: Path) -> None:
     daemon = start_daemon(tmp_path, RECOVERY)
     try:
@@ -107,7 +95,7 @@ def test_an_event_alone_never_opens_the_recovery_gate(tmp_path: Path) -> None:
             snap = daemon.session(sid)
             assert snap is not None and snap["recoveries"] == [], (snap, daemon.log_tail(80))
             assert proc.poll() is None, f"{sid} was signalled"
-        requested = [e["session_id"] for e in log_lines(daemon) if e.get("event") == "recovery_requested"]
+        requested = [e["session_id"] for e in daemon.log_events() if e.get("event") == "recovery_requested"]
         assert requested == ["hung"]
     finally:
         daemon.cleanup()
@@ -161,7 +149,7 @@ def test_untrusted_spool_files_and_bad_registry_entries_are_skipped(tmp_path: Pa
         time.sleep(6.0)
         assert daemon.sessions() == []
         assert victim.poll() is None
-        dropped = [e for e in log_lines(daemon) if e.get("event") == "source.untrusted"]
+        dropped = [e for e in daemon.log_events() if e.get("event") == "source.untrusted"]
         assert len(dropped) == 2, dropped  # one line per spool file, not one per tick
     finally:
         daemon.cleanup()
@@ -264,7 +252,7 @@ def test_other_users_cannot_post_events(tmp_path: Path) -> None:
                              timeout=10, cwd="/")
         assert out.stdout.decode().strip().endswith("403 Forbidden"), out
         assert post(daemon, {"session_id": "victim", "type": "turn_start"}) == 202  # our own user may
-        refused = [e for e in log_lines(daemon) if e.get("event") == "http.refused"]
+        refused = [e for e in daemon.log_events() if e.get("event") == "http.refused"]
         assert any("uid 4242" in json.dumps(e) for e in refused), refused
     finally:
         daemon.cleanup()
