@@ -268,7 +268,7 @@ class Watcher:
 
         self._refresh_sources(table, now)
         self._drain_inbox(now)
-        self._sources._poll_tails(self._sessions, now)
+        self._sources.poll_tails(self._sessions, now)
         self._sample(table, now)
         for tracked in self._sessions.values():
             try:
@@ -295,7 +295,7 @@ class Watcher:
             for event in events:
                 self._sessions.deliver(sid, event, None)
         self._sessions.apply_panes(self._sources.panes)
-        self._sources._match_transcripts(self._sessions, table, now, self._prober.cwd)
+        self._sources.match_transcripts(self._sessions, table, now, self._prober.cwd)
 
     # ------------------------------------------------------------------ events
 

@@ -151,7 +151,7 @@ class Sources:
         except OSError as exc:  # closing the spool's files: nothing left to lose
             self._log("source.error", {"source": "spool", "error": repr(exc)}, "warning")
 
-    def _match_transcripts(self, sessions: SessionTable, table: ProcessTable, now: float,
+    def match_transcripts(self, sessions: SessionTable, table: ProcessTable, now: float,
                            cwd_of: Callable[[int], str | None]) -> None:
         """Find each discovered or hooked session's own transcript, and read Claude Code's
         session file for it. `cwd_of` is the probe's working-directory read."""
@@ -189,7 +189,7 @@ class Sources:
             tracked.spec = replace(spec, events_path=str(path))
             sessions.adopt(transcript_id, tracked)
 
-    def _poll_tails(self, sessions: SessionTable, now: float) -> None:
+    def poll_tails(self, sessions: SessionTable, now: float) -> None:
         """Read what each session's events file gained, and Claude Code's word on its turn."""
         spool = self._spool_prefix
         for tracked in sessions.values():
