@@ -328,8 +328,12 @@ def _codex_retry(typ: str, message: str, t: float, source: str) -> Event:
 
 
 def _spool_record(obj: Mapping[str, Any], t: float, source: str) -> Event:
-    kind = HEARTBEAT if obj.get("kind") == "heartbeat" else PROGRESS
+    kinds = {k.value: k for k in EventKind}
+    kind = kinds.get(obj.get("kind"), PROGRESS) if isinstance(obj.get("kind"), str) else PROGRESS
     turn = obj.get("turn") if obj.get("turn") in ("open", "close") else None
+    tasks = obj.get("background")
+    background = (tuple(_str(task)[:64] for task in tasks[:256] if isinstance(task, str) and task)
+                  if isinstance(tasks, list) else None)
     tool_call = obj.get("tool_call") if obj.get("tool_call") in ("open", "close") else None
     awaiting = obj.get("awaiting_input")
     return Event(
@@ -345,6 +349,7 @@ def _spool_record(obj: Mapping[str, Any], t: float, source: str) -> Event:
         retry_attempt=_count(obj.get("retry_attempt")),
         retry_max=_count(obj.get("retry_max")),
         retry_delay_s=_delay(obj.get("retry_delay_s"), 1.0),
+        background=background,
         source=_str(obj.get("source"))[:32] or source,
         detail=_short(_str(obj.get("detail"))),
     )

@@ -348,3 +348,17 @@ def test_spool_record_round_trip() -> None:
 def test_spool_record_with_bad_fields_is_sanitised() -> None:
     ev = one({"otelwatch": 1, "time": "yesterday", "type": 7, "kind": "weird", "turn": "maybe"})
     assert ev.time == T and ev.type == "event" and ev.kind is EventKind.PROGRESS and ev.turn is None
+
+
+def test_spool_records_keep_every_event_kind_and_the_background_task_list() -> None:
+    """The exec wrapper and hooks write events to the spool; reading them back must give
+    the same event (a state line read back as progress would reset the silence clock)."""
+    from otelwatch.events import parse_object
+    from otelwatch.model import Event, EventKind
+
+    for event in (Event(time=5.0, type="system/background_tasks_changed", kind=EventKind.STATE,
+                        background=("b87",), source="stream"),
+                  Event(time=5.0, type="mode", kind=EventKind.STATE, source="stream"),
+                  Event(time=5.0, type="tool_progress", kind=EventKind.HEARTBEAT, source="stream")):
+        back = parse_object({"otelwatch": 1, "session_id": "s", **event.to_json()}, 9.0, "hook")
+        assert back == [event]
