@@ -577,7 +577,16 @@ def check(run: Launched, rows: Sequence[Row], ids_at_once: Sequence[tuple[float,
         # Then not one change until the final verdict (or the end of the window).
         rest = rows[i_first:]
         i_final = next((i for i, r in enumerate(rest) if (r.state, r.reason) == exp.final), len(rest))
-        changed = [r for r in rest[:i_final] if (r.state, r.reason) != exp.settle]
+        # Real progress on stdout (e.g. the tool_result, assistant and result lines when
+        # Claude moves a long Bash call to the background, or the final error answer of
+        # a drop) moves the session to active at once, by contract; from the last such
+        # line it must be back on its verdict within stall_after + one interval.
+        progress = [ln.t for ln in run.lines if ln.kind in ("user", "assistant", "result")]
+
+        def explained(r: Row) -> bool:
+            return r.state == "active" and any(0 <= r.t - p <= stall_after + interval + slack for p in progress)
+
+        changed = [r for r in rest[:i_final] if (r.state, r.reason) != exp.settle and not explained(r)]
         if changed:
             r = changed[0]
             problems.append(f"changed to {r.state}/{r.reason} at {r.t - t0:.1f}s after settling at "
