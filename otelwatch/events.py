@@ -42,6 +42,7 @@ DETAIL_CHARS = 120  # diagnostics keep a short excerpt, not the agent's output
 
 PROGRESS = EventKind.PROGRESS
 HEARTBEAT = EventKind.HEARTBEAT
+_KINDS = {k.value: k for k in EventKind}
 
 # Codex `exec --json` item types that are tool calls (open on item.started, close on item.completed).
 _CODEX_TOOL_ITEMS = frozenset({"command_execution", "mcp_tool_call", "web_search", "file_change"})
@@ -328,8 +329,8 @@ def _codex_retry(typ: str, message: str, t: float, source: str) -> Event:
 
 
 def _spool_record(obj: Mapping[str, Any], t: float, source: str) -> Event:
-    kinds = {k.value: k for k in EventKind}
-    kind = kinds.get(obj.get("kind"), PROGRESS) if isinstance(obj.get("kind"), str) else PROGRESS
+    raw_kind = obj.get("kind")
+    kind = _KINDS.get(raw_kind, PROGRESS) if isinstance(raw_kind, str) else PROGRESS
     turn = obj.get("turn") if obj.get("turn") in ("open", "close") else None
     tasks = obj.get("background")
     background = (tuple(_str(task)[:64] for task in tasks[:256] if isinstance(task, str) and task)
