@@ -17,6 +17,7 @@ from procs import REPO, Spawner, TcpServer, wait_for
 
 from otelwatch.model import ProcessIdentity, SampleStatus, TreeSample
 from otelwatch.probe import Prober
+from otelwatch.procfs import read_wchan
 from otelwatch.proctable import ProcessTable, ProcessTableReader
 
 FAKE = [sys.executable, "-m", "otelwatch.fake_agents"]
@@ -45,6 +46,8 @@ def test_cpu_busy_loop_and_sleeper(
     spawn: Spawner, prober: Prober, reader: ProcessTableReader,
 ) -> None:
     busy, sleeper = spawn("busy"), spawn("sleeper")
+    # The sleeper's interpreter start-up is work: measure it once it sleeps.
+    wait_for(lambda: "sleep" in (read_wchan(sleeper.pid) or ""), timeout=10)
     targets = {"busy": busy.pid, "sleeper": sleeper.pid}
     first = prober.sample(reader.read(), targets, 5.0)
     assert first["busy"].status is SampleStatus.OK
