@@ -48,6 +48,7 @@ from bench_probe import (
     raise_fd_limit,
     spawn_sleepers,
     start_server,
+    write_report,
 )
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -254,13 +255,7 @@ def main() -> int:
         )
     overflow = any(r["overflow"] for _, runs in rows for r in runs)
     lines += ["", f"Overflow series (otel.metric.overflow) in /metrics: {'yes' if overflow else 'none'}."]
-    text = "\n".join(lines) + "\n"
-    print()
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out}")
+    write_report(lines, args.out)
     return 0
 
 

@@ -328,14 +328,19 @@ def main() -> int:
     lines += ["", "What otelwatch saw (last tick): " + "; ".join(
         f"N={n}: {c['ok']:.0f} ok, {c['tcp_per_proc']:.2f} ESTABLISHED and "
         f"{c['fds_per_proc']:.1f} FDs per process" for n, *_rest, c in rows)]
+    write_report(lines, args.out)
+    return 0
+
+
+def write_report(lines: list[str], out: str | Path) -> None:
+    """Print the report and write it to `out` (its directory made when missing)."""
     text = "\n".join(lines) + "\n"
     print()
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out}")
-    return 0
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":

@@ -89,3 +89,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def listener_in_own_netns(spawn: Spawner) -> subprocess.Popen[bytes]:
+    """A fake agent listening on a port in a network namespace of its own (`unshare -n`),
+    once it is in there: its socket is in no table our namespace can read. Skips
+    without root or unshare."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root to make a network namespace")
+    agent = spawn(unshare, "-n", *FAKE, "listen", "--lifetime", "60", fake=False, ready=True)
+    own_ns = os.readlink("/proc/self/ns/net")
+    wait_for(lambda: os.readlink(f"/proc/{agent.pid}/ns/net") != own_ns, timeout=5)
+    return agent

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from procs import REPO, Spawner, TcpServer, wait_for
+from procs import REPO, Spawner, TcpServer, listener_in_own_netns, wait_for
 
 from otelwatch.model import ProcessIdentity, SampleStatus, TreeSample
 from otelwatch.probe import Prober
@@ -137,12 +137,7 @@ def test_listen_only_counts_apart(
 def test_listen_in_another_network_namespace(
     spawn: Spawner, prober: Prober, reader: ProcessTableReader,
 ) -> None:
-    unshare = shutil.which("unshare")
-    if unshare is None or os.geteuid() != 0:
-        pytest.skip("needs unshare and root to make a network namespace")
-    agent = spawn(unshare, "-n", *FAKE, "listen", "--lifetime", "60", fake=False, ready=True)
-    own_ns = os.readlink("/proc/self/ns/net")
-    wait_for(lambda: os.readlink(f"/proc/{agent.pid}/ns/net") != own_ns, timeout=5)
+    agent = listener_in_own_netns(spawn)
     s = one(prober, reader, agent.pid)
     # Netlink only sees our namespace: finding this socket proves the per-namespace read.
     assert s.listen == 1 and s.tcp == {}

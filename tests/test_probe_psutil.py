@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
-from procs import FAKE, REPO, Spawner, TcpServer, wait_for
+from procs import FAKE, REPO, Spawner, TcpServer, listener_in_own_netns, wait_for
 
 from otelwatch.backends import probe_backend, resolve
 from otelwatch.commands.diag import diag_main
@@ -154,12 +154,7 @@ def test_shared_sockets_never_read_as_zero(spawn: Spawner, reader: PsutilTableRe
 
 def test_another_network_namespace_is_unknown_not_zero(spawn: Spawner, prober: PsutilProber,
                                                        reader: PsutilTableReader) -> None:
-    unshare = shutil.which("unshare")
-    if unshare is None or os.geteuid() != 0:
-        pytest.skip("needs unshare and root to make a network namespace")
-    agent = spawn(unshare, "-n", *FAKE, "listen", "--lifetime", "60", fake=False, ready=True)
-    own_ns = os.readlink("/proc/self/ns/net")
-    wait_for(lambda: os.readlink(f"/proc/{agent.pid}/ns/net") != own_ns, timeout=5)
+    agent = listener_in_own_netns(spawn)
     # psutil would read our namespace's table and find nothing: an unproven zero.
     s = one(prober, reader.read(), agent.pid)
     assert s.status is SampleStatus.OK and s.tcp is None and s.tcp_total is None

@@ -30,32 +30,27 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from e2e_support import Daemon, start_daemon
+from e2e_support import Daemon, merge, start_daemon
 
-from realagents.harness import Recorder, Row, base_env, require_real_agents, segments
+from realagents.harness import DAEMON_CONFIG as HEADLESS_CONFIG
+from realagents.harness import STALL_AFTER, Recorder, Row, base_env, require_real_agents, segments
 from realagents.tui import INPUT_BOX, Tui, claude_env, hooks_settings, launch_tui, seed_home
 
 pytestmark = [pytest.mark.real_agents, pytest.mark.timeout(240)]
 
 PORT = 18080
 INTERVAL = 1.0
-STALL_AFTER = 30.0
 STARTUP_GRACE = 3.0
 # A change of verdict is due within one tick of what caused it; the recorder reads the
 # API every second and the TUIs share two cores with the daemon: 3 s of slack on top.
 EDGE_S = INTERVAL + 3.0
 BLIP_S = 2.0 * INTERVAL  # an instant: at most two polls of the recorder
 STALL_S = STALL_AFTER + EDGE_S
-DAEMON_CONFIG = {
-    "interval": INTERVAL,
-    "probe_timeout": 0.8,
-    "classify": {"startup_grace": STARTUP_GRACE, "stall_after": STALL_AFTER, "tool_stall_after": 1800,
-                 "repeat_base": 60, "repeat_max": 3600, "exited_retention": 600},
-    # On, in dry run (this host may run other people's agents): a wrong stuck verdict
-    # shows as a recovery record within recover_after.
-    "recovery": {"enabled": True, "dry_run": True, "recover_after": 10},
-    "sources": {"processes": {"enabled": True}, "tmux": {"enabled": True}, "transcripts": {"enabled": True}},
-}
+# The headless suite's daemon, ticking every second: TUI edges (Esc, a prompt) are fast.
+# Recovery is on in dry run there too (this host may run other people's agents): a wrong
+# stuck verdict shows as a recovery record within recover_after.
+DAEMON_CONFIG = merge(HEADLESS_CONFIG, {"interval": INTERVAL, "probe_timeout": 0.8,
+                                        "classify": {"startup_grace": STARTUP_GRACE}})
 
 V = tuple[str, str]
 IDLE: V = ("idle", "no_open_turn")
