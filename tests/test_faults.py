@@ -255,8 +255,10 @@ def _state(**over: Any) -> dict[str, Any]:
 
 # (case, file text, what the warning must name)
 CORRUPT = [
-    ("inf recovery time", json.dumps(_state()).replace(str(NOW - 60), "1e999"), "recoveries[0] = inf"),
-    ("inf pid", json.dumps(_state(escalations=[_escalation(pid=1.5)])).replace("1.5", "1e999"),
+    ("inf recovery time", json.dumps(_state()).replace(f'"recoveries": [{NOW - 60!r}]', '"recoveries": [1e999]'),
+     "recoveries[0] = inf"),
+    # The key is part of what is replaced: a bare "1.5" also occurs inside the float timestamps.
+    ("inf pid", json.dumps(_state(escalations=[_escalation(pid=1.5)])).replace('"pid": 1.5', '"pid": 1e999'),
      "escalations[0].pid = inf"),
     ("nan create time", json.dumps(_state(escalations=[_escalation(create_time=math.nan)])),
      "escalations[0].create_time = nan"),
