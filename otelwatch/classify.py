@@ -654,6 +654,10 @@ _COUNTS = ("timeout", "denied", "spin", "net", "busy", "busy_mean", "work", "wor
 _NO_MARK = _Mark()
 
 
+def _same_mark(a: _Mark, b: _Mark) -> bool:
+    return all(getattr(a, k) == getattr(b, k) for k in _Mark.__slots__)
+
+
 def _mark(
     s: TreeSample,
     prev_time: float | None,
@@ -824,6 +828,12 @@ class SampleWindow:
         prev_children = last_ok.children or _NO_CHILDREN if last_ok is not None else _NO_CHILDREN
         mark = _mark(s, prev_time, prev_ok, prev_children, children, False, thr, spin)
         progress = _progress_mark(s, prev_time, prev_ok, prev_children, children, work)
+        # A quiet tree gives the same share and child set tick after tick: keep one object
+        # (marks are never changed once made), not one per sample of the window.
+        if last_ok is not None and children is not None and children == last_ok.children:
+            children = last_ok.children
+        if prev is not None and _same_mark(prev.mark, mark):
+            mark = prev.mark
         inverted = prev is not None and not s.time >= prev.time
         odd = not math.isfinite(s.time) or (s.cpu_percent is not None and not math.isfinite(s.cpu_percent))
         rec = _Rec(self._next, s, children, mark, progress, inverted, odd)

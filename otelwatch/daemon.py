@@ -4,7 +4,13 @@
 applications that spawn agents themselves: `track()` a PID, `feed()` it event
 lines, read `sessions()`, `subscribe()` to reports. Only the loop thread mutates
 session state; other threads (HTTP, API callers) hand events over through a
-queue, so one tick sees one consistent world.
+queue (`sources.inbox`), so one tick sees one consistent world.
+
+`tick()` reads top to bottom: clocks and lag -> the process table -> sources
+(`sources.hub`, merged by `sessions.SessionTable`) -> the inbox -> event files
+-> sample each session (the probe) -> classify each (`lifecycle`: verdict,
+reports, end) -> act (`recovery`) -> publish (snapshots, telemetry). This module
+only wires those parts and guards them; the per-session logic lives in them.
 
 The loop never dies of one session: every per-session step is guarded, and an
 error becomes a counted, logged probe error for that session only.
@@ -17,45 +23,25 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import IO, TYPE_CHECKING, Any
 
 from otelwatch.backends import probe_backend
-from otelwatch.classify import SampleWindow, classify, fingerprint, is_late_tick, next_report, work_cpu_percent
+from otelwatch.classify import is_late_tick
 from otelwatch.config import Config, Paths, default_paths
-from otelwatch.events import parse_line
-from otelwatch.model import (
-    Event,
-    Mode,
-    ProcessIdentity,
-    SampleStatus,
-    SessionInfo,
-    SessionSnapshot,
-    SessionSpec,
-    State,
-)
+from otelwatch.fdmemo import STEADY_STATES
+from otelwatch.lifecycle import Effects, Lifecycle, add_sample, record_step, recovery_view
+from otelwatch.model import Event, Mode, ProcessIdentity, SessionSnapshot, SessionSpec
 from otelwatch.proctable import ProcessTable
-from otelwatch.recovery import Recovery, SessionView
-from otelwatch.report import build_report, session_summary
-from otelwatch.sessions import SessionTable, Tracked, snapshot_of
+from otelwatch.recovery import Recovery
+from otelwatch.sessions import SessionTable, Tracked
 from otelwatch.sources.hub import Sources
-from otelwatch.sources.payloads import payload_to_event
+from otelwatch.sources.inbox import INBOX_DRAIN_PER_TICK, INBOX_MAX, INBOX_MAX_HTTP, Inbox
 
 if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when Telemetry is built
     from otelwatch.telemetry import TelemetrySink
 
-# The inbox between API/HTTP threads and the loop is bounded, and so is the work one tick
-# takes from it (the rest waits for the next tick). POST /api/events is refused (429) well
-# before feed()/add_event() drop anything, so a flood on the listener cannot crowd out the
-# Python API's events.
-INBOX_MAX = 50_000
-INBOX_MAX_HTTP = 20_000
-INBOX_DRAIN_PER_TICK = 10_000
-# What SessionSnapshot.last_report keeps of a report: the evidence a person drills into.
-_LAST_REPORT_KEYS = ("event", "state", "reason", "summary", "root", "children", "connections",
-                     "open_tools", "stderr_tail", "repeat")
+__all__ = ["INBOX_DRAIN_PER_TICK", "INBOX_MAX", "INBOX_MAX_HTTP", "Subscriber", "Watcher"]
 
 Subscriber = Callable[[Mapping[str, Any]], None]
 
@@ -84,7 +70,6 @@ class Watcher:
         # Lag detection needs a clock that keeps counting while the host is suspended;
         # CLOCK_MONOTONIC stops then, CLOCK_BOOTTIME does not.
         self._boottime = boottime or _boottime_clock(monotonic)
-        self._proc_root = proc_root
         # [probe] backend: /proc + netlink (Linux) or psutil (portable); same samples either way.
         self._reader, self._prober = probe_backend(self.cfg.probe.backend, proc_root, clock=clock)
         if telemetry is None:
@@ -96,12 +81,17 @@ class Watcher:
         self.recovery = Recovery(self.cfg, self.paths.recovery_state, clock=clock, proc_root=proc_root,
                                  boot_time=self._reader.boot_time)
         self._sources = Sources(self.cfg, self.paths, self.telemetry)
-        self._sessions = SessionTable(on_end=self._end, on_rekey=self._prober.forget, log=self._log)
+        self._lifecycle = Lifecycle(self.cfg.classify, Effects(
+            transitioned=lambda snap, old: self._tell("on_transition", self.telemetry.on_transition, snap, old),
+            # Not guarded: a failing report fails this session's tick (counted as "classify").
+            reported=lambda snap, report: self.telemetry.on_report(snap, report),
+            ended=lambda snap, summary: self._tell("on_session_end", self.telemetry.on_session_end, snap, summary),
+            emit=self._emit, release=self._release, runtime_alive=self._sources.runtime_target_alive,
+            wchan=self._prober.wchan, stderr_tail=self._sources.stderr_tail,
+        ))
+        self._sessions = SessionTable(on_end=self._lifecycle.end, on_rekey=self._prober.forget, log=self._log)
         self._explicit: dict[str, SessionSpec] = {}  # track() calls from the Python API
-        # Each live session's incremental window aggregates (classify.SampleWindow), by the
-        # identity of its Tracked (which a re-key keeps); dropped when the session ends.
-        self._windows: dict[int, tuple[Tracked, SampleWindow]] = {}
-        self._inbox: deque[tuple[str, Event | bytes, int | None, bool]] = deque()
+        self._inbox = Inbox(clock, lambda: self._probe_problem("inbox", timeout=False))
         self._subscribers: list[Subscriber] = []
         self._snapshots: tuple[SessionSnapshot, ...] = ()
         self._snap_lock = threading.Lock()
@@ -109,7 +99,6 @@ class Watcher:
         self._watch_since = clock()
         self._last_tick_mono: float | None = None
         self._last_tick_boot: float | None = None
-        self._last_tick_wall: float | None = None
         self._ticks = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -139,17 +128,10 @@ class Watcher:
         progress). Thread-safe; the line is parsed on the next tick. With INBOX_MAX
         items already queued (the loop is not ticking or far behind) the line is
         dropped and counted (otelwatch.probe.errors, kind "inbox")."""
-        if len(self._inbox) >= INBOX_MAX:
-            self._probe_problem("inbox", timeout=False)
-            return
-        raw = line.encode() if isinstance(line, str) else line
-        self._inbox.append((session_id, raw, None, json_only))
+        self._inbox.feed(session_id, line, json_only)
 
     def add_event(self, session_id: str, event: Event, pid: int | None = None) -> None:
-        if len(self._inbox) >= INBOX_MAX:  # as feed(): dropped and counted
-            self._probe_problem("inbox", timeout=False)
-            return
-        self._inbox.append((session_id, event, pid, True))
+        self._inbox.add_event(session_id, event, pid)  # as feed(): dropped and counted when full
 
     def post_event(self, payload: Any) -> list[str]:
         """Hook payloads or `{"session_id", "type", "tool"}` objects from POST /api/events:
@@ -158,33 +140,7 @@ class Watcher:
         Raises ValueError naming what is wrong (and which item of a list), and
         queue.Full, counted as probe error kind "inbox", when queuing them would take
         the inbox past INBOX_MAX_HTTP."""
-        from queue import Full
-
-        items = payload if isinstance(payload, list) else [payload]
-        if len(self._inbox) + len(items) > INBOX_MAX_HTTP:
-            self._probe_problem("inbox", timeout=False)
-            raise Full(f"the event inbox is full ({INBOX_MAX_HTTP} events queued); retry after the next tick")
-        now = self._clock()
-        queued: list[tuple[str, Event, int | None, bool]] = []
-        for n, item in enumerate(items):
-            where = f"event {n}: " if isinstance(payload, list) else ""
-            if not isinstance(item, dict):
-                raise ValueError(f"{where}each event must be a JSON object")
-            session_id = item.get("session_id")
-            if not isinstance(session_id, str) or not session_id:
-                raise ValueError(f"{where}event needs a non-empty string 'session_id'")
-            try:
-                # Dated when received, never by the payload: a backdated event could make a
-                # session look silent for longer than it is, or date a turn before the work
-                # that the recovery gate takes as the session's reaction to it.
-                event = replace(payload_to_event(item, now, "http"), time=now)
-            except ValueError as exc:
-                raise ValueError(f"{where}{exc}") from None
-            pid = item.get("pid")
-            ok_pid = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
-            queued.append((session_id, event, pid if ok_pid else None, True))
-        self._inbox.extend(queued)
-        return [item[0] for item in queued]
+        return self._inbox.post(payload)
 
     def subscribe(self, callback: Subscriber) -> None:
         """`callback(report)` for every stalled/stuck report, recovery step, state change and
@@ -254,8 +210,28 @@ class Watcher:
     def tick(self) -> list[SessionSnapshot]:
         """One collector tick; returns the sessions as classified. Call from one thread only."""
         t0 = self._monotonic()
-        boot = self._boottime()
-        now = self._clock()
+        boot, now = self._boottime(), self._clock()
+        self._check_lag(boot, now)
+        table = self._reader.read()  # one process table for the whole tick
+        self._refresh_sources(table, now)
+        self._drain_inbox(now)
+        self._sources.poll_tails(self._sessions, now)
+        self._sample(table, now)
+        for tracked in self._sessions.values():
+            try:
+                self._lifecycle.classify(tracked, now, self._watch_since)
+            except Exception as exc:  # one session's failure is that session's only
+                self._probe_problem("classify", timeout=False)
+                self._log("session.error", {"session_id": tracked.key, "error": repr(exc)}, "error")
+        self._act(now)
+        self._publish(now)
+        self._ticks += 1
+        self._last_tick_boot = boot
+        self._last_tick_mono = self._monotonic()
+        self._tell("on_tick", self.telemetry.on_tick, self._last_tick_mono - t0)
+        return self.sessions()
+
+    def _check_lag(self, boot: float, now: float) -> None:
         if self._last_tick_boot is not None and is_late_tick(
             self._last_tick_boot + self.cfg.interval, boot, self.cfg.interval
         ):
@@ -264,28 +240,8 @@ class Watcher:
             self.recovery.restart_windows(now)
             self._log("tick.late", {"late_by_s": round(boot - self._last_tick_boot - self.cfg.interval, 3)},
                       "warning")
-        table = self._reader.read()
 
-        self._refresh_sources(table, now)
-        self._drain_inbox(now)
-        self._sources.poll_tails(self._sessions, now)
-        self._sample(table, now)
-        for tracked in self._sessions.values():
-            try:
-                self._classify(tracked, now)
-            except Exception as exc:
-                self._probe_problem("classify", timeout=False)
-                self._log("session.error", {"session_id": tracked.key, "error": repr(exc)}, "error")
-        self._act(now)
-        self._publish(now)
-        self._ticks += 1
-        self._last_tick_boot = boot
-        self._last_tick_mono = self._monotonic()
-        self._last_tick_wall = now
-        self._tell("on_tick", self.telemetry.on_tick, self._last_tick_mono - t0)
-        return self.sessions()
-
-    # ------------------------------------------------------------------ sources
+    # ------------------------------------------------------------------ sources and events
 
     def _refresh_sources(self, table: ProcessTable, now: float) -> None:
         specs, spool_events = self._sources.scan(table, now, self._sessions.agent_pids())
@@ -297,121 +253,31 @@ class Watcher:
         self._sessions.apply_panes(self._sources.panes)
         self._sources.match_transcripts(self._sessions, table, now, self._prober.cwd)
 
-    # ------------------------------------------------------------------ events
-
     def _drain_inbox(self, now: float) -> None:
-        # At most INBOX_DRAIN_PER_TICK: a flood waits for the next ticks instead of
-        # stretching this one (events from POST carry their own arrival time).
-        for _ in range(min(len(self._inbox), INBOX_DRAIN_PER_TICK)):
-            sid, item, pid, json_only = self._inbox.popleft()
-            if isinstance(item, Event):
-                self._sessions.deliver(sid, item, pid)
-                continue
-            event = parse_line(item, now, "api", json_only=json_only)
-            if event is None:
-                self._sessions.count_malformed(sid)
-                continue
-            self._sessions.deliver(sid, event, pid)
+        self._inbox.drain(self._sessions, now)
 
     # ------------------------------------------------------------------ probe
 
     def _sample(self, table: ProcessTable, now: float) -> None:
-        targets: dict[str, ProcessIdentity | int] = {}
-        for tracked in self._sessions.values():
-            if tracked.ended_at is None and tracked.spec.pid is not None:
-                targets[tracked.key] = tracked.identity or tracked.spec.pid
+        targets: dict[str, ProcessIdentity | int] = {
+            t.key: t.identity or t.spec.pid for t in self._sessions.values()
+            if t.ended_at is None and t.spec.pid is not None}
         if not targets:
             return
-        samples = self._prober.sample(table, targets, self.cfg.probe_timeout)
+        # Only sessions not judged on their sockets may reuse a quiet process's FD scan (fdmemo.py).
+        steady = {t.key for t in self._sessions.values()
+                  if t.verdict is not None and t.verdict.state in STEADY_STATES}
+        samples = self._prober.sample(table, targets, self.cfg.probe_timeout, steady=steady)
         for kind, what in self._prober.take_problems():
             self._probe_problem(kind, timeout=(what == "timeout"))
         horizon = now - (self.cfg.classify.stall_after + 3 * self.cfg.interval)
         for key, sample in samples.items():
             found = self._sessions.get(key)
-            if found is None:
-                continue
-            tracked = found
-            if tracked.identity is None and sample.root is not None:
-                tracked.identity = sample.root
-            tracked.samples.append(sample)
-            while len(tracked.samples) > 2 and tracked.samples[1].time < horizon:
-                tracked.samples.popleft()
+            if found is not None:
+                add_sample(found, sample, horizon)
 
-    # ------------------------------------------------------------------ classify
-
-    def _classify(self, tracked: Tracked, now: float) -> None:
-        old = tracked.verdict.state if tracked.verdict else None
-        if tracked.ended_at is not None:
-            return
-        if tracked.untracked and (tracked.latest is None or tracked.latest.alive):
-            # Its registration was removed while the process lives: tracking ends now
-            # (summary line, series gone); it did not exit, so it is not listed as exited.
-            self._end(tracked, now)
-            tracked.dropped = True
-            return
-        latest = tracked.latest
-        if latest is not None and not latest.alive:
-            # Asked afresh when the process is found dead (the session ends on this tick): an
-            # agent that took its pane and tmux server with it left no live runtime behind.
-            fresh = self._sources.runtime_target_alive(tracked.spec)
-            if fresh is not None:
-                tracked.spec = replace(tracked.spec, runtime_alive=fresh)
-        info = SessionInfo(
-            mode=tracked.spec.mode,
-            started_at=tracked.started_at,
-            # a tailed file or the spool (exec wrapper, hooks), or events fed by the API
-            has_event_source=tracked.spec.events_path is not None or tracked.activity.events > 0,
-            runtime_alive=tracked.spec.runtime_alive,
-        )
-        held = self._windows.get(id(tracked))
-        if held is None or held[0] is not tracked:
-            held = self._windows[id(tracked)] = (tracked, SampleWindow())
-        verdict = classify(self.cfg.classify, info, tuple(tracked.samples), tracked.activity, now,
-                           self._watch_since, previous=tracked.verdict, window=held[1])
-        tracked.verdict = verdict
-        if verdict.state is not old:
-            tracked.state_since = now
-            if verdict.state in (State.STALLED, State.STUCK):
-                tracked.stalls += 1
-        if verdict.state is not State.EXITED:
-            tracked.longest_silence = max(tracked.longest_silence, verdict.silence_s)
-        tracked.snapshot = snapshot_of(tracked, now)
-        if verdict.state is not old:
-            # Before the report: entering stalled/stuck opens the incident span its events go on.
-            self._tell("on_transition", self.telemetry.on_transition, tracked.snapshot, old)
-            self._emit({"event": "session.state", "session_id": tracked.key, "agent": tracked.spec.agent,
-                        "state": verdict.state.value, "reason": verdict.reason.value,
-                        "previous": None if old is None else old.value})
-        self._maybe_report(tracked, now)
-        if verdict.state is State.EXITED:
-            self._end(tracked, now)
-
-    def _maybe_report(self, tracked: Tracked, now: float) -> None:
-        verdict = tracked.verdict
-        assert verdict is not None and tracked.snapshot is not None
-        fp = fingerprint(verdict, tracked.activity, tracked.latest)
-        schedule, due = next_report(tracked.schedule, fp, verdict.state, now, self.cfg.classify)
-        tracked.schedule = schedule
-        if not due or schedule is None:
-            return
-        wchans = {p.pid: w for p in (tracked.latest.processes if tracked.latest else ())
-                  if (w := self._prober.wchan(p.pid)) is not None}
-        report = build_report(
-            tracked.snapshot, tracked.latest, tracked.activity,
-            repeat=schedule.reports - 1, next_in_s=schedule.next_due - now, wchans=wchans,
-            stderr_tail=self._sources.stderr_tail(tracked.spec),
-        )
-        # Kept on the snapshot (and carried by _snapshot) so /api/sessions and `otelwatch top`
-        # show where each process waits without an HTTP handler touching /proc.
-        tracked.snapshot = replace(tracked.snapshot, last_report={"time": now, **{
-            k: report[k] for k in _LAST_REPORT_KEYS if k in report}})
-        self.telemetry.on_report(tracked.snapshot, report)
-        self._emit(report)
-
-    def _end(self, tracked: Tracked, now: float) -> None:
-        """A session ends: one summary line; it stays listed for exited_retention."""
-        tracked.ended_at = now
-        self._windows.pop(id(tracked), None)
+    def _release(self, tracked: Tracked) -> None:
+        """An ended session lets go of the table's, the probe's, recovery's and the sources' state."""
         self._sessions.record_end(tracked)
         self._prober.forget(tracked.key)
         self.recovery.session_ended(tracked.key)
@@ -422,30 +288,15 @@ class Watcher:
                 self._probe_problem("source_transcripts", timeout=False)
                 self._log("source.error", {"source": "transcripts", "session_id": tracked.key,
                                            "error": repr(exc)}, "error")
-        snap = tracked.snapshot or snapshot_of(tracked, now)
-        summary = session_summary(snap, ended_at=now, longest_silence_s=tracked.longest_silence,
-                                  stalls=tracked.stalls,
-                                  # requested, not completed: the completion of a recovery
-                                  # that ended the session is recorded just after its end
-                                  recoveries=sum(1 for r in tracked.recoveries if r.step == "requested"))
-        self._tell("on_session_end", self.telemetry.on_session_end, snap, summary)
-        self._emit(summary)
 
     # ------------------------------------------------------------------ act
 
     def _act(self, now: float) -> None:
         # Recovery off (the default): no views to build; steps can still be drained (none).
         for tracked in self._sessions.values() if self.cfg.recovery.enabled else ():
-            sample, verdict = tracked.latest, tracked.verdict
-            if (tracked.ended_at is not None or sample is None or verdict is None or sample.root is None
-                    or sample.status is not SampleStatus.OK or not sample.processes):
+            view = recovery_view(tracked, self.cfg.classify)
+            if view is None:
                 continue
-            root = sample.processes[0]
-            view = SessionView(
-                session_id=tracked.key, agent=tracked.spec.agent, identity=sample.root, pgid=root.pgid,
-                uid=root.uid, cmdline=root.cmdline, verdict=verdict, sample=sample,
-                events=tracked.activity.events, reacted=tracked.reacted(work_cpu_percent(self.cfg.classify)),
-            )
             try:
                 self.recovery.observe(view, now)
             except Exception as exc:
@@ -453,12 +304,7 @@ class Watcher:
         for step in self.recovery.drain():
             owner = self._sessions.find(step.session_id)
             if owner is not None:
-                owner.recoveries.append(step)
-                del owner.recoveries[:-50]
-                if owner.snapshot is not None:
-                    # Escalations finish on their own thread, often after the process
-                    # was already seen gone: the listing must still show the outcome.
-                    owner.snapshot = replace(owner.snapshot, recoveries=tuple(owner.recoveries))
+                record_step(owner, step)
             self._tell("on_recovery_step", self.telemetry.on_recovery_step, step)
             self._emit({"event": f"recovery.{step.step}", **step.to_json()})
 

@@ -1,4 +1,9 @@
-"""Synthetic agent processes for `otelwatch demo`, the tests and the benchmark.
+"""Demo and test support, not part of the daemon: synthetic agent processes to watch.
+
+Used by `otelwatch demo`, the tests, the examples and the benchmark, always as
+separate processes (`python -m otelwatch.fake_agents`); only `commands/demo.py`
+imports it (for `SilentServer`), and nothing on the daemon's path ever does. It
+ships in the package so that `otelwatch demo` works from an installed wheel.
 
 Each behaves like one real failure or working mode, with real CPU, real sockets
 and real children, so otelwatch is exercised against the kernel, not a mock:

@@ -148,14 +148,14 @@ class SampleStatus(StrEnum):
     PROBE_TIMEOUT = "probe_timeout"  # the probe overran its deadline
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TcpConnection:
     state: str  # "ESTABLISHED", "SYN_SENT", ... (LISTEN kept apart)
     local: str  # "127.0.0.1:5555" / "[::1]:5555"
     remote: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProcessSample:
     """One process of a session's tree at one tick. None means unknown (not zero)."""
 
@@ -184,9 +184,13 @@ class ProcessSample:
         return ProcessIdentity(self.pid, self.create_time)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TreeSample:
-    """A session's whole process tree (root + descendants) at one tick."""
+    """A session's whole process tree (root + descendants) at one tick.
+
+    A session keeps `stall_after / interval` of these (300 at interval 1 s), so they
+    are slotted, and the probe shares unchanged parts with the session's previous
+    sample (a process that did not change is the same ProcessSample object)."""
 
     time: float  # wall clock, seconds
     status: SampleStatus

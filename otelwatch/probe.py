@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from otelwatch import procfs
+from otelwatch.fdmemo import FdMemo
 from otelwatch.model import ProcessIdentity, ProcessSample, SampleStatus, TcpConnection, TreeSample
 from otelwatch.procfs import ProcessGone, TcpSocket, TcpTable
 from otelwatch.proctable import ProcessTable, ProcInfo
@@ -87,6 +88,11 @@ class _History:
     monotonic: float
     wall: float
     cpu: dict[int, tuple[float, float]]  # pid -> (create_time, cpu_seconds)
+    # The previous sample's processes and tree tally: unchanged ones are reused, not
+    # copied (a session holds a window of samples; most of a quiet tree never changes).
+    procs: dict[int, ProcessSample]
+    tcp: Mapping[str, int] | None
+    processes: tuple[ProcessSample, ...]
 
 
 # --------------------------------------------------------------------------- worker pool
@@ -307,6 +313,7 @@ class Prober:
         self._before_sample = _before_sample
         self._pool = _Pool(max_workers, "otelwatch-probe")
         self._history: dict[str, _History] = {}
+        self._fds = FdMemo()
         self._inflight: dict[str, _Job] = {}
         self._problems: list[tuple[str, str]] = []
         self._problems_lock = threading.Lock()
@@ -327,6 +334,7 @@ class Prober:
         timeout: float,
         *,
         with_wchan: bool = False,
+        steady: Collection[str] = (),
     ) -> dict[str, TreeSample]:
         """One TreeSample for every target (session_id -> root identity or bare pid),
         returned within `timeout` plus a small margin whatever the reads do.
@@ -338,6 +346,9 @@ class Prober:
         probe still hangs, or the probe failed unexpectedly: see `error`).
         CPU rates need a previous sample of the same session: None until then.
         `with_wchan` also reads each process's kernel wait channel (for reports).
+        `steady`: sessions whose verdict does not hinge on their sockets this tick (active,
+        idle, long_running); their quiet processes may reuse the last FD scan (fdmemo.py).
+        Everything else is read in full.
         """
         now = self._clock()
         deadline = time.monotonic() + max(0.0, timeout)
@@ -360,7 +371,7 @@ class Prober:
             runnable[sid] = target
         batch = _Batch(len(runnable))
         tick = _Tick(self)
-        to_run = {sid: _Job(self._read_tree, (sid, target, table, tick, with_wchan), batch)
+        to_run = {sid: _Job(self._read_tree, (sid, target, table, tick, with_wchan, sid in steady), batch)
                   for sid, target in runnable.items()}
         if to_run:
             self._pool.submit(to_run.values())
@@ -389,6 +400,8 @@ class Prober:
                     now, target, table, f"probe error: {type(job.error).__name__}: {job.error}")
             else:
                 results[sid] = self._finish(sid, job.result, table, now)
+        if len(self._fds) > 64 and len(self._fds) > 2 * sum(len(s.processes) for s in results.values()):
+            self._fds.keep_only(table)
         return results
 
     def forget(self, session_id: str) -> None:
@@ -463,7 +476,7 @@ class Prober:
             return None
 
     def _read_tree(self, sid: str, target: ProcessIdentity | int, table: ProcessTable, tick: _Tick,
-                   with_wchan: bool) -> _RawTree:
+                   with_wchan: bool, steady: bool = False) -> _RawTree:
         """Runs in a worker: everything but the CPU rates (the coordinator owns history)."""
         if self._before_sample is not None:
             self._before_sample(sid)
@@ -484,7 +497,7 @@ class Prober:
             if p is None:
                 continue
             try:
-                proc = self._read_proc(p, table, tick, with_wchan)
+                proc = self._read_proc(p, table, tick, with_wchan, steady)
             except ProcessGone:
                 if i == 0:
                     return _RawTree(SampleStatus.VANISHED, info.identity, "exited")
@@ -506,7 +519,8 @@ class Prober:
             raw.error = "file descriptors not readable for pid " + ",".join(denied[:5])
         return raw
 
-    def _read_proc(self, p: ProcInfo, table: ProcessTable, tick: _Tick, with_wchan: bool) -> _RawProc:
+    def _read_proc(self, p: ProcInfo, table: ProcessTable, tick: _Tick, with_wchan: bool,
+                   steady: bool = False) -> _RawProc:
         """One process; raises ProcessGone if it ended while being read."""
         root = self.proc_root
         pid = p.pid
@@ -519,18 +533,28 @@ class Prober:
         if p.state == "Z":
             num_fds, sockets = 0, {}  # a zombie holds no files
         else:
-            try:
-                scan = procfs.scan_fds(pid, root)
-            except OSError:
-                self._problem("fd", "error")
-                scan = None
+            tcp_table: TcpTable | None = None
+            scan = None
+            if steady:
+                if self._fds.has_tcp(pid):
+                    tcp_table = self._table_for(pid, tick)
+                scan = self._fds.carry(p, procfs.fd_count(pid, root), tcp_table)
+            carried = scan is not None
+            if scan is None:
+                try:
+                    scan = procfs.scan_fds(pid, root)
+                except OSError:
+                    self._problem("fd", "error")
+                    scan = None
             if scan is not None:
                 num_fds = scan.num_fds
                 if not scan.sockets:
                     sockets = {}
-                elif (tcp_table := self._table_for(pid, tick)) is not None:
+                elif (tcp_table := tcp_table or self._table_for(pid, tick)) is not None:
                     # Inodes not in the table are UDP or unix sockets.
                     sockets = {i: s for i in scan.sockets if (s := tcp_table.get(i)) is not None}
+                if not carried and sockets is not None:
+                    self._fds.remember(p, scan, frozenset(k for k in sockets if isinstance(k, int)))
         try:
             io = procfs.read_io(pid, root)
         except OSError:
@@ -589,38 +613,51 @@ class Prober:
                 tree_rate += rate
             if i == 0:
                 root_rate = rate
-            tcp: dict[str, int] | None = None
+            tcp: Mapping[str, int] | None = None
             listen = 0
             conns: tuple[TcpConnection, ...] = ()
+            before_sample = prev.procs.get(p.pid) if prev is not None else None
             if rp.sockets is not None:
                 tcp, listen = _tally(rp.sockets.values())
                 conns = tuple(TcpConnection(s.state, s.local, s.remote)
                               for s in rp.sockets.values() if s.state != "LISTEN")
-            samples.append(ProcessSample(
+                if before_sample is not None:
+                    tcp = before_sample.tcp if before_sample.tcp == tcp else tcp
+                    conns = before_sample.connections if before_sample.connections == conns else conns
+            sample = ProcessSample(
                 pid=p.pid, ppid=p.ppid, create_time=p.create_time, name=p.comm, status=p.state,
                 cpu_seconds=p.cpu_seconds, cpu_percent=rate, rss_bytes=p.rss_bytes,
                 threads=p.threads, pgid=p.pgid, uid=rp.uid, num_fds=rp.num_fds, tcp=tcp,
                 listen=listen, connections=conns, read_bytes=rp.read_bytes,
                 write_bytes=rp.write_bytes, cmdline=rp.cmdline, wchan=rp.wchan,
-            ))
+            )
+            samples.append(before_sample if sample == before_sample else sample)
             rss += p.rss_bytes
             threads += p.threads
             cpu_seconds += p.cpu_seconds
             fds = None if fds is None or rp.num_fds is None else fds + rp.num_fds
             read_b = None if read_b is None or rp.read_bytes is None else read_b + rp.read_bytes
             write_b = None if write_b is None or rp.write_bytes is None else write_b + rp.write_bytes
-        self._history[sid] = _History(table.monotonic, table.time, cpu_now)
+        tree_tcp: Mapping[str, int] | None = raw.tcp
+        processes = tuple(samples)
+        if prev is not None:
+            tree_tcp = prev.tcp if prev.tcp == tree_tcp else tree_tcp
+            if len(prev.processes) == len(processes) and all(
+                    a is b for a, b in zip(prev.processes, processes, strict=True)):
+                processes = prev.processes
+        self._history[sid] = _History(table.monotonic, table.time, cpu_now,
+                                      {s.pid: s for s in samples}, tree_tcp, processes)
         return TreeSample(
             time=now,
             status=raw.status,
             root=raw.root,
-            processes=tuple(samples),
+            processes=processes,
             cpu_percent=None if root_rate is None or cpu_unknown else tree_rate,
             cpu_seconds=cpu_seconds,
             rss_bytes=rss,
             threads=threads,
             num_fds=fds,
-            tcp=raw.tcp,
+            tcp=tree_tcp,
             listen=raw.listen,
             children=len(samples) - 1,
             read_bytes=read_b,

@@ -29,7 +29,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import psutil
@@ -258,7 +258,7 @@ class PsutilProber(Prober):
         self._use_host = False  # this tick's choice
 
     def sample(self, table: ProcessTable, targets: Mapping[str, ProcessIdentity | int], timeout: float, *,
-               with_wchan: bool = False) -> dict[str, TreeSample]:
+               with_wchan: bool = False, steady: Collection[str] = ()) -> dict[str, TreeSample]:
         if not self._host_allowed or self.host_tcp is False:
             self._use_host = False
         elif self.host_tcp:
@@ -267,7 +267,7 @@ class PsutilProber(Prober):
             watched = sum(1 + len(table.descendants(t.pid if isinstance(t, ProcessIdentity) else t))
                           for t in targets.values())
             self._use_host = watched >= HOST_TCP_MIN_PROCESSES
-        return super().sample(table, targets, timeout, with_wchan=with_wchan)
+        return super().sample(table, targets, timeout, with_wchan=with_wchan, steady=steady)
 
     def wchan(self, pid: int) -> str | None:
         return None  # psutil has no wait channel
@@ -279,8 +279,8 @@ class PsutilProber(Prober):
             return None
 
     def _read_tree(self, sid: str, target: ProcessIdentity | int, table: ProcessTable, tick: _Tick,
-                   with_wchan: bool) -> _RawTree:
-        raw = super()._read_tree(sid, target, table, tick, with_wchan)
+                   with_wchan: bool, steady: bool = False) -> _RawTree:
+        raw = super()._read_tree(sid, target, table, tick, with_wchan, steady)
         if raw.tcp == {} and self._use_host:
             self._prove_zero(raw)
         return raw
@@ -307,8 +307,10 @@ class PsutilProber(Prober):
         tcp, raw.listen = _tally(tree.values())
         raw.tcp = tcp if known else None
 
-    def _read_proc(self, p: ProcInfo, table: ProcessTable, tick: _Tick, with_wchan: bool) -> _RawProc:
-        """One process; raises ProcessGone if it ended (or its PID was reused) meanwhile."""
+    def _read_proc(self, p: ProcInfo, table: ProcessTable, tick: _Tick, with_wchan: bool,
+                   steady: bool = False) -> _RawProc:
+        """One process; raises ProcessGone if it ended (or its PID was reused) meanwhile.
+        Always read in full: psutil gives no cheap sign that a process's FDs changed."""
         pid = p.pid
         proc = self._convert(lambda: psutil.Process(pid), "fd")
         if proc is None:

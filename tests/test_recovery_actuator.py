@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,6 @@ from otelwatch.backends import probe_backend
 from otelwatch.config import ClassifyConfig, Config, ProbeConfig, RecoveryConfig
 from otelwatch.model import (
     ProcessIdentity,
-    ProcessSample,
     Reason,
     RecoveryStatus,
     RecoveryStep,
@@ -84,8 +84,8 @@ class RealProbe:
         if shift_create_time:
             # Simulated PID reuse: everything the probe saw says "another start time".
             root = s.processes[0]
-            fake = ProcessSample(**{**root.__dict__, "create_time": root.create_time + shift_create_time})
-            s = TreeSample(**{**s.__dict__, "root": fake.identity, "processes": (fake, *s.processes[1:])})
+            fake = replace(root, create_time=root.create_time + shift_create_time)
+            s = replace(s, root=fake.identity, processes=(fake, *s.processes[1:]))
         root = s.processes[0]
         return SessionView(session_id, "fake", root.identity, root.pgid, root.uid, root.cmdline,
                            verdict, s, events)
@@ -402,9 +402,8 @@ def test_pid1_self_and_ancestor_are_never_recovered(state_path: Path, recoveries
             s = probe.sample(pid)
             root = s.root
             assert root is not None
-            procs = tuple(ProcessSample(**{**p.__dict__, "cpu_percent": 0.0, "tcp": {}})
-                          for p in s.processes[:1])
-            s = TreeSample(**{**s.__dict__, "processes": procs, "cpu_percent": 0.0, "tcp": {}})
+            procs = tuple(replace(p, cpu_percent=0.0, tcp={}) for p in s.processes[:1])
+            s = replace(s, processes=procs, cpu_percent=0.0, tcp={})
             v = SessionView(sid, "fake", root, procs[0].pgid, os.getuid(), ("agent",), STUCK, s, 0)
             rec.observe(v, 1000.0 + 0.25 * i)
     assert rec.drain() == []

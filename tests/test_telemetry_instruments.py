@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from telemetry_support import NOW, find, samples, snap
 
 from otelwatch.config import Config, ExportConfig, PrometheusExportConfig
 from otelwatch.model import Reason, RecoveryStatus, RecoveryStep, State
 from otelwatch.telemetry import Telemetry
+from otelwatch.telemetry.instruments import views
 
 
 def test_exposition_has_every_contract_name_with_its_labels(tel: Telemetry) -> None:
@@ -140,21 +144,39 @@ def test_session_end_drops_its_series_before_the_next_update(tel: Telemetry) -> 
     assert find(body, "otelwatch_session_status", session_id="stays") == [1.0]
 
 
-def test_two_thousand_short_sessions_stay_bounded(tel: Telemetry) -> None:
+@pytest.fixture
+def otlp_side() -> Iterator[tuple[Telemetry, InMemoryMetricReader]]:
+    """A Telemetry whose per-session gauges go through the SDK: a reader of the caller's
+    provider stands in for OTLP's periodic reader (the Prometheus endpoint renders
+    sessions itself, tests/test_telemetry_exposition.py)."""
+    reader = InMemoryMetricReader()
+    t = Telemetry(Config(), environ={}, log_stream=io.StringIO(),
+                  meter_provider=MeterProvider(metric_readers=[reader], views=views()))
+    try:
+        yield t, reader
+    finally:
+        t.shutdown()
+
+
+def points(reader: InMemoryMetricReader) -> list[tuple[str, dict[str, Any], float]]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    return [(m.name, dict(p.attributes or {}), p.value) for rm in data.resource_metrics
+            for sm in rm.scope_metrics for m in sm.metrics for p in m.data.data_points
+            if hasattr(p, "value")]
+
+
+def test_two_thousand_short_sessions_stay_bounded(otlp_side: tuple[Telemetry, InMemoryMetricReader]) -> None:
     """The SDK keeps every attribute set an observable gauge ever saw, and folds
-    new ones into `otel.metric.overflow` after 2 000; the pruner prevents both."""
-    sizes = []
+    new ones into `otel.metric.overflow` past its cardinality limit; the pruner prevents both."""
+    tel, reader = otlp_side
     for i in range(2100):
         tel.update([snap(f"short-{i}", tcp={"ESTABLISHED": 1, "SYN_SENT": 1})])
-        body = tel.prometheus_exposition()[0]
-        if i % 500 == 0:
-            sizes.append(len(body))
-    last = samples(body)
-    assert not any("otel_metric_overflow" in lab for _, lab, _ in last)
-    assert {lab.get("session_id") for n, lab, _ in last if "session_id" in lab} == {"short-2099"}
-    assert find(body, "otelwatch_session_tcp_connections", session_id="short-2099",
-                tcp_state="SYN_SENT") == [1.0]
-    assert max(sizes) - min(sizes) < 200, sizes
+        last = points(reader)
+    assert not any("otel.metric.overflow" in attrs for _, attrs, _ in last)
+    assert {attrs.get("session.id") for _, attrs, _ in last if "session.id" in attrs} == {"short-2099"}
+    assert [v for n, attrs, v in last if n == "otelwatch.session.tcp.connections"
+            and attrs.get("tcp.state") == "SYN_SENT"] == [1]
     # The SDK's own per-reader state holds only the live series.
     assert max(sdk_series(tel).values()) <= len(State) + 2
 
@@ -170,18 +192,31 @@ def sdk_series(t: Telemetry) -> dict[str, int]:
     return sizes
 
 
-def test_state_and_tcp_churn_keep_sdk_state_to_live_series(tel: Telemetry) -> None:
+def test_state_and_tcp_churn_keep_sdk_state_to_live_series(
+        otlp_side: tuple[Telemetry, InMemoryMetricReader]) -> None:
     """A session flapping between states and TCP states leaves no stale sets behind;
     a tick whose series are unchanged prunes nothing."""
+    tel, reader = otlp_side
     for i in range(51):  # ends active
         flip = snap("s1", State.STALLED, Reason.CPU_SPIN, tcp={"SYN_SENT": 1}) if i % 2 else snap("s1")
         tel.update([flip, snap("s2")])
-        tel.prometheus_exposition()
+        points(reader)
     sizes = sdk_series(tel)
     assert sizes["otelwatch.session.status"] == 2
     assert sizes["otelwatch.session.tcp.connections"] == 2  # s1 and s2 ESTABLISHED only
     # Same sessions, same attribute sets, new values: nothing is stale.
     assert tel.gauges.update([snap("s1", cpu_percent=3.0), snap("s2", rss_bytes=1)]) == {}
+
+
+def test_prometheus_holds_no_sdk_state_per_session(tel: Telemetry) -> None:
+    """/metrics renders sessions from the snapshots: 300 short sessions leave the SDK
+    (Prometheus reader) nothing per session and build no per-session observations."""
+    for i in range(300):
+        tel.update([snap(f"short-{i}")])
+        body = tel.prometheus_exposition()[0]
+    assert find(body, "otelwatch_session_status", session_id="short-299") == [1.0]
+    assert "otelwatch.session.status" not in sdk_series(tel)
+    assert tel.gauges._obs["otelwatch.session.status"] == []
 
 
 def test_pruner_disables_itself_when_sdk_internals_change(caplog: pytest.LogCaptureFixture) -> None:
@@ -229,10 +264,10 @@ def test_ending_many_sessions_is_linear_and_drops_exactly_theirs(tel: Telemetry)
     """Sessions ending in one tick: each forget used to rebuild every observation
     list (11 s for 5 000 ends); now a forget is a set insert and collections
     leave the ended sessions out until the next update."""
-    n = 1000  # under the SDK's cardinality limit (2 000), so the exposition shows all
+    n = 1000
     tel.update([snap(f"s{i}") for i in range(n)])
     for i in range(0, n, 2):
-        tel.gauges.forget(f"s{i}")
+        tel.on_session_end(snap(f"s{i}"), {"event": "session.summary"})
     body = tel.prometheus_exposition()[0]
     ids = {lab["session_id"] for _, lab, _ in samples(body) if "session_id" in lab}
     assert ids == {f"s{i}" for i in range(1, n, 2)}
@@ -240,10 +275,13 @@ def test_ending_many_sessions_is_linear_and_drops_exactly_theirs(tel: Telemetry)
     tel.update([snap("s0"), snap("s1")])
     ids = {lab["session_id"] for _, lab, _ in samples(tel.prometheus_exposition()[0]) if "session_id" in lab}
     assert ids == {"s0", "s1"}
-    # 5 000 ends at once, timed on the gauges alone (the exposition would overflow).
+    # 5 000 ends at once, timed on the gauges and the exposition's bookkeeping alone.
     tel.gauges.update([snap(f"t{i}") for i in range(5000)])
     start = time.perf_counter()
+    assert tel.session_metrics is not None
+    tel.session_metrics.update([snap(f"t{i}") for i in range(5000)])
     for i in range(5000):
         tel.gauges.forget(f"t{i}")
+        tel.session_metrics.forget(f"t{i}")
     took = time.perf_counter() - start
     assert took < 0.5, f"5000 forgets took {took:.2f} s"

@@ -31,6 +31,7 @@ from otelwatch import __version__
 from otelwatch.config import Config
 from otelwatch.model import RecoveryStatus, RecoveryStep, SessionSnapshot, State
 from otelwatch.telemetry import instruments as names
+from otelwatch.telemetry.exposition import SessionExposition
 from otelwatch.telemetry.incidents import Incidents
 from otelwatch.telemetry.instruments import AsyncStatePruner, SessionGauges
 from otelwatch.telemetry.logs import JsonLog, JsonLogHandler
@@ -138,6 +139,12 @@ class Telemetry:
             names.EXPORT_FAILURES, unit="{failure}", description="Failed OTLP exports by signal")
         self.gauges = SessionGauges(meter)
         self._pruner = AsyncStatePruner(self.meter_provider)
+        # Who reads the per-session gauges: /metrics renders them from the snapshots
+        # (exposition.py); the SDK's observations are built only for a reader that needs
+        # them (OTLP metrics, or the caller's provider), not on every tick for nobody.
+        self.session_metrics: SessionExposition | None = (
+            SessionExposition() if self.prometheus is not None else None)
+        self._sdk_gauges = self._otlp_reader is not None or meter_provider is not None
 
         # At most SPAN_EVENTS events per open incident, whatever the environment says.
         self.tracer_provider = tracer_provider or TracerProvider(
@@ -162,7 +169,9 @@ class Telemetry:
 
     def update(self, snapshots: Sequence[SessionSnapshot]) -> None:
         """The latest view of every session; gauges read only this until the next call."""
-        stale = self.gauges.update(snapshots)
+        if self.session_metrics is not None:
+            self.session_metrics.update(snapshots)
+        stale = self.gauges.update(snapshots, per_session=self._sdk_gauges)
         if stale:
             self._pruner.prune({self.gauges.instruments[name]: keys for name, keys in stale.items()})
         self.incidents.end_missing(snapshots, time.time())
@@ -224,6 +233,8 @@ class Telemetry:
         self._log.emit("session_summary", fields)
         self.incidents.end(snap.session_id, "exited", snap, time.time())
         self.gauges.forget(snap.session_id)
+        if self.session_metrics is not None:
+            self.session_metrics.forget(snap.session_id)
 
     def log(self, event: str, fields: Mapping[str, Any], level: str = "info") -> None:
         self._log.emit(event, fields, level)
@@ -246,9 +257,15 @@ class Telemetry:
 
     def prometheus_exposition(self, accept: str = "") -> tuple[bytes, str]:
         """Body and content type for GET /metrics (OpenMetrics when `accept` asks for it)."""
-        if self.prometheus is None:
+        if self.prometheus is None or self.session_metrics is None:
             return b"", "text/plain; version=0.0.4; charset=utf-8"
-        return self.prometheus.exposition(accept)
+        with self.gauges.muted():  # the SDK serves the rest; sessions are rendered below
+            body, content_type = self.prometheus.exposition(accept)
+        if not content_type.startswith("application/openmetrics-text"):
+            return body + self.session_metrics.render(False), content_type
+        eof = b"# EOF\n"
+        head = body[:-len(eof)] if body.endswith(eof) else body
+        return head + self.session_metrics.render(True) + eof, content_type
 
     def force_flush(self, timeout: float = 5.0) -> bool:
         """Export what is pending now (metrics collected and pushed, spans and logs sent)."""

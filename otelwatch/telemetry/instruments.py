@@ -10,8 +10,10 @@ never read /proc or do any I/O.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -138,6 +140,10 @@ class SessionGauges:
         self._keys: dict[str, frozenset[_AttrKey]] = {name: frozenset() for name in self.PER_SESSION}
         # Session ids ended since the last update; replaced (never cleared) by update.
         self._forgotten: set[str] = set()
+        # Set on a thread while it collects for a reader that renders the per-session
+        # families itself (the Prometheus endpoint, see exposition.py): their callbacks
+        # then hand that reader nothing. The per-state count is the SDK's everywhere.
+        self._muted = threading.local()
         self.instruments: dict[str, Any] = {}
         self.instruments[SESSIONS] = meter.create_observable_gauge(
             SESSIONS, [self._callback(SESSIONS)], unit="{session}",
@@ -148,6 +154,8 @@ class SessionGauges:
 
     def _callback(self, name: str) -> Any:
         def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            if name != SESSIONS and getattr(self._muted, "on", False):
+                return ()
             # The set before the lists: `update` replaces the lists first, so a set read
             # here is never newer than the lists it filters.
             forgotten = self._forgotten
@@ -158,15 +166,17 @@ class SessionGauges:
 
         return observe
 
-    def update(self, snapshots: Sequence[SessionSnapshot]) -> dict[str, frozenset[_AttrKey]]:
+    def update(self, snapshots: Sequence[SessionSnapshot], *,
+               per_session: bool = True) -> dict[str, frozenset[_AttrKey]]:
         """Rebuild every observation from `snapshots`; returns, per instrument name,
-        the attribute sets observed last time and no longer (empty when none)."""
+        the attribute sets observed last time and no longer (empty when none).
+        `per_session=False`: only the per-state counts (no reader wants the rest)."""
         per_state = dict.fromkeys(State, 0)
         obs: dict[str, list[Observation]] = {name: [] for name in self.PER_SESSION}
         shapes = []
         for snap in snapshots:
             per_state[snap.state] += 1
-            if snap.live:
+            if snap.live and per_session:
                 shapes.append(_observe_session(obs, snap))
         self._obs = {SESSIONS: [Observation(n, {A_STATE: s.value}) for s, n in per_state.items()], **obs}
         self._forgotten = set()  # after the lists: see `observe`
@@ -182,6 +192,16 @@ class SessionGauges:
                 stale[name] = gone
             self._keys[name] = keys
         return stale
+
+    @contextlib.contextmanager
+    def muted(self) -> Iterator[None]:
+        """Collections on this thread, inside the block, observe nothing. Callbacks run
+        synchronously on the collecting thread (SDK MeasurementConsumer.collect)."""
+        self._muted.on = True
+        try:
+            yield
+        finally:
+            self._muted.on = False
 
     def forget(self, session_id: str) -> None:
         """Drop one session's series now (it ended); the next update confirms it. O(1):

@@ -5,9 +5,10 @@ contract names of DESIGN.md (checked: `_total` on counters, `_seconds` for
 unit "s", `_bytes` for "By", no `_ratio` for "1", `{...}` units dropped,
 `session.id` -> `session_id`; tests/test_telemetry_instruments.py pins this). It is
 registered in a private CollectorRegistry so several Telemetry objects (tests)
-never collide in prometheus_client's global one. A scrape runs the gauges'
-callbacks, which only hand out the last tick's observations: it never touches
-/proc.
+never collide in prometheus_client's global one. It serves the counters,
+histograms, the per-state count and target_info; the per-session families are
+rendered from the last tick's snapshots (exposition.py) and appended by
+Telemetry.prometheus_exposition. A scrape never touches /proc.
 """
 
 from __future__ import annotations
