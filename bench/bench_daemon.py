@@ -92,7 +92,7 @@ def wait_for(cond: object, timeout: float, what: str) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def start_daemon(pids: list[int], tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_daemon(pids: list[int], tmp: Path, stalled: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     reg = tmp / "registry"
     reg.mkdir(mode=0o700, exist_ok=True)
     for f in reg.iterdir():
@@ -110,7 +110,10 @@ def start_daemon(pids: list[int], tmp: Path) -> tuple[subprocess.Popen[bytes], s
         # The sleepers are past their start-up by the measured window, as a host's sessions
         # mostly are (in startup_grace nothing is judged, and the probe reads every tree in full).
         "[classify]\nstartup_grace = 5\n"
-        "[sources.processes]\nenabled = false\n[sources.tmux]\nenabled = false\n"
+        # --stalled: every session silent past stall_after before the window (stalled,
+        # waiting_on_network), so every tree is read in full on every tick.
+        + ('stall_after = "5s"\n' if stalled else "")
+        + "[sources.processes]\nenabled = false\n[sources.tmux]\nenabled = false\n"
         "[sources.transcripts]\nenabled = false\n[export.otlp]\nenabled = false\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
@@ -133,8 +136,9 @@ def start_exporter(tmp: Path) -> tuple[subprocess.Popen[bytes], str] | None:
     return proc, f"http://127.0.0.1:{port}/metrics"
 
 
-def one_round(n: int, pids: list[int], tmp: Path, warm: float, window: float, ps_ticks: int) -> dict[str, float]:
-    daemon, base = start_daemon(pids, tmp)
+def one_round(n: int, pids: list[int], tmp: Path, warm: float, window: float, ps_ticks: int,
+              stalled: bool = False) -> dict[str, float]:
+    daemon, base = start_daemon(pids, tmp, stalled)
     exporter = start_exporter(tmp)
     try:
         def all_seen() -> bool:
@@ -206,6 +210,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warm", type=float, default=15.0, help="seconds before the measured window")
     ap.add_argument("--window", type=float, default=30.0, help="seconds of the measured window")
+    ap.add_argument("--stalled", action="store_true",
+                    help="every session stalled in the window (all trees read in full each tick)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "daemon.md"))
     args = ap.parse_args()
     sizes = args.n or [100, 1000]
@@ -225,7 +231,7 @@ def main() -> int:
                 time.sleep(2.0)
                 runs = []
                 for r in range(args.rounds):
-                    res = one_round(n, pids, tmp, args.warm, args.window, max(1, min(5, 500 // n)))
+                    res = one_round(n, pids, tmp, args.warm, args.window, max(1, min(5, 500 // n)), args.stalled)
                     runs.append(res)
                     print(f"N={n} round {r + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()), flush=True)
                 rows.append((n, runs))
@@ -241,8 +247,10 @@ def main() -> int:
         "",
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {platform.node()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, Linux {platform.release()}. `otelwatch run`, interval 1 s, "
-        "registry source only; N sleepers with 16 files and 2 ESTABLISHED TCP connections each; "
-        f"{args.rounds} rounds of {args.window:.0f} s after {args.warm:.0f} s of warm-up; "
+        "registry source only; N sleepers with 16 files and 2 ESTABLISHED TCP connections each, "
+        + ("all stalled (stall_after 5 s: every tree read in full each tick); " if args.stalled
+           else "active after a 5 s startup_grace; ")
+        + f"{args.rounds} rounds of {args.window:.0f} s after {args.warm:.0f} s of warm-up; "
         "process-exporter (one group per PID) scraped every second in the same window; "
         "CPU from /proc/PID/stat. Ranges are across rounds.",
         "",

@@ -1,3 +1,5 @@
+"""`python -m otelwatch`: the same command line as the `otelwatch` script (cli.py)."""
+
 import sys
 
 from otelwatch.cli import main

@@ -15,7 +15,6 @@ signal or change anything: it only reads.
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
@@ -25,6 +24,7 @@ from typing import Any
 from otelwatch import procfs
 from otelwatch.fdmemo import FdMemo
 from otelwatch.model import ProcessIdentity, ProcessSample, SampleStatus, TcpConnection, TreeSample
+from otelwatch.probe_pool import CANCELLED, DONE, RUNNING, Batch, Job, Pool
 from otelwatch.procfs import ProcessGone, TcpSocket, TcpTable
 from otelwatch.proctable import ProcessTable, ProcInfo
 
@@ -95,151 +95,6 @@ class _History:
     processes: tuple[ProcessSample, ...]
 
 
-# --------------------------------------------------------------------------- worker pool
-
-_PENDING, _RUNNING, _DONE, _CANCELLED = range(4)
-
-
-class _Batch:
-    """Counts the unfinished jobs of one tick so the coordinator can wait for all at once."""
-
-    def __init__(self, n: int) -> None:
-        self.cond = threading.Condition()
-        self.pending = n
-
-    def finish(self) -> None:
-        with self.cond:
-            self.pending -= 1
-            if self.pending <= 0:
-                self.cond.notify_all()
-
-    def wait(self, timeout: float) -> bool:
-        """True when every job of the batch has finished."""
-        with self.cond:
-            return self.cond.wait_for(lambda: self.pending <= 0, timeout=max(0.0, timeout))
-
-
-class _Job:
-    __slots__ = ("args", "batch", "error", "fn", "result", "started", "state", "worker")
-
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], batch: _Batch) -> None:
-        self.fn = fn
-        self.args = args
-        self.batch = batch
-        self.state = _PENDING
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.worker: threading.Thread | None = None
-        self.started = 0.0  # monotonic time it started running
-
-
-class _Pool:
-    """Daemon threads fed from one queue.
-
-    Not concurrent.futures: its threads are joined at interpreter exit, so one read
-    hung in the kernel would keep the daemon from ever exiting; and its pool cannot
-    replace a stuck worker. Here a worker stuck past its job's deadline is retired
-    and replaced, so a hung read costs one thread while it lasts, not the pool.
-    """
-
-    def __init__(self, size: int, name: str) -> None:
-        self._size = max(1, size)
-        self._name = name
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._healthy: set[threading.Thread] = set()
-        self._current: dict[threading.Thread, _Job] = {}  # what each worker runs now
-        self._retired: set[threading.Thread] = set()
-        self._closed = False
-        self._started = 0
-
-    def submit(self, jobs: Collection[_Job]) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("pool is shut down")
-            while len(self._healthy) < min(self._size, len(jobs)):
-                self._start_locked()
-        for job in jobs:
-            self._queue.put(job)
-
-    def _start_locked(self) -> None:
-        self._started += 1
-        t = threading.Thread(target=self._run, name=f"{self._name}-{self._started}", daemon=True)
-        self._healthy.add(t)
-        t.start()
-
-    def _retire_locked(self, worker: threading.Thread) -> None:
-        """Set aside a worker stuck in a job and start a replacement; it exits when the job ends."""
-        self._healthy.discard(worker)
-        self._retired.add(worker)
-        if not self._closed:
-            self._start_locked()
-
-    def _run(self) -> None:
-        me = threading.current_thread()
-        while True:
-            job = self._queue.get()
-            if job is None:
-                break
-            with self._lock:
-                if job.state != _PENDING:
-                    continue  # cancelled at its deadline before it started
-                job.state, job.worker, job.started = _RUNNING, me, time.monotonic()
-                self._current[me] = job
-            try:
-                job.result = job.fn(*job.args)
-            except BaseException as exc:  # one job's failure must not kill the worker
-                job.error = exc
-            with self._lock:
-                job.state = _DONE
-                self._current.pop(me, None)
-                retired = me in self._retired
-            job.batch.finish()
-            if retired:
-                break
-        with self._lock:
-            self._healthy.discard(me)
-            self._retired.discard(me)
-
-    def abandon(self, job: _Job) -> int:
-        """At a job's deadline: cancel it if it has not started; if it is running, retire its
-        worker and start a replacement. Returns the job's state after that."""
-        with self._lock:
-            if job.state == _PENDING:
-                job.state = _CANCELLED
-            elif job.state == _RUNNING and job.worker in self._healthy:
-                self._retire_locked(job.worker)
-            return job.state
-
-    def unblock(self, budget: float) -> None:
-        """Retire every healthy worker whose job has run longer than `budget` and start a
-        replacement, so the jobs queued behind a hung read go on at once. The slow job
-        keeps running and still counts if it finishes before the tick's deadline."""
-        now = time.monotonic()
-        with self._lock:
-            for worker, job in list(self._current.items()):
-                if worker in self._healthy and now - job.started > budget:
-                    self._retire_locked(worker)
-
-    def hung_threads(self) -> int:
-        with self._lock:
-            return len(self._retired)
-
-    def shutdown(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            threads = list(self._healthy)
-        for _ in threads:
-            self._queue.put(None)
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        # Retired workers are daemon threads stuck in the kernel; they cannot be
-        # interrupted and do not keep the process alive.
-
-
 # --------------------------------------------------------------------------- per-tick sharing
 
 
@@ -294,7 +149,7 @@ class Prober:
     One worker by default: the reads are short and hold the GIL, so more threads only
     add hand-offs (measured: 6-9 ms per tick for 100 trees with one worker, 10-18 ms
     with two to eight). Isolation does not need more: a worker stuck in one session's
-    read past a small budget is retired and replaced (see `_Pool.unblock`)."""
+    read past a small budget is retired and replaced (see `Pool.unblock`)."""
 
     def __init__(
         self,
@@ -311,10 +166,10 @@ class Prober:
         # mount) cannot be produced reliably and without privileges in a test, so tests
         # make this block for one session instead.
         self._before_sample = _before_sample
-        self._pool = _Pool(max_workers, "otelwatch-probe")
+        self._pool = Pool(max_workers, "otelwatch-probe")
         self._history: dict[str, _History] = {}
         self._fds = FdMemo()
-        self._inflight: dict[str, _Job] = {}
+        self._inflight: dict[str, Job] = {}
         self._problems: list[tuple[str, str]] = []
         self._problems_lock = threading.Lock()
         self._closed = False
@@ -362,16 +217,16 @@ class Prober:
         for sid, target in targets.items():
             job = self._inflight.get(sid)
             if job is not None:
-                if job.state not in (_DONE, _CANCELLED):
+                if job.state not in (DONE, CANCELLED):
                     # Its previous probe still hangs: do not pile another thread on it.
                     self._problem("tree", "timeout")
                     results[sid] = self._timeout_sample(now, target, table, "previous probe still running")
                     continue
                 del self._inflight[sid]
             runnable[sid] = target
-        batch = _Batch(len(runnable))
+        batch = Batch(len(runnable))
         tick = _Tick(self)
-        to_run = {sid: _Job(self._read_tree, (sid, target, table, tick, with_wchan, sid in steady), batch)
+        to_run = {sid: Job(self._read_tree, (sid, target, table, tick, with_wchan, sid in steady), batch)
                   for sid, target in runnable.items()}
         if to_run:
             self._pool.submit(to_run.values())
@@ -385,10 +240,10 @@ class Prober:
                 self._pool.unblock(budget)
 
         for sid, job in to_run.items():
-            state = job.state if job.state == _DONE else self._pool.abandon(job)
+            state = job.state if job.state == DONE else self._pool.abandon(job)
             target = targets[sid]
-            if state != _DONE:
-                if state == _RUNNING:
+            if state != DONE:
+                if state == RUNNING:
                     self._inflight[sid] = job
                 self._problem("tree", "timeout")
                 results[sid] = self._timeout_sample(now, target, table, f"probe overran {timeout:g} s")
@@ -399,7 +254,9 @@ class Prober:
                 results[sid] = self._timeout_sample(
                     now, target, table, f"probe error: {type(job.error).__name__}: {job.error}")
             else:
-                results[sid] = self._finish(sid, job.result, table, now)
+                results[sid], history = _tree_sample(job.result, self._history.get(sid), table, now)
+                if history is not None:
+                    self._history[sid] = history
         if len(self._fds) > 64 and len(self._fds) > 2 * sum(len(s.processes) for s in results.values()):
             self._fds.keep_only(table)
         return results
@@ -580,87 +437,88 @@ class Prober:
             return None
         return tick.tcp_table(ns, pid)
 
-    def _finish(self, sid: str, raw: _RawTree, table: ProcessTable, now: float) -> TreeSample:
-        """Coordinator side: CPU rates from this session's history, then the TreeSample."""
-        if not raw.procs:
-            return TreeSample(time=now, status=raw.status, root=raw.root, error=raw.error)
-        prev = self._history.get(sid)
-        dt = 0.0 if prev is None else table.monotonic - prev.monotonic
-        samples: list[ProcessSample] = []
-        cpu_now: dict[int, tuple[float, float]] = {}
-        tree_rate = 0.0
-        root_rate: float | None = None
-        cpu_unknown = False
-        rss = threads = 0
-        cpu_seconds = 0.0
-        fds: int | None = 0
-        read_b: int | None = 0
-        write_b: int | None = 0
-        for i, rp in enumerate(raw.procs):
-            p = rp.info
-            cpu_now[p.pid] = (p.create_time, p.cpu_seconds)
-            rate: float | None = None
-            if prev is not None and dt > 0:
-                before = prev.cpu.get(p.pid)
-                if before is not None and abs(before[0] - p.create_time) <= CREATE_TIME_TOLERANCE:
-                    rate = max(0.0, p.cpu_seconds - before[1]) / dt * 100.0
-                elif p.create_time > prev.wall - CREATE_TIME_TOLERANCE:
-                    # Born since the previous sample: all its CPU time is new.
-                    rate = p.cpu_seconds / dt * 100.0
-            if not rp.cpu_known:
-                rate, cpu_unknown = None, True
-            if rate is not None:
-                tree_rate += rate
-            if i == 0:
-                root_rate = rate
-            tcp: Mapping[str, int] | None = None
-            listen = 0
-            conns: tuple[TcpConnection, ...] = ()
-            before_sample = prev.procs.get(p.pid) if prev is not None else None
-            if rp.sockets is not None:
-                tcp, listen = _tally(rp.sockets.values())
-                conns = tuple(TcpConnection(s.state, s.local, s.remote)
-                              for s in rp.sockets.values() if s.state != "LISTEN")
-                if before_sample is not None:
-                    tcp = before_sample.tcp if before_sample.tcp == tcp else tcp
-                    conns = before_sample.connections if before_sample.connections == conns else conns
-            sample = ProcessSample(
-                pid=p.pid, ppid=p.ppid, create_time=p.create_time, name=p.comm, status=p.state,
-                cpu_seconds=p.cpu_seconds, cpu_percent=rate, rss_bytes=p.rss_bytes,
-                threads=p.threads, pgid=p.pgid, uid=rp.uid, num_fds=rp.num_fds, tcp=tcp,
-                listen=listen, connections=conns, read_bytes=rp.read_bytes,
-                write_bytes=rp.write_bytes, cmdline=rp.cmdline, wchan=rp.wchan,
-            )
-            samples.append(before_sample if sample == before_sample else sample)
-            rss += p.rss_bytes
-            threads += p.threads
-            cpu_seconds += p.cpu_seconds
-            fds = None if fds is None or rp.num_fds is None else fds + rp.num_fds
-            read_b = None if read_b is None or rp.read_bytes is None else read_b + rp.read_bytes
-            write_b = None if write_b is None or rp.write_bytes is None else write_b + rp.write_bytes
-        tree_tcp: Mapping[str, int] | None = raw.tcp
-        processes = tuple(samples)
-        if prev is not None:
-            tree_tcp = prev.tcp if prev.tcp == tree_tcp else tree_tcp
-            if len(prev.processes) == len(processes) and all(
-                    a is b for a, b in zip(prev.processes, processes, strict=True)):
-                processes = prev.processes
-        self._history[sid] = _History(table.monotonic, table.time, cpu_now,
-                                      {s.pid: s for s in samples}, tree_tcp, processes)
-        return TreeSample(
-            time=now,
-            status=raw.status,
-            root=raw.root,
-            processes=processes,
-            cpu_percent=None if root_rate is None or cpu_unknown else tree_rate,
-            cpu_seconds=cpu_seconds,
-            rss_bytes=rss,
-            threads=threads,
-            num_fds=fds,
-            tcp=tree_tcp,
-            listen=raw.listen,
-            children=len(samples) - 1,
-            read_bytes=read_b,
-            write_bytes=write_b,
-            error=raw.error,
+
+def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
+                 now: float) -> tuple[TreeSample, _History | None]:
+    """Coordinator side: CPU rates from the session's history, then the TreeSample and
+    the history the next tick's rates start from (None: keep the one there was)."""
+    if not raw.procs:
+        return TreeSample(time=now, status=raw.status, root=raw.root, error=raw.error), None
+    dt = 0.0 if prev is None else table.monotonic - prev.monotonic
+    samples: list[ProcessSample] = []
+    cpu_now: dict[int, tuple[float, float]] = {}
+    tree_rate = 0.0
+    root_rate: float | None = None
+    cpu_unknown = False
+    rss = threads = 0
+    cpu_seconds = 0.0
+    fds: int | None = 0
+    read_b: int | None = 0
+    write_b: int | None = 0
+    for i, rp in enumerate(raw.procs):
+        p = rp.info
+        cpu_now[p.pid] = (p.create_time, p.cpu_seconds)
+        rate: float | None = None
+        if prev is not None and dt > 0:
+            before = prev.cpu.get(p.pid)
+            if before is not None and abs(before[0] - p.create_time) <= CREATE_TIME_TOLERANCE:
+                rate = max(0.0, p.cpu_seconds - before[1]) / dt * 100.0
+            elif p.create_time > prev.wall - CREATE_TIME_TOLERANCE:
+                # Born since the previous sample: all its CPU time is new.
+                rate = p.cpu_seconds / dt * 100.0
+        if not rp.cpu_known:
+            rate, cpu_unknown = None, True
+        if rate is not None:
+            tree_rate += rate
+        if i == 0:
+            root_rate = rate
+        tcp: Mapping[str, int] | None = None
+        listen = 0
+        conns: tuple[TcpConnection, ...] = ()
+        before_sample = prev.procs.get(p.pid) if prev is not None else None
+        if rp.sockets is not None:
+            tcp, listen = _tally(rp.sockets.values())
+            conns = tuple(TcpConnection(s.state, s.local, s.remote)
+                          for s in rp.sockets.values() if s.state != "LISTEN")
+            if before_sample is not None:
+                tcp = before_sample.tcp if before_sample.tcp == tcp else tcp
+                conns = before_sample.connections if before_sample.connections == conns else conns
+        sample = ProcessSample(
+            pid=p.pid, ppid=p.ppid, create_time=p.create_time, name=p.comm, status=p.state,
+            cpu_seconds=p.cpu_seconds, cpu_percent=rate, rss_bytes=p.rss_bytes,
+            threads=p.threads, pgid=p.pgid, uid=rp.uid, num_fds=rp.num_fds, tcp=tcp,
+            listen=listen, connections=conns, read_bytes=rp.read_bytes,
+            write_bytes=rp.write_bytes, cmdline=rp.cmdline, wchan=rp.wchan,
         )
+        samples.append(before_sample if sample == before_sample else sample)
+        rss += p.rss_bytes
+        threads += p.threads
+        cpu_seconds += p.cpu_seconds
+        fds = None if fds is None or rp.num_fds is None else fds + rp.num_fds
+        read_b = None if read_b is None or rp.read_bytes is None else read_b + rp.read_bytes
+        write_b = None if write_b is None or rp.write_bytes is None else write_b + rp.write_bytes
+    tree_tcp: Mapping[str, int] | None = raw.tcp
+    processes = tuple(samples)
+    if prev is not None:
+        tree_tcp = prev.tcp if prev.tcp == tree_tcp else tree_tcp
+        if len(prev.processes) == len(processes) and all(
+                a is b for a, b in zip(prev.processes, processes, strict=True)):
+            processes = prev.processes
+    history = _History(table.monotonic, table.time, cpu_now, {s.pid: s for s in samples}, tree_tcp, processes)
+    return TreeSample(
+        time=now,
+        status=raw.status,
+        root=raw.root,
+        processes=processes,
+        cpu_percent=None if root_rate is None or cpu_unknown else tree_rate,
+        cpu_seconds=cpu_seconds,
+        rss_bytes=rss,
+        threads=threads,
+        num_fds=fds,
+        tcp=tree_tcp,
+        listen=raw.listen,
+        children=len(samples) - 1,
+        read_bytes=read_b,
+        write_bytes=write_b,
+        error=raw.error,
+    ), history
