@@ -1,4 +1,4 @@
-"""When a quiet process's socket list can be carried over from its last full FD scan.
+"""When a quiet process's socket list and I/O counters can be carried over from its last full read.
 
 A full scan reads every link in /proc/PID/fd (one readlink per FD, about 3 us each
 here, 20 and more per agent process) and was the largest single cost of a tick.
@@ -12,7 +12,10 @@ MAX_CARRIED ticks in a row, and only for sessions the caller names as steady
 (starting, stalled, stuck, and so every recovery decision) is always read in
 full. What a carried scan can miss is a process that closed one FD and opened a
 TCP connection within one tick without using a clock tick of CPU; it is seen at
-the latest MAX_CARRIED ticks later.
+the latest MAX_CARRIED ticks later. The I/O counters are carried with the scan: a
+process that did not run for a clock tick did next to no I/O, and the counters
+are cumulative, so what it did is seen whole at the next full read (at the
+latest MAX_CARRIED ticks later), not lost.
 
 Pure bookkeeping; the reads are the probe's.
 """
@@ -22,10 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from otelwatch.model import State
-from otelwatch.procfs import FdScan, TcpTable
+from otelwatch.procfs import FdScan, IoCounters, TcpTable
 from otelwatch.proctable import ProcessTable, ProcInfo
 
-__all__ = ["MAX_CARRIED", "STEADY_STATES", "FdMemo"]
+__all__ = ["MAX_CARRIED", "STEADY_STATES", "Carried", "FdMemo"]
 
 # Ticks in a row a scan may be carried over before the next full one.
 MAX_CARRIED = 4
@@ -36,13 +39,15 @@ STEADY_STATES = frozenset({State.ACTIVE, State.IDLE, State.LONG_RUNNING})
 
 
 @dataclass(slots=True)
-class _Memo:
+class Carried:
+    """What a full read of one process found, reused while nothing says it changed."""
+
     create_time: float
     cpu_seconds: float
     threads: int
-    num_fds: int
-    sockets: frozenset[int]  # every socket inode of the last full scan
-    tcp: frozenset[int]  # the ones that were in that tick's TCP table
+    scan: FdScan
+    tcp: frozenset[int]  # the socket inodes that were in that tick's TCP table
+    io: IoCounters | None
     carried: int = 0
 
 
@@ -51,7 +56,7 @@ class FdMemo:
     threads one process at a time (dict operations only) and pruned by the coordinator."""
 
     def __init__(self) -> None:
-        self._memos: dict[int, _Memo] = {}
+        self._memos: dict[int, Carried] = {}
 
     def __len__(self) -> int:
         return len(self._memos)
@@ -61,22 +66,23 @@ class FdMemo:
         memo = self._memos.get(pid)
         return memo is not None and bool(memo.tcp)
 
-    def carry(self, p: ProcInfo, fd_count: int | None, tcp_table: TcpTable | None) -> FdScan | None:
-        """The last scan of `p` when nothing says its FD table changed since; None: scan.
-        `fd_count`: the kernel's count now (None or 0: unknown, as on kernels before 6.2)."""
+    def carry(self, p: ProcInfo, fd_count: int | None, tcp_table: TcpTable | None) -> Carried | None:
+        """The last full read of `p` when nothing says its FD table changed since; None:
+        read it. `fd_count`: the kernel's count now (None or 0: unknown, as before 6.2)."""
         memo = self._memos.get(p.pid)
-        if (memo is None or memo.carried >= MAX_CARRIED or not fd_count or fd_count != memo.num_fds
+        if (memo is None or memo.carried >= MAX_CARRIED or not fd_count or fd_count != memo.scan.num_fds
                 or memo.create_time != p.create_time or memo.cpu_seconds != p.cpu_seconds
                 or memo.threads != p.threads):
             return None
-        if memo.tcp and (tcp_table is None or any(tcp_table.get(i) is None for i in memo.tcp)):
+        if memo.tcp and (tcp_table is None or not all(i in tcp_table for i in memo.tcp)):
             return None  # a TCP socket of the last scan closed: the table changed
         memo.carried += 1
-        return FdScan(memo.num_fds, memo.sockets)
+        return memo
 
-    def remember(self, p: ProcInfo, scan: FdScan, tcp: frozenset[int]) -> None:
-        """A full scan of `p` and the inodes of it that were TCP sockets this tick."""
-        self._memos[p.pid] = _Memo(p.create_time, p.cpu_seconds, p.threads, scan.num_fds, scan.sockets, tcp)
+    def remember(self, p: ProcInfo, scan: FdScan, tcp: frozenset[int], io: IoCounters | None) -> None:
+        """A full read of `p`: its FD scan, the inodes of it that were TCP sockets this
+        tick, its I/O counters."""
+        self._memos[p.pid] = Carried(p.create_time, p.cpu_seconds, p.threads, scan, tcp, io)
 
     def forget(self, pid: int) -> None:
         self._memos.pop(pid, None)

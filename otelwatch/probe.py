@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from otelwatch import procfs
-from otelwatch.fdmemo import FdMemo
+from otelwatch.fdmemo import Carried, FdMemo
 from otelwatch.model import ProcessIdentity, ProcessSample, SampleStatus, TcpConnection, TreeSample
 from otelwatch.probe_pool import CANCELLED, DONE, RUNNING, Batch, Job, Pool
 from otelwatch.procfs import ProcessGone, TcpSocket, TcpTable
@@ -69,6 +69,20 @@ class _RawTree:
     procs: list[_RawProc] = field(default_factory=list)
     tcp: dict[str, int] | None = None  # tree totals, counted once per socket inode
     listen: int = 0
+
+
+# One TcpConnection per distinct socket (state and endpoints), shared by every sample
+# that shows it, like procfs' formatted sockets. Bounded; cleared when full.
+_CONNECTIONS: dict[TcpSocket, TcpConnection] = {}
+
+
+def _connection(sock: TcpSocket) -> TcpConnection:
+    conn = _CONNECTIONS.get(sock)
+    if conn is None:
+        if len(_CONNECTIONS) >= 65536:
+            _CONNECTIONS.clear()
+        conn = _CONNECTIONS[sock] = TcpConnection(sock.state, sock.local, sock.remote)
+    return conn
 
 
 def _tally(sockets: Iterable[TcpSocket]) -> tuple[dict[str, int], int]:
@@ -381,22 +395,32 @@ class Prober:
         """One process; raises ProcessGone if it ended while being read."""
         root = self.proc_root
         pid = p.pid
-        try:
-            uid: int | None = procfs.owner_uid(pid, root)
-        except OSError:
-            uid = None
+        # A steady session's process: one stat says both who owns it and whether its FD
+        # table may be carried over (fdmemo.py).
+        fd_dir = procfs.fd_dir_stat(pid, root) if steady and p.state != "Z" else None
+        uid: int | None = None
+        if fd_dir is not None:
+            uid = fd_dir.st_uid
+        else:
+            try:
+                uid = procfs.owner_uid(pid, root)
+            except OSError:
+                uid = None
         num_fds: int | None = None
         sockets: dict[Hashable, TcpSocket] | None = None
+        carried: Carried | None = None
+        io: procfs.IoCounters | None = None
+        scan: procfs.FdScan | None = None
         if p.state == "Z":
             num_fds, sockets = 0, {}  # a zombie holds no files
         else:
             tcp_table: TcpTable | None = None
-            scan = None
-            if steady:
+            if fd_dir is not None:
                 if self._fds.has_tcp(pid):
                     tcp_table = self._table_for(pid, tick)
-                scan = self._fds.carry(p, procfs.fd_count(pid, root), tcp_table)
-            carried = scan is not None
+                carried = self._fds.carry(p, fd_dir.st_size, tcp_table)
+                if carried is not None:
+                    scan, io = carried.scan, carried.io
             if scan is None:
                 try:
                     scan = procfs.scan_fds(pid, root)
@@ -410,13 +434,14 @@ class Prober:
                 elif (tcp_table := tcp_table or self._table_for(pid, tick)) is not None:
                     # Inodes not in the table are UDP or unix sockets.
                     sockets = {i: s for i in scan.sockets if (s := tcp_table.get(i)) is not None}
-                if not carried and sockets is not None:
-                    self._fds.remember(p, scan, frozenset(k for k in sockets if isinstance(k, int)))
-        try:
-            io = procfs.read_io(pid, root)
-        except OSError:
-            self._problem("io", "error")
-            io = None
+        if carried is None:
+            try:
+                io = procfs.read_io(pid, root)
+            except OSError:
+                self._problem("io", "error")
+                io = None
+            if scan is not None and sockets is not None and p.state != "Z":
+                self._fds.remember(p, scan, frozenset(k for k in sockets if isinstance(k, int)), io)
         return _RawProc(
             info=p,
             uid=uid,
@@ -478,19 +503,26 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
         before_sample = prev.procs.get(p.pid) if prev is not None else None
         if rp.sockets is not None:
             tcp, listen = _tally(rp.sockets.values())
-            conns = tuple(TcpConnection(s.state, s.local, s.remote)
-                          for s in rp.sockets.values() if s.state != "LISTEN")
+            conns = tuple(_connection(s) for s in rp.sockets.values() if s.state != "LISTEN")
             if before_sample is not None:
                 tcp = before_sample.tcp if before_sample.tcp == tcp else tcp
                 conns = before_sample.connections if before_sample.connections == conns else conns
-        sample = ProcessSample(
-            pid=p.pid, ppid=p.ppid, create_time=p.create_time, name=p.comm, status=p.state,
-            cpu_seconds=p.cpu_seconds, cpu_percent=rate, rss_bytes=p.rss_bytes,
-            threads=p.threads, pgid=p.pgid, uid=rp.uid, num_fds=rp.num_fds, tcp=tcp,
-            listen=listen, connections=conns, read_bytes=rp.read_bytes,
-            write_bytes=rp.write_bytes, cmdline=rp.cmdline, wchan=rp.wchan,
-        )
-        samples.append(before_sample if sample == before_sample else sample)
+        b = before_sample
+        if (b is not None and b.cpu_seconds == p.cpu_seconds and b.cpu_percent == rate
+                and b.rss_bytes == p.rss_bytes and b.status == p.state and b.threads == p.threads
+                and b.num_fds == rp.num_fds and b.tcp is tcp and b.connections is conns and b.listen == listen
+                and b.read_bytes == rp.read_bytes and b.write_bytes == rp.write_bytes and b.uid == rp.uid
+                and b.wchan == rp.wchan and b.create_time == p.create_time and b.ppid == p.ppid
+                and b.pgid == p.pgid and b.name == p.comm and b.cmdline == rp.cmdline):
+            samples.append(b)  # unchanged (the usual quiet process): the same object again
+        else:
+            samples.append(ProcessSample(
+                pid=p.pid, ppid=p.ppid, create_time=p.create_time, name=p.comm, status=p.state,
+                cpu_seconds=p.cpu_seconds, cpu_percent=rate, rss_bytes=p.rss_bytes,
+                threads=p.threads, pgid=p.pgid, uid=rp.uid, num_fds=rp.num_fds, tcp=tcp,
+                listen=listen, connections=conns, read_bytes=rp.read_bytes,
+                write_bytes=rp.write_bytes, cmdline=rp.cmdline, wchan=rp.wchan,
+            ))
         rss += p.rss_bytes
         threads += p.threads
         cpu_seconds += p.cpu_seconds

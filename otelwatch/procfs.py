@@ -31,6 +31,7 @@ __all__ = [
     "TcpSocket",
     "TcpTable",
     "fd_count",
+    "fd_dir_stat",
     "net_namespace",
     "netlink_tcp_table",
     "owner_uid",
@@ -114,14 +115,21 @@ def scan_fds(pid: int, proc_root: str = "/proc") -> FdScan | None:
     return FdScan(count, frozenset(sockets))
 
 
-def fd_count(pid: int, proc_root: str = "/proc") -> int | None:
-    """How many FDs pid has open, as the kernel counts them: the size of /proc/PID/fd
-    (Linux 6.2 and later; 0 before). None when unknown (0, not permitted, gone): one
-    stat instead of scan_fds' readlink per FD, for deciding whether a scan is needed."""
+def fd_dir_stat(pid: int, proc_root: str = "/proc") -> os.stat_result | None:
+    """stat of /proc/PID/fd, None when it fails (gone, not permitted). One call gives
+    what scan_fds and owner_uid would take many for: st_size is how many FDs pid has
+    open as the kernel counts them (Linux 6.2 and later; 0 before, read as unknown),
+    st_uid its owner (the same rule as owner_uid's /proc/PID)."""
     try:
-        return os.stat(f"{proc_root}/{pid}/fd").st_size or None
+        return os.stat(f"{proc_root}/{pid}/fd")
     except OSError:
         return None
+
+
+def fd_count(pid: int, proc_root: str = "/proc") -> int | None:
+    """How many FDs pid has open, as the kernel counts them; None when unknown."""
+    st = fd_dir_stat(pid, proc_root)
+    return (st.st_size or None) if st is not None else None
 
 
 # --------------------------------------------------------------------------- TCP tables
@@ -131,6 +139,12 @@ class TcpSocket(NamedTuple):
     state: str  # TCP_STATES name
     local: str  # "127.0.0.1:5555" or "[::1]:5555"
     remote: str
+
+
+# A socket in the same state between the same endpoints is formatted once, not once per
+# tick: most watched connections sit unchanged for minutes. Bounded; cleared when full.
+_FORMATTED: dict[tuple[int, int, bytes, int, bytes, int], TcpSocket] = {}
+_FORMATTED_MAX = 65536
 
 
 class TcpTable:
@@ -150,16 +164,25 @@ class TcpTable:
     def __len__(self) -> int:
         return len(self._raw)
 
+    def __contains__(self, inode: object) -> bool:
+        return inode in self._raw
+
     def get(self, inode: int) -> TcpSocket | None:
         raw = self._raw.get(inode)
         if raw is None:
             return None
-        family, state, laddr, lport, raddr, rport = raw
-        return TcpSocket(
-            TCP_STATES.get(state, f"UNKNOWN_{state}"),
-            _endpoint(family, laddr, lport),
-            _endpoint(family, raddr, rport),
-        )
+        sock = _FORMATTED.get(raw)
+        if sock is None:
+            family, state, laddr, lport, raddr, rport = raw
+            sock = TcpSocket(
+                TCP_STATES.get(state, f"UNKNOWN_{state}"),
+                _endpoint(family, laddr, lport),
+                _endpoint(family, raddr, rport),
+            )
+            if len(_FORMATTED) >= _FORMATTED_MAX:
+                _FORMATTED.clear()
+            _FORMATTED[raw] = sock
+        return sock
 
     def items(self) -> Iterator[tuple[int, TcpSocket]]:
         for inode in self._raw:

@@ -559,6 +559,8 @@ def _may_be_same_process(tracked: Tracked, spec: SessionSpec) -> bool:
 
 def _merged(primary: SessionSpec, other: SessionSpec) -> SessionSpec:
     """`primary` with the blanks filled from `other` (a weaker or later description)."""
+    if primary == other:  # the usual tick: a source describes its session as it did before
+        return primary
     return replace(
         primary,
         agent=primary.agent if primary.agent != "unknown" else other.agent,
