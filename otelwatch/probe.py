@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from otelwatch import procfs
 from otelwatch.fdmemo import Carried, FdMemo
@@ -102,11 +102,10 @@ class _History:
     monotonic: float
     wall: float
     cpu: dict[int, tuple[float, float]]  # pid -> (create_time, cpu_seconds)
-    # The previous sample's processes and tree tally: unchanged ones are reused, not
-    # copied (a session holds a window of samples; most of a quiet tree never changes).
+    # The previous sample and its processes: unchanged parts are reused, not copied (a
+    # session holds a window of samples; most of a quiet tree never changes).
     procs: dict[int, ProcessSample]
-    tcp: Mapping[str, int] | None
-    processes: tuple[ProcessSample, ...]
+    last: TreeSample
 
 
 # --------------------------------------------------------------------------- per-tick sharing
@@ -529,28 +528,37 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
         fds = None if fds is None or rp.num_fds is None else fds + rp.num_fds
         read_b = None if read_b is None or rp.read_bytes is None else read_b + rp.read_bytes
         write_b = None if write_b is None or rp.write_bytes is None else write_b + rp.write_bytes
-    tree_tcp: Mapping[str, int] | None = raw.tcp
     processes = tuple(samples)
-    if prev is not None:
-        tree_tcp = prev.tcp if prev.tcp == tree_tcp else tree_tcp
-        if len(prev.processes) == len(processes) and all(
-                a is b for a, b in zip(prev.processes, processes, strict=True)):
-            processes = prev.processes
-    history = _History(table.monotonic, table.time, cpu_now, {s.pid: s for s in samples}, tree_tcp, processes)
-    return TreeSample(
+    last = prev.last if prev is not None else None
+    if last is not None and len(last.processes) == len(processes) and all(
+            a is b for a, b in zip(last.processes, processes, strict=True)):
+        processes = last.processes
+    tree = TreeSample(
         time=now,
         status=raw.status,
-        root=raw.root,
+        root=_reuse(raw.root, last and last.root),
         processes=processes,
-        cpu_percent=None if root_rate is None or cpu_unknown else tree_rate,
-        cpu_seconds=cpu_seconds,
-        rss_bytes=rss,
+        cpu_percent=_reuse(None if root_rate is None or cpu_unknown else tree_rate, last and last.cpu_percent),
+        cpu_seconds=_reuse(cpu_seconds, last and last.cpu_seconds),
+        rss_bytes=_reuse(rss, last and last.rss_bytes),
         threads=threads,
         num_fds=fds,
-        tcp=tree_tcp,
+        tcp=_reuse(raw.tcp, last and last.tcp),
         listen=raw.listen,
         children=len(samples) - 1,
-        read_bytes=read_b,
-        write_bytes=write_b,
+        read_bytes=_reuse(read_b, last and last.read_bytes),
+        write_bytes=_reuse(write_b, last and last.write_bytes),
         error=raw.error,
-    ), history
+    )
+    return tree, _History(table.monotonic, table.time, cpu_now, {s.pid: s for s in samples}, tree)
+
+
+_T = TypeVar("_T")
+
+
+def _reuse(new: _T, old: object) -> _T:
+    """`old` when it equals `new` (and is of its type: 0 is not 0.0): the object a
+    previous sample already holds, instead of one more copy of the same number."""
+    if old is not None and type(old) is type(new) and old == new:
+        return old
+    return new

@@ -5,18 +5,23 @@ is read in full, and sessions that are not steady always are.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from procs import TcpServer
 
 from otelwatch import procfs
+from otelwatch.config import parse_config
+from otelwatch.daemon import Watcher
 from otelwatch.fdmemo import MAX_CARRIED
+from otelwatch.model import State
 from otelwatch.probe import Prober
 from otelwatch.proctable import ProcessTableReader
 
@@ -136,3 +141,35 @@ def test_a_changed_fd_table_is_seen(agent: Agent, scans: list[int], cmd: str, tc
         assert after[-1] == tcp_after, after
     else:
         assert after == [tcp_after] * len(after), after
+
+
+def test_the_daemon_reads_a_session_judged_on_its_sockets_in_full(
+        agent: Agent, scans: list[int], tmp_path: Path) -> None:
+    """Only active, idle and long_running sessions may be carried: once the agent's
+    verdict is stalled (waiting_on_network: its sockets are the evidence), and so for
+    every stuck verdict and recovery decision, each tick reads its FDs again."""
+    cfg = parse_config({
+        "interval": 0.25, "probe_timeout": 0.25, "state_dir": str(tmp_path / "state"),
+        "classify": {"startup_grace": 0, "stall_after": 1},
+        "sources": {"registry": {"enabled": False}, "processes": {"enabled": False},
+                    "tmux": {"enabled": False}, "transcripts": {"enabled": False}},
+        "export": {"prometheus": {"enabled": False}},
+    })
+    w = Watcher(cfg, log_stream=io.StringIO())
+    states: list[tuple[State, bool]] = []
+    try:
+        sid = w.track(agent.proc.pid, agent="fake")
+        for _ in range(16):  # about 4 s: active for the first second, then stalled
+            before = len(scans)
+            snap = {s.session_id: s for s in w.tick()}[sid]
+            states.append((snap.state, len(scans) > before))
+            time.sleep(0.25)
+    finally:
+        w.stop()
+    assert any(state is State.ACTIVE for state, _ in states), states
+    stalled_at = next(i for i, (state, _) in enumerate(states) if state is State.STALLED)
+    assert {s for s, _ in states[stalled_at:]} == {State.STALLED}, states
+    # The tick after the verdict turned stalled, and every one after it, scanned.
+    assert all(scanned for _, scanned in states[stalled_at + 1:]), states
+    # While active, most ticks were carried.
+    assert sum(not scanned for state, scanned in states[:stalled_at] if state is State.ACTIVE) >= 1, states
