@@ -195,8 +195,9 @@ class SessionGauges:
 
     @contextlib.contextmanager
     def muted(self) -> Iterator[None]:
-        """Collections on this thread, inside the block, observe nothing. Callbacks run
-        synchronously on the collecting thread (SDK MeasurementConsumer.collect)."""
+        """Collections on this thread, inside the block, get no per-session observation
+        (the per-state count still). Callbacks run synchronously on the collecting
+        thread (SDK MeasurementConsumer.collect), so no other reader is affected."""
         self._muted.on = True
         try:
             yield
