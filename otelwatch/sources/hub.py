@@ -41,6 +41,7 @@ class Sources:
     """The configured session sources behind one `scan()`; each is optional and guarded."""
 
     def __init__(self, cfg: Config, paths: Paths, telemetry: TelemetrySink) -> None:
+        from otelwatch.sources.agent_dirs import AgentDirResolver
         from otelwatch.sources.processes import ProcessMatcher
         from otelwatch.sources.registry import RegistrySource
         from otelwatch.sources.spool import SpoolSource
@@ -56,7 +57,8 @@ class Sources:
         self._pruned_at = -math.inf
         self.processes = ProcessMatcher(s.processes.match, self_pid=os.getpid()) if s.processes.enabled else None
         self.tmux = TmuxSource(timeout=s.tmux.timeout) if s.tmux.enabled else None
-        self.transcripts = TranscriptLocator(paths.home) if s.transcripts.enabled else None
+        self.transcripts = TranscriptLocator(paths.home, AgentDirResolver(
+            paths.home, configured=bool(s.transcripts.home))) if s.transcripts.enabled else None
         self.registry_ok = False
         # agent pid -> the tmux pane it runs in (or ran in) at the last scan; None when tmux is
         # off or the last scan failed (a failed read is no news).

@@ -6,8 +6,9 @@ change to the agent; what Claude Code's session file says about the CLI's
 state (`ClaudeSession`), and the events that bring a session's activity in
 line with it (`status_events`); and the reading of a transcript that its
 lines alone do not say (`fold_transcript`: an API attempt after an
-unanswered one is a retry). Read-only: it lists and stats files under the
-home directory and reads at most the first line of a Codex rollout and
+unanswered one is a retry). Read-only: it lists and stats files under each
+agent's own config directories (agent_dirs.py: from its environment, or the
+configured home) and reads at most the first line of a Codex rollout and
 Claude Code's small session files. Never writes, never runs anything.
 
 What is known and what is heuristic:
@@ -39,12 +40,13 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from otelwatch.model import Activity, Event, EventKind
+from otelwatch.sources.agent_dirs import AgentDirs, dirs_from
 
 __all__ = ["ClaudeSession", "TranscriptLocator", "claude_project_dirs", "fold_transcript", "status_events"]
 
@@ -87,8 +89,13 @@ def claude_project_dirs(claude_dir: Path, cwd: str) -> list[Path]:
 
 
 class TranscriptLocator:
-    def __init__(self, home: Path) -> None:
+    """`dirs(pid)`: where that process keeps its files (agent_dirs.AgentDirResolver);
+    without it every process's are under `home`."""
+
+    def __init__(self, home: Path, dirs: Callable[[int], AgentDirs] | None = None) -> None:
         self.home = Path(home)
+        fixed = dirs_from({}, self.home)
+        self._dirs: Callable[[int], AgentDirs] = dirs or (lambda _pid: fixed)
         self._claims: dict[Path, int] = {}  # transcript -> pid it was handed to
         self._meta_cache: dict[Path, tuple[tuple[int, int], str | None, str | None]] = {}
         self._sessions: dict[int, tuple[tuple[int, int, int, int], ClaudeSession | None]] = {}
@@ -113,6 +120,9 @@ class TranscriptLocator:
         for path in [p for p, owner in self._claims.items() if owner == pid]:
             del self._claims[path]
         self._sessions.pop(pid, None)
+        forget = getattr(self._dirs, "forget", None)
+        if forget is not None:
+            forget(pid)
 
     # ------------------------------------------------------------------ claude
 
@@ -121,7 +131,7 @@ class TranscriptLocator:
 
         Cheap enough for every tick: one stat, and one read of a small file only when it
         changed since the last call."""
-        path = self.home / ".claude" / "sessions" / f"{pid}.json"
+        path = self._dirs(pid).claude / "sessions" / f"{pid}.json"
         try:
             st = path.stat()
         except OSError:
@@ -138,7 +148,7 @@ class TranscriptLocator:
         return session
 
     def _claude(self, pid: int, cwd: str | None, started_at: float) -> tuple[str, Path] | None:
-        claude_dir = self.home / ".claude"
+        claude_dir = self._dirs(pid).claude
         session = self.claude_session(pid)
         sid = session.session_id if session is not None else None
         if session is not None and session.current and sid:
@@ -177,7 +187,7 @@ class TranscriptLocator:
     # ------------------------------------------------------------------ codex
 
     def _codex(self, pid: int, cwd: str | None, started_at: float) -> tuple[str, Path] | None:
-        base = self.home / ".codex" / "sessions"
+        base = self._dirs(pid).codex / "sessions"
         files: list[Path] = []
         for day in _days(started_at, time.time()):
             files.extend(sorted((base / day).glob("rollout-*.jsonl")))

@@ -1,0 +1,83 @@
+"""Where a discovered agent keeps its transcripts (otelwatch/sources/agent_dirs.py): its
+own CLAUDE_CONFIG_DIR, CODEX_HOME or HOME, read from a real process's environment;
+never a directory another user owns; a configured home wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from otelwatch.sources.agent_dirs import AgentDirResolver, AgentDirs, dirs_from, read_environ
+from otelwatch.sources.transcripts import TranscriptLocator
+
+
+def test_dirs_from_the_environment() -> None:
+    default = Path("/home/otelwatch")
+    assert dirs_from({}, default) == AgentDirs(default / ".claude", default / ".codex")
+    assert dirs_from({"HOME": "/home/ann"}, default) == AgentDirs(Path("/home/ann/.claude"),
+                                                                   Path("/home/ann/.codex"))
+    env = {"HOME": "/home/ann", "CLAUDE_CONFIG_DIR": "/srv/claude", "CODEX_HOME": "/srv/codex"}
+    assert dirs_from(env, default) == AgentDirs(Path("/srv/claude"), Path("/srv/codex"))
+    # Relative paths mean nothing to another process; untrusted ones are not followed.
+    assert dirs_from({"HOME": "ann", "CLAUDE_CONFIG_DIR": ""}, default) == dirs_from({}, default)
+    assert dirs_from(env, default, trusted=lambda p: p != Path("/srv/claude")).claude == Path("/home/ann/.claude")
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """A real process started with its own HOME and CLAUDE_CONFIG_DIR (a secret beside them)."""
+    home, config = tmp_path / "ann", tmp_path / "claude-config"
+    (config / "sessions").mkdir(parents=True)
+    home.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "CLAUDE_CONFIG_DIR": str(config),
+           "ANTHROPIC_API_KEY": "sk-secret"}
+    proc = subprocess.Popen(["sleep", "30"], env=env)
+    try:
+        yield proc, home, config
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_process_is_followed_into_its_own_directories(
+        agent: tuple[subprocess.Popen[bytes], Path, Path], tmp_path: Path) -> None:
+    proc, home, config = agent
+    assert read_environ(proc.pid) == {"HOME": str(home), "CLAUDE_CONFIG_DIR": str(config)}  # no secret kept
+    resolver = AgentDirResolver(tmp_path / "daemon-home")
+    assert resolver(proc.pid) == AgentDirs(config, home / ".codex")
+    # The transcript locator reads the CLI's session file where the CLI writes it.
+    (config / "sessions" / f"{proc.pid}.json").write_text(json.dumps(
+        {"pid": proc.pid, "sessionId": "s-ann", "cwd": "/work", "status": "idle", "statusUpdatedAt": 1}))
+    session = TranscriptLocator(tmp_path / "daemon-home", resolver).claude_session(proc.pid)
+    assert session is not None and session.session_id == "s-ann"
+    # Without the resolver (as before) it looked in the daemon's home and found nothing.
+    assert TranscriptLocator(tmp_path / "daemon-home").claude_session(proc.pid) is None
+    # A configured home wins over every environment.
+    assert AgentDirResolver(tmp_path / "conf", configured=True)(proc.pid) == dirs_from({}, tmp_path / "conf")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a directory to another user")
+def test_a_directory_another_user_owns_is_never_followed(
+        agent: tuple[subprocess.Popen[bytes], Path, Path], tmp_path: Path) -> None:
+    """Another local user could point their agent at someone else's directory to have
+    that person's session shown as theirs: only the agent's own user or root may own it."""
+    proc, home, config = agent
+    os.chown(config, 54321, 54321)
+    resolver = AgentDirResolver(tmp_path / "daemon-home")
+    assert resolver(proc.pid) == AgentDirs(home / ".claude", home / ".codex")
+    resolver.forget(proc.pid)
+    os.chown(home, 54321, 54321)
+    assert resolver(proc.pid) == dirs_from({}, tmp_path / "daemon-home")
+
+
+def test_unreadable_or_gone_processes_fall_back_to_the_default(tmp_path: Path) -> None:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    assert read_environ(proc.pid) == {}
+    assert AgentDirResolver(tmp_path)(proc.pid) == dirs_from({}, tmp_path)
