@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def test_a_process_is_followed_into_its_own_directories(
 def test_a_directory_another_user_owns_is_never_followed(
         agent: tuple[subprocess.Popen[bytes], Path, Path], tmp_path: Path) -> None:
     """Another local user could point their agent at someone else's directory to have
-    that person's session shown as theirs: only the agent's own user or root may own it."""
+    that person's session shown as theirs: only the agent's own user may own it (here the
+    agent is root's, the directories another user's; the mirror case is the same test)."""
     proc, home, config = agent
     os.chown(config, 54321, 54321)
     resolver = AgentDirResolver(tmp_path / "daemon-home")
@@ -74,6 +76,28 @@ def test_a_directory_another_user_owns_is_never_followed(
     resolver.forget(proc.pid)
     os.chown(home, 54321, 54321)
     assert resolver(proc.pid) == dirs_from({}, tmp_path / "daemon-home")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process as another user")
+def test_another_users_agent_never_gets_roots_directories(tmp_path: Path) -> None:
+    """A user's agent naming root's directory (CLAUDE_CONFIG_DIR=/root/.claude) is not
+    followed into it, though root owns it and a root daemon could read it."""
+    config = tmp_path / "roots-claude"
+    config.mkdir()
+    tmp_path.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CLAUDE_CONFIG_DIR": str(config)}
+    proc = subprocess.Popen(["sleep", "30"], env=env, user=54321, group=54321)
+    try:
+        resolver = AgentDirResolver(tmp_path / "daemon-home")
+        for _ in range(100):  # until exec'd (before, /proc shows the parent's environment)
+            if "CLAUDE_CONFIG_DIR" in read_environ(proc.pid):
+                break
+            time.sleep(0.02)
+        assert read_environ(proc.pid)["CLAUDE_CONFIG_DIR"] == str(config)
+        assert resolver(proc.pid) == dirs_from({}, tmp_path / "daemon-home")
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_unreadable_or_gone_processes_fall_back_to_the_default(tmp_path: Path) -> None:

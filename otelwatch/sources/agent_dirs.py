@@ -8,9 +8,9 @@ So the directories are read from the process's initial environment
 (/proc/PID/environ), once per process.
 
 Trust: a directory named by a process's environment is followed only when it is
-owned by that process's user or by root. Otherwise another local user could
-point their agent at someone else's directory and have otelwatch show that
-person's session as theirs. What cannot be read or trusted falls back to the
+owned by that process's own user (root's only for root's processes). Otherwise
+another local user could point their agent at someone else's directory, root's
+included, and have otelwatch show that person's session as theirs. What cannot be read or trusted falls back to the
 default home (`sources.transcripts.home`, or the home of the user otelwatch runs
 as), as before. A configured `sources.transcripts.home` wins over any environment.
 
@@ -54,17 +54,16 @@ def dirs_from(env: Mapping[str, str], default_home: Path,
 
 
 class _Trust:
-    """Whether a directory may be followed for a process of `uid`: owned by it or root."""
+    """Whether a directory may be followed for a process of `uid`: owned by that uid."""
 
-    def __init__(self, uid: int | None) -> None:
+    def __init__(self, uid: int) -> None:
         self.uid = uid
 
     def __call__(self, path: Path) -> bool:
         try:
-            owner = path.stat().st_uid
+            return path.stat().st_uid == self.uid
         except OSError:
             return False
-        return owner == 0 or (self.uid is not None and owner == self.uid)
 
 
 class AgentDirResolver:
@@ -98,7 +97,7 @@ class AgentDirResolver:
         if not env:
             return self._default
         try:
-            uid: int | None = os.stat(f"{self.proc_root}/{pid}").st_uid
+            uid = os.stat(f"{self.proc_root}/{pid}").st_uid
         except OSError:
             return self._default
         return dirs_from(env, self.default_home, _Trust(uid))
