@@ -259,14 +259,15 @@ class Watcher:
     # ------------------------------------------------------------------ probe
 
     def _sample(self, table: ProcessTable, now: float) -> None:
-        targets: dict[str, ProcessIdentity | int] = {
-            t.key: t.identity or t.spec.pid for t in self._sessions.values()
-            if t.ended_at is None and t.spec.pid is not None}
+        targets: dict[str, ProcessIdentity | int] = {}
+        steady: set[str] = set()  # not judged on their sockets: may reuse an FD scan (fdmemo.py)
+        for t in self._sessions.values():
+            if t.ended_at is None and t.spec.pid is not None:
+                targets[t.key] = t.identity or t.spec.pid
+                if t.verdict is not None and t.verdict.state in STEADY_STATES:
+                    steady.add(t.key)
         if not targets:
             return
-        # Only sessions not judged on their sockets may reuse a quiet process's FD scan (fdmemo.py).
-        steady = {t.key for t in self._sessions.values()
-                  if t.verdict is not None and t.verdict.state in STEADY_STATES}
         samples = self._prober.sample(table, targets, self.cfg.probe_timeout, steady=steady)
         for kind, what in self._prober.take_problems():
             self._probe_problem(kind, timeout=(what == "timeout"))

@@ -101,10 +101,9 @@ def _tally(sockets: Iterable[TcpSocket]) -> tuple[dict[str, int], int]:
 class _History:
     monotonic: float
     wall: float
-    cpu: dict[int, tuple[float, float]]  # pid -> (create_time, cpu_seconds)
-    # The previous sample and its processes: unchanged parts are reused, not copied (a
-    # session holds a window of samples; most of a quiet tree never changes).
-    procs: dict[int, ProcessSample]
+    # The previous sample: its processes' CPU seconds give this tick's rates, and its
+    # unchanged parts are reused, not copied (a session holds a window of samples; most
+    # of a quiet tree never changes).
     last: TreeSample
 
 
@@ -430,9 +429,12 @@ class Prober:
                 num_fds = scan.num_fds
                 if not scan.sockets:
                     sockets = {}
-                elif (tcp_table := tcp_table or self._table_for(pid, tick)) is not None:
-                    # Inodes not in the table are UDP or unix sockets.
-                    sockets = {i: s for i in scan.sockets if (s := tcp_table.get(i)) is not None}
+                else:
+                    if tcp_table is None:  # not fetched yet (no carried scan checked it)
+                        tcp_table = self._table_for(pid, tick)
+                    if tcp_table is not None:
+                        # Inodes not in the table are UDP or unix sockets.
+                        sockets = {i: s for i in scan.sockets if (s := tcp_table.get(i)) is not None}
         if carried is None:
             try:
                 io = procfs.read_io(pid, root)
@@ -469,8 +471,9 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
     if not raw.procs:
         return TreeSample(time=now, status=raw.status, root=raw.root, error=raw.error), None
     dt = 0.0 if prev is None else table.monotonic - prev.monotonic
+    last = prev.last if prev is not None else None
+    before_by_pid = {s.pid: s for s in last.processes} if last is not None else {}
     samples: list[ProcessSample] = []
-    cpu_now: dict[int, tuple[float, float]] = {}
     tree_rate = 0.0
     root_rate: float | None = None
     cpu_unknown = False
@@ -481,12 +484,11 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
     write_b: int | None = 0
     for i, rp in enumerate(raw.procs):
         p = rp.info
-        cpu_now[p.pid] = (p.create_time, p.cpu_seconds)
+        before_sample = before_by_pid.get(p.pid)
         rate: float | None = None
         if prev is not None and dt > 0:
-            before = prev.cpu.get(p.pid)
-            if before is not None and abs(before[0] - p.create_time) <= CREATE_TIME_TOLERANCE:
-                rate = max(0.0, p.cpu_seconds - before[1]) / dt * 100.0
+            if before_sample is not None and abs(before_sample.create_time - p.create_time) <= CREATE_TIME_TOLERANCE:
+                rate = max(0.0, p.cpu_seconds - before_sample.cpu_seconds) / dt * 100.0
             elif p.create_time > prev.wall - CREATE_TIME_TOLERANCE:
                 # Born since the previous sample: all its CPU time is new.
                 rate = p.cpu_seconds / dt * 100.0
@@ -499,7 +501,6 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
         tcp: Mapping[str, int] | None = None
         listen = 0
         conns: tuple[TcpConnection, ...] = ()
-        before_sample = prev.procs.get(p.pid) if prev is not None else None
         if rp.sockets is not None:
             tcp, listen = _tally(rp.sockets.values())
             conns = tuple(_connection(s) for s in rp.sockets.values() if s.state != "LISTEN")
@@ -529,7 +530,6 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
         read_b = None if read_b is None or rp.read_bytes is None else read_b + rp.read_bytes
         write_b = None if write_b is None or rp.write_bytes is None else write_b + rp.write_bytes
     processes = tuple(samples)
-    last = prev.last if prev is not None else None
     if last is not None and len(last.processes) == len(processes) and all(
             a is b for a, b in zip(last.processes, processes, strict=True)):
         processes = last.processes
@@ -550,7 +550,7 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
         write_bytes=_reuse(write_b, last and last.write_bytes),
         error=raw.error,
     )
-    return tree, _History(table.monotonic, table.time, cpu_now, {s.pid: s for s in samples}, tree)
+    return tree, _History(table.monotonic, table.time, tree)
 
 
 _T = TypeVar("_T")

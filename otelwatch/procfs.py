@@ -30,7 +30,6 @@ __all__ = [
     "ProcessGone",
     "TcpSocket",
     "TcpTable",
-    "fd_count",
     "fd_dir_stat",
     "net_namespace",
     "netlink_tcp_table",
@@ -124,12 +123,6 @@ def fd_dir_stat(pid: int, proc_root: str = "/proc") -> os.stat_result | None:
         return os.stat(f"{proc_root}/{pid}/fd")
     except OSError:
         return None
-
-
-def fd_count(pid: int, proc_root: str = "/proc") -> int | None:
-    """How many FDs pid has open, as the kernel counts them; None when unknown."""
-    st = fd_dir_stat(pid, proc_root)
-    return (st.st_size or None) if st is not None else None
 
 
 # --------------------------------------------------------------------------- TCP tables

@@ -23,7 +23,7 @@ from otelwatch.daemon import Watcher
 from otelwatch.fdmemo import MAX_CARRIED
 from otelwatch.model import State
 from otelwatch.probe import Prober
-from otelwatch.proctable import ProcessTableReader
+from otelwatch.proctable import ProcessTableReader, read_proc
 
 # A process with 8 files and 2 connections that changes its FD table on command (one
 # line on stdin, answered with "ok" once done): no CPU otherwise.
@@ -47,7 +47,7 @@ for line in sys.stdin:
 """
 
 pytestmark = pytest.mark.skipif(
-    not procfs.fd_count(os.getpid()),
+    not getattr(procfs.fd_dir_stat(os.getpid()), "st_size", 0),
     reason="this kernel does not count FDs in /proc/PID/fd's size (Linux < 6.2): nothing is carried")
 
 
@@ -66,7 +66,11 @@ class Agent:
     def _answer(self) -> None:
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline().strip() == "ok"
-        time.sleep(0.05)  # let the interpreter settle back to sleep in read(2)
+        for _ in range(100):  # until it is back asleep in read(2)
+            info = read_proc(self.proc.pid)
+            if info is not None and info.state == "S":
+                break
+            time.sleep(0.01)
 
     def stop(self) -> None:
         self.proc.kill()

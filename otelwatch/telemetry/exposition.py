@@ -19,22 +19,30 @@ from collections.abc import Sequence
 from prometheus_client.utils import floatToGoString
 
 from otelwatch.model import SessionSnapshot
-from otelwatch.telemetry.instruments import ALWAYS_TCP_STATES, SessionGauges
+from otelwatch.telemetry.instruments import (
+    ALWAYS_TCP_STATES,
+    SESSION_CPU,
+    SESSION_FDS,
+    SESSION_LAST_EVENT_AGE,
+    SESSION_LAST_EVENT_TIME,
+    SESSION_RSS,
+    SESSION_STATUS,
+    SESSION_TCP,
+    SESSION_THREADS,
+    SessionGauges,
+)
 
-# instrument name -> (Prometheus name, OpenMetrics UNIT or ""), as the SDK's translation
-# names them: dots become underscores, unit "s" adds `_seconds`, "By" `_bytes`; "1" and
-# "{...}" units add nothing.
-_FAMILIES: dict[str, tuple[str, str]] = {
-    "otelwatch.session.status": ("otelwatch_session_status", ""),
-    "otelwatch.session.last_event.age": ("otelwatch_session_last_event_age_seconds", "seconds"),
-    "otelwatch.session.last_event.time": ("otelwatch_session_last_event_time_seconds", "seconds"),
-    "otelwatch.session.cpu.utilization": ("otelwatch_session_cpu_utilization", ""),
-    "otelwatch.session.memory.rss": ("otelwatch_session_memory_rss_bytes", "bytes"),
-    "otelwatch.session.open_fds": ("otelwatch_session_open_fds", ""),
-    "otelwatch.session.threads": ("otelwatch_session_threads", ""),
-    "otelwatch.session.tcp.connections": ("otelwatch_session_tcp_connections", ""),
-}
-_DESCRIPTIONS = {name: desc for name, (_unit, desc) in SessionGauges.PER_SESSION.items()}
+# The SDK's Prometheus translation: dots become underscores; unit "s" adds `_seconds` and
+# "By" `_bytes` (and an OpenMetrics UNIT line); "1" and "{...}" units add nothing.
+_UNIT_SUFFIX = {"s": "seconds", "By": "bytes"}
+
+
+def _family(instrument: str) -> tuple[str, str, str]:
+    """(Prometheus name, OpenMetrics unit or "", HELP text) of a per-session gauge."""
+    unit, description = SessionGauges.PER_SESSION[instrument]
+    suffix = _UNIT_SUFFIX.get(unit, "")
+    name = instrument.replace(".", "_") + (f"_{suffix}" if suffix else "")
+    return name, suffix, description
 
 
 def _label(value: str) -> str:
@@ -113,21 +121,16 @@ def render_sessions(snapshots: Sequence[SessionSnapshot], ended: set[str] | froz
         for tcp_state in sorted(counts):
             tcp.append(f'{{{base},tcp_state="{_label(tcp_state)}"}} {fmt(counts[tcp_state])}\n')
     rows: dict[str, list[str]] = {
-        "otelwatch.session.status": status,
-        "otelwatch.session.last_event.age": age,
-        "otelwatch.session.last_event.time": when,
-        "otelwatch.session.cpu.utilization": cpu,
-        "otelwatch.session.memory.rss": rss,
-        "otelwatch.session.open_fds": fds,
-        "otelwatch.session.threads": threads,
-        "otelwatch.session.tcp.connections": tcp,
+        SESSION_STATUS: status, SESSION_LAST_EVENT_AGE: age, SESSION_LAST_EVENT_TIME: when,
+        SESSION_CPU: cpu, SESSION_RSS: rss, SESSION_FDS: fds, SESSION_THREADS: threads, SESSION_TCP: tcp,
     }
     out: list[str] = []
-    for instrument, lines in rows.items():
+    for instrument in SessionGauges.PER_SESSION:  # in the order the SDK created them
+        lines = rows[instrument]
         if not lines:  # as the SDK: a family without a sample is not announced
             continue
-        name, unit = _FAMILIES[instrument]
-        out.append(f"# HELP {name} {_help(_DESCRIPTIONS[instrument])}\n# TYPE {name} gauge\n")
+        name, unit, description = _family(instrument)
+        out.append(f"# HELP {name} {_help(description)}\n# TYPE {name} gauge\n")
         if openmetrics and unit:
             out.append(f"# UNIT {name} {unit}\n")
         out.extend(name + line for line in lines)

@@ -522,6 +522,19 @@ def describe(run: Launched, rows: Sequence[Row], recorder: Recorder | None = Non
     return "\n".join(lines)
 
 
+def never_stuck_nor_recovered(rows: Sequence[Row], t0: float, why: str) -> list[str]:
+    """The first stuck verdict and the first recovery record of a working session, if any:
+    none of the real agents' scenarios, headless or TUI, may show either."""
+    problems = []
+    stuck = [r for r in rows if r.state == "stuck"]
+    if stuck:
+        problems.append(f"stuck/{stuck[0].reason} at {stuck[0].t - t0:.1f}s: {why}")
+    recovered = [r for r in rows if r.recoveries]
+    if recovered:
+        problems.append(f"a recovery record at {recovered[0].t - t0:.1f}s for a working session")
+    return problems
+
+
 def check(run: Launched, rows: Sequence[Row], ids_at_once: Sequence[tuple[float, tuple[str, ...]]], *,
           observed_until: float, stall_after: float = STALL_AFTER, interval: float = INTERVAL,
           slack: float = POLL_S + 2.0) -> list[str]:
@@ -538,12 +551,7 @@ def check(run: Launched, rows: Sequence[Row], ids_at_once: Sequence[tuple[float,
         t, ids = doubles[0]
         problems.append(f"picked up as {len(ids)} sessions at {t - t0:.1f}s: {list(ids)}")
 
-    stuck = [r for r in rows if r.state == "stuck"]
-    if stuck:
-        problems.append(f"stuck at {stuck[0].t - t0:.1f}s ({stuck[0].reason}); no target says stuck")
-    recovered = [r for r in rows if r.recoveries]
-    if recovered:
-        problems.append(f"a recovery record at {recovered[0].t - t0:.1f}s for a working session")
+    problems.extend(never_stuck_nor_recovered(rows, t0, "no target says stuck"))
 
     verdicts = [(r.state, r.reason) for r in rows]
     first = exp.settle or exp.final

@@ -33,7 +33,15 @@ import pytest
 from e2e_support import Daemon, merge, start_daemon
 
 from realagents.harness import DAEMON_CONFIG as HEADLESS_CONFIG
-from realagents.harness import STALL_AFTER, Recorder, Row, base_env, require_real_agents, segments
+from realagents.harness import (
+    STALL_AFTER,
+    Recorder,
+    Row,
+    base_env,
+    never_stuck_nor_recovered,
+    require_real_agents,
+    segments,
+)
 from realagents.tui import INPUT_BOX, Tui, claude_env, hooks_settings, launch_tui, seed_home
 
 pytestmark = [pytest.mark.real_agents, pytest.mark.timeout(240)]
@@ -326,12 +334,7 @@ def judge(run: Run, rows: list[Row], end: float) -> list[str]:
         if left:
             problems.append(f"[{ph.label}] left {want} for {left[0].state}/{left[0].reason} at "
                             f"{left[0].t - t0:.1f}s")
-    stuck = [r for r in rows if r.state == "stuck"]
-    if stuck:
-        problems.append(f"stuck/{stuck[0].reason} at {stuck[0].t - t0:.1f}s: a person is the next step")
-    recovered = [r for r in rows if r.recoveries]
-    if recovered:
-        problems.append(f"a recovery record at {recovered[0].t - t0:.1f}s")
+    problems.extend(never_stuck_nor_recovered(rows, t0, "a person is the next step"))
     want_rt = ("tmux", run.tui.target)
     first = rows[0].t
     wrong_rt = [r for r in rows if r.state != "exited" and r.t > first + EDGE_S and r.runtime != want_rt]
