@@ -44,8 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from otelwatch.backends import probe_backend  # noqa: E402
-from otelwatch.proctable import read_proc  # noqa: E402
+from otelwatch.probe.backends import probe_backend  # noqa: E402
+from otelwatch.probe.proctable import read_proc  # noqa: E402
 
 EXPORTER = "/usr/bin/prometheus-process-exporter"
 NAME = "owbench-sleep"  # comm of the sleepers (15 chars max), what process-exporter matches

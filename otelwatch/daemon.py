@@ -26,15 +26,15 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING, Any
 
-from otelwatch.backends import probe_backend
-from otelwatch.classify import is_late_tick
+from otelwatch.classify.rules import is_late_tick
 from otelwatch.config import Config, Paths, default_paths
-from otelwatch.fdmemo import STEADY_STATES
-from otelwatch.lifecycle import Effects, Lifecycle, add_sample, record_step, recovery_view
 from otelwatch.model import Event, Mode, ProcessIdentity, SessionSnapshot, SessionSpec
-from otelwatch.proctable import ProcessTable
+from otelwatch.probe.backends import probe_backend
+from otelwatch.probe.fdmemo import STEADY_STATES
+from otelwatch.probe.proctable import ProcessTable
 from otelwatch.recovery import Recovery
-from otelwatch.sessions import SessionTable, Tracked
+from otelwatch.sessions.lifecycle import Effects, Lifecycle, add_sample, record_step, recovery_view
+from otelwatch.sessions.table import SessionTable, Tracked
 from otelwatch.sources.hub import Sources
 from otelwatch.sources.inbox import INBOX_DRAIN_PER_TICK, INBOX_MAX, INBOX_MAX_HTTP, Inbox
 

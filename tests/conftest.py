@@ -1,16 +1,12 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from procs import Spawner, TcpServer
-from tmux_support import Server, running_tmux_server
+from tests.support.procs import Spawner, TcpServer
+from tests.support.tmux_support import Server, running_tmux_server
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter

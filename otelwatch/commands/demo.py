@@ -60,7 +60,7 @@ def demo_config(state_dir: Path, listen: str, backend: str = "auto") -> Any:
 
 def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464", backend: str = "auto") -> int:
     from otelwatch.daemon import Watcher
-    from otelwatch.server import HttpServer
+    from otelwatch.http.server import HttpServer
     from otelwatch.telemetry import Telemetry
 
     tmp = Path(tempfile.mkdtemp(prefix="otelwatch-demo-"))

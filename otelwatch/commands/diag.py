@@ -18,9 +18,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from otelwatch.backends import probe_backend, resolve
 from otelwatch.model import ProcessIdentity, ProcessSample, SampleStatus, TreeSample
-from otelwatch.probe import Prober
+from otelwatch.probe.backends import probe_backend, resolve
+from otelwatch.probe.prober import Prober
 
 __all__ = ["backend_notes", "diag_main", "format_table", "sample_to_json"]
 
@@ -37,7 +37,7 @@ def backend_notes(backend: str) -> list[str]:
     """What the resolved backend ("procfs" or "psutil") cannot read on this host."""
     if backend != "psutil":
         return []
-    from otelwatch.probe_psutil import HAS_IO_COUNTERS, LINUX
+    from otelwatch.probe.psutil_backend import HAS_IO_COUNTERS, LINUX
 
     notes = ["wchan: unknown (psutil has no kernel wait channel; the procfs backend reads it on Linux)"]
     if not HAS_IO_COUNTERS:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from otelwatch.config import Config, default_paths
-from otelwatch.events import parse_events
+from otelwatch.events.lines import parse_events
 from otelwatch.sources.processes import AGENT_NAMES
 from otelwatch.sources.registry import register, unregister, write_atomic
 from otelwatch.sources.spool import append_records, make_record, safe_name, spool_path
@@ -261,7 +261,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _create_time(pid: int) -> float | None:
-    from otelwatch.proctable import read_proc
+    from otelwatch.probe.proctable import read_proc
 
     try:
         info = read_proc(pid)

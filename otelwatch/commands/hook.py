@@ -83,7 +83,7 @@ def _record(session_id: str, event: Event, agent: str | None, pid: int | None) -
     else:
         # Bind an explicit --pid to the process holding it now, so that the record
         # can never be taken for a later process that reuses the PID.
-        from otelwatch.proctable import read_proc
+        from otelwatch.probe.proctable import read_proc
 
         info = read_proc(pid)
         create_time = round(info.create_time, 2) if info is not None else None
@@ -98,7 +98,7 @@ def agent_pid(start: int | None = None) -> tuple[int | None, float | None]:
     One /proc/PID/stat read per step: psutil would cost more to import than the
     whole hook may take.
     """
-    from otelwatch.proctable import read_boot_time, read_proc
+    from otelwatch.probe.proctable import read_boot_time, read_proc
 
     pid = os.getppid() if start is None else start
     try:

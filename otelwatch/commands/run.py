@@ -63,7 +63,7 @@ def state_dir_lock(paths: Paths) -> Iterator[None]:
 
 def run_daemon(cfg: Config) -> int:
     """`otelwatch run`: serve until SIGTERM/SIGINT. Returns the process exit code."""
-    from otelwatch.server import HttpServer
+    from otelwatch.http.server import HttpServer
     from otelwatch.sources.registry import RegistryRefused
     from otelwatch.telemetry import Telemetry
 
@@ -78,7 +78,7 @@ def run_daemon(cfg: Config) -> int:
                 print(f"otelwatch: {exc}", file=sys.stderr)
                 watcher.stop()
                 return 2
-            from otelwatch.notify import attach
+            from otelwatch.telemetry.notify import attach
 
             try:
                 notifier = attach(watcher)

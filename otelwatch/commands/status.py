@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import IO, Any
 
-from otelwatch.report import human_duration
+from otelwatch.sessions.report import human_duration
 
 COLUMNS = ("SESSION", "AGENT", "PID", "STATE", "REASON", "FOR", "SILENCE", "CPU%", "RSS", "TCP", "FDS")
 _COLORS = {"active": "32", "idle": "36", "long_running": "34", "stalled": "33", "stuck": "31;1",

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from otelwatch.commands.status import _bytes, _tcp
-from otelwatch.report import human_duration
+from otelwatch.sessions.report import human_duration
 
 __all__ = ["History", "Poll", "layout", "matches", "render_detail", "render_list", "sort_sessions",
            "sparkline", "top_main"]

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from otelwatch.backends import resolve, table_reader
 from otelwatch.model import ProcessIdentity
-from otelwatch.procfs import ProcessGone, owner_uid
-from otelwatch.proctable import ProcessTable, ProcInfo, read_boot_time, read_proc
+from otelwatch.probe.backends import resolve, table_reader
+from otelwatch.probe.procfs import ProcessGone, owner_uid
+from otelwatch.probe.proctable import ProcessTable, ProcInfo, read_boot_time, read_proc
 from otelwatch.recovery.policy import same_identity
 from otelwatch.sources.trust import resolve_users
 
@@ -82,7 +82,7 @@ class ProcView:
         if pid <= 0:
             return None
         if self._psutil:
-            from otelwatch.probe_psutil import boot_offset, read_info
+            from otelwatch.probe.psutil_backend import boot_offset, read_info
 
             got = read_info(pid, boot_offset(self.boot_time))
             return None if got is None else got[0]
@@ -97,7 +97,7 @@ class ProcView:
         """The owner as the probe sees it (procfs.owner_uid), so the uid checked before a
         signal is the one the owner gate decided on; None when gone or unreadable."""
         if self._psutil:
-            from otelwatch.probe_psutil import effective_uid
+            from otelwatch.probe.psutil_backend import effective_uid
 
             return effective_uid(pid)
         try:

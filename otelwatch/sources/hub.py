@@ -18,10 +18,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from otelwatch.config import Config, Paths
-from otelwatch.events import fold
+from otelwatch.events.lines import fold
 from otelwatch.model import Event, SessionSpec
-from otelwatch.proctable import ProcessTable
-from otelwatch.sessions import SessionTable
+from otelwatch.probe.proctable import ProcessTable
+from otelwatch.sessions.table import SessionTable
 from otelwatch.sources.spool import PRUNE_EVERY_S, RETENTION_S, remove_older_than
 from otelwatch.sources.tail import FileTail, open_regular
 from otelwatch.sources.tmux import PaneInfo

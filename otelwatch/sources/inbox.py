@@ -19,12 +19,12 @@ from dataclasses import replace
 from queue import Full
 from typing import TYPE_CHECKING, Any
 
-from otelwatch.events import parse_line
+from otelwatch.events.lines import parse_line
 from otelwatch.model import Event
 from otelwatch.sources.payloads import payload_to_event
 
 if TYPE_CHECKING:
-    from otelwatch.sessions import SessionTable
+    from otelwatch.sessions.table import SessionTable
 
 __all__ = ["INBOX_DRAIN_PER_TICK", "INBOX_MAX", "INBOX_MAX_HTTP", "Inbox"]
 

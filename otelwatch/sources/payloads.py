@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from otelwatch.events import hook_event
+from otelwatch.events.lines import hook_event
 from otelwatch.model import Event, EventKind
 
 __all__ = ["payload_to_event"]

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from otelwatch.model import Mode, SessionSpec
-from otelwatch.proctable import ProcessTable
+from otelwatch.probe.proctable import ProcessTable
 
 __all__ = ["AGENT_NAMES", "BUILTIN", "Builtin", "ProcessMatcher", "Program", "headless", "program_of"]
 

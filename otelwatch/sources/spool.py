@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from otelwatch.events import parse_object
+from otelwatch.events.lines import parse_object
 from otelwatch.model import Event, Mode, SessionSpec
 from otelwatch.sources.trust import untrusted_dir, untrusted_file
 

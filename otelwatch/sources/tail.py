@@ -25,7 +25,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from otelwatch.events import MAX_LINE_BYTES, parse_events
+from otelwatch.events.lines import MAX_LINE_BYTES, parse_events
 from otelwatch.model import Event
 
 __all__ = ["DEFAULT_MAX_READ", "FileTail", "LineSplitter", "NotRegularFile", "open_regular"]

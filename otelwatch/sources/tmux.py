@@ -28,7 +28,7 @@ import subprocess
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from otelwatch.proctable import ProcessTable
+from otelwatch.probe.proctable import ProcessTable
 
 __all__ = ["PaneInfo", "TmuxSource", "default_sockets"]
 

@@ -8,7 +8,7 @@ published, once per tick and format (later scrapes of the same tick reuse the
 bytes), and the SDK keeps serving everything else (counters, histograms,
 target_info). The names, labels, HELP and UNIT lines are the ones the SDK's
 Prometheus translation gives for the same instruments (instruments.py owns
-them); tests/test_telemetry_exposition.py compares both renderings on the same
+them); tests/unit/telemetry/test_telemetry_exposition.py compares both renderings on the same
 snapshots. Never touches /proc, never does I/O.
 """
 

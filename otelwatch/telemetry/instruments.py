@@ -256,7 +256,7 @@ class AsyncStatePruner:
     observations cannot re-add a set after it was dropped. This reaches into SDK
     internals; if any of them (the lock included) is missing, the pruner
     disables itself with one warning rather than prune unguarded
-    (tests/test_telemetry_instruments.py checks with the real SDK that 2 000 sessions stay
+    (tests/system/test_telemetry_instruments.py checks with the real SDK that 2 000 sessions stay
     bounded, so an upgrade that breaks it fails loudly there).
     """
 

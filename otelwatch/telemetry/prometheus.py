@@ -3,7 +3,7 @@
 Uses the OpenTelemetry Prometheus reader, whose translation yields exactly the
 contract names of DESIGN.md (checked: `_total` on counters, `_seconds` for
 unit "s", `_bytes` for "By", no `_ratio` for "1", `{...}` units dropped,
-`session.id` -> `session_id`; tests/test_telemetry_instruments.py pins this). It is
+`session.id` -> `session_id`; tests/system/test_telemetry_instruments.py pins this). It is
 registered in a private CollectorRegistry so several Telemetry objects (tests)
 never collide in prometheus_client's global one. It serves the counters,
 histograms, the per-state count and target_info; the per-session families are

@@ -1,0 +1,166 @@
+"""`otelwatch status --watch`: redrawn in place on a terminal (a real pty), appended as
+plain text into a pipe; a daemon lost after it answered is shown and retried."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from otelwatch.commands.status import LiveScreen, clip, use_color
+from tests.support.procs import REPO, free_port
+
+SESSION = {"session_id": "s1", "agent": "claude-code", "pid": 42, "state": "stuck", "reason": "no_activity",
+           "state_since": time.time() - 60, "silence_s": 70.0, "cpu_percent": 0.0, "rss_bytes": 1 << 20,
+           "tcp": {}, "open_fds": 5}
+
+
+class FakeApi:
+    """A real loopback server answering /api/sessions like the daemon (the shape is the contract)."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = json.dumps([SESSION]).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.up = True
+
+    def close(self) -> None:
+        if self.up:
+            self.up = False
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApi]:
+    a = FakeApi()
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+def _status(url: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "otelwatch", "status", "--url", url, "--watch", "--interval", "0.2", *extra]
+
+
+def test_pipe_gets_plain_frames_appended(api: FakeApi) -> None:
+    env = {**os.environ}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(_status(api.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO), env=env)
+    try:
+        out = b""
+        deadline = time.monotonic() + 10
+        while out.count(b"SESSION") < 3 and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                out += os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+        api.close()  # the daemon goes away: the pipe gets a message on stderr, the command keeps going
+        time.sleep(0.5)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert out.count(b"SESSION") >= 3 and b"\x1b" not in out  # no escapes, no colours, each frame kept
+    assert b"stuck" in out and b"cannot reach the daemon" in err and b"retrying" in err
+
+
+def test_terminal_gets_frames_in_place(api: FakeApi) -> None:
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": "100", "LINES": "30"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(_status(api.url), stdin=slave, stdout=slave, stderr=slave, cwd=str(REPO), env=env,
+                            start_new_session=True)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 10
+        while out.count(b"SESSION") < 3 and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                out += os.read(master, 65536)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(master)
+    assert proc.returncode == 0
+    assert out.count(b"\x1b[2J") == 1  # the screen is cleared once, then every frame overwrites in place
+    assert out.count(b"\x1b[H") >= 3 and b"\x1b[J" in out
+    assert b"\x1b[31;1m" in out  # stuck in red on a terminal
+    assert out.rstrip().endswith(b"\x1b[?25h") or b"\x1b[?25h" in out[-200:]  # cursor shown again
+
+
+def test_unreachable_daemon_is_an_error_when_never_reached() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    out = subprocess.run(_status(url), capture_output=True, text=True, timeout=20, cwd=str(REPO))
+    assert out.returncode == 1 and "cannot reach the daemon" in out.stderr
+
+
+def test_live_screen_clips_to_the_window_and_keeps_colours_closed() -> None:
+    buf = io.StringIO()
+    screen = LiveScreen(buf, tty=True, size=lambda: os.terminal_size((20, 5)))
+    with screen:
+        screen.show("\n".join(f"\x1b[31mline {n} " + "x" * 30 + "\x1b[0m" for n in range(10)))
+        screen.show("short")
+    text = buf.getvalue()
+    first = text.split("\x1b[H")[1]
+    assert "more lines" in first and "line 2" in first and "line 3" not in first  # 5 rows: 3 lines + notice
+    assert all(len(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line)) <= 19 for line in first.split("\n"))
+    assert text.endswith("\x1b[?25h") and text.count("\x1b[2J") == 1
+    assert clip("\x1b[31mhello world\x1b[0m", 5) == "\x1b[31mhello\x1b[0m"
+    plain = io.StringIO()
+    LiveScreen(plain, tty=False).show("a\nb")
+    assert plain.getvalue() == "a\nb\n"
+
+
+def test_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert use_color(Tty()) and not use_color(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_color(Tty())
+
+
+
