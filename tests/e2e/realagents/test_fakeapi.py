@@ -14,11 +14,10 @@ from typing import Any
 from tests.support.procs import REPO
 
 
-
 @contextmanager
 def fake(api: str, behaviour: str, *extra: str) -> Iterator[int]:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.e2e.realagents.fakeapi", "--api", api, "--behaviour", behaviour,
-                             "--port", "0", "--lifetime", "60", *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.e2e.realagents.fakeapi", "--api", api,
+                             "--behaviour", behaviour, "--port", "0", "--lifetime", "60", *extra],
                             cwd=str(REPO), stdout=subprocess.PIPE, start_new_session=True)
     try:
         assert proc.stdout is not None
