@@ -28,9 +28,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from otelwatch.classify.rules import is_late_tick
 from otelwatch.config import Config, Paths, default_paths
-from otelwatch.model import Event, Mode, ProcessIdentity, SessionSnapshot, SessionSpec
+from otelwatch.model import STEADY_STATES, Event, Mode, ProcessIdentity, SessionSnapshot, SessionSpec
 from otelwatch.probe.backends import probe_backend
-from otelwatch.probe.fdmemo import STEADY_STATES
 from otelwatch.probe.proctable import ProcessTable
 from otelwatch.recovery import Recovery
 from otelwatch.sessions.lifecycle import Effects, Lifecycle, add_sample, record_step, recovery_view

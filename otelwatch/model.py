@@ -71,6 +71,15 @@ REASONS_BY_STATE: Mapping[State, frozenset[Reason]] = {
     State.EXITED: frozenset({Reason.PROCESS_EXITED, Reason.RUNTIME_ALIVE_PROCESS_DEAD}),
 }
 
+# State groups, named once: every stage that asks "is this a problem?" asks here.
+# Stalled and stuck are reported (backed off), open an incident and are notified.
+PROBLEM_STATES: frozenset[State] = frozenset({State.STALLED, State.STUCK})
+# Nothing to report and nothing changing fast: the probe may carry their quiet FD scans.
+STEADY_STATES: frozenset[State] = frozenset({State.ACTIVE, State.IDLE, State.LONG_RUNNING})
+# Most severe first: the order of `top`, `status` and notification thresholds.
+SEVERITY: tuple[State, ...] = (State.STUCK, State.STALLED, State.LONG_RUNNING, State.ACTIVE, State.IDLE,
+                               State.STARTING, State.EXITED)
+
 
 class Mode(StrEnum):
     """A headless session processes from start to exit; an interactive one only
@@ -473,7 +482,7 @@ class RecoveryStep:
     session_id: str
     agent: str
     action: str  # "signal" | "command"
-    step: str  # "requested", "sigterm", "sigkill", "command", "completed", "skipped"
+    step: str  # an EscalationStep value: "requested", "sigterm", "sigkill", "command", "completed"
     time: float
     pid: int
     reason: str = ""

@@ -30,6 +30,7 @@ from typing import Any
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
     CPU_TICK_SECONDS,
+    PROBLEM_STATES,
     Activity,
     Mode,
     Reason,
@@ -44,7 +45,6 @@ __all__ = [
     "LATE_TICK_MIN_S",
     "MAX_ATTEMPT_S",
     "MIN_WINDOW_SAMPLES",
-    "REPORTED_STATES",
     "WORK_CPU_PERCENT",
     "ReportSchedule",
     "SampleWindow",
@@ -68,9 +68,6 @@ MIN_WINDOW_SAMPLES = 2
 _RUNNING = "R"
 _BLOCKED = "D"
 _STOPPED = frozenset({"T", "t"})  # job-control stop / tracing stop
-
-# Only these states are reported (log line, counter, span event) and backed off.
-REPORTED_STATES = frozenset({State.STALLED, State.STUCK})
 
 # A tick later than this floor is always scheduling noise, never a suspend:
 # see is_late_tick.
@@ -1098,7 +1095,7 @@ def next_report(
     leaving stalled/stuck clears the schedule. Gaps count from the report
     actually made, so a late tick never causes a burst.
     """
-    if state not in REPORTED_STATES:
+    if state not in PROBLEM_STATES:
         return None, False
     base = min(cfg.repeat_base, cfg.repeat_max)
     if schedule is None or schedule.fingerprint != fp:

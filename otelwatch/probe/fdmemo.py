@@ -24,18 +24,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from otelwatch.model import State
 from otelwatch.probe.procfs import FdScan, IoCounters, TcpTable
 from otelwatch.probe.proctable import ProcessTable, ProcInfo
 
-__all__ = ["MAX_CARRIED", "STEADY_STATES", "Carried", "FdMemo"]
+__all__ = ["MAX_CARRIED", "Carried", "FdMemo"]
 
 # Ticks in a row a scan may be carried over before the next full one.
 MAX_CARRIED = 4
 # Sessions in these states may have their quiet processes carried: none of them is
 # judged on its sockets (a recovery only ever follows `stuck`, read in full from the
 # tick after the verdict, and its decision always is).
-STEADY_STATES = frozenset({State.ACTIVE, State.IDLE, State.LONG_RUNNING})
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ from typing import Any
 from otelwatch.classify.rules import SampleWindow, classify, fingerprint, next_report, work_cpu_percent
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
+    PROBLEM_STATES,
     EscalationStep,
     RecoveryStep,
     SampleStatus,
@@ -146,7 +147,7 @@ class Lifecycle:
         tracked.verdict = verdict
         if verdict.state is not old:
             tracked.state_since = now
-            if verdict.state in (State.STALLED, State.STUCK):
+            if verdict.state in PROBLEM_STATES:
                 tracked.stalls += 1
         if verdict.state is not State.EXITED:
             tracked.longest_silence = max(tracked.longest_silence, verdict.silence_s)

@@ -39,6 +39,7 @@ from otelwatch.model import (
     SampleStatus,
     SessionSnapshot,
     SessionSpec,
+    SourceKind,
     State,
     TreeSample,
     Verdict,
@@ -74,7 +75,10 @@ ALIASES_PER_SESSION = 16
 ENDED_MAX = 10_000
 # Lower wins when two sources describe the same process: an explicit registration
 # (exec wrapper, registry file, API) names the session better than discovery.
-SOURCE_PRIORITY = {"exec": 0, "registry": 0, "api": 0, "hook": 1, "tmux": 2, "process": 3}
+# Which description of a session wins when several sources describe one process: the
+# ones a program wrote on purpose, then hooks, then what discovery inferred.
+SOURCE_PRIORITY: dict[str, int] = {SourceKind.EXEC: 0, SourceKind.REGISTRY: 0, SourceKind.API: 0, SourceKind.HOOK: 1,
+                                   SourceKind.TMUX: 2, SourceKind.PROCESS: 3}
 PENDING_EVENTS_MAX_SESSIONS = 1000
 PENDING_EVENTS_PER_SESSION = 50
 # create_time read from /proc is boot time (whole seconds) + start ticks, so it may be

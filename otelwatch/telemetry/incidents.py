@@ -18,10 +18,10 @@ from typing import Any
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from otelwatch.model import RecoveryStatus, RecoveryStep, SessionSnapshot, State
+from otelwatch.model import PROBLEM_STATES, RecoveryStatus, RecoveryStep, SessionSnapshot, State
 
 SPAN_NAME = "otelwatch.incident"
-INCIDENT_STATES = frozenset({State.STALLED, State.STUCK})
+
 RESOLVING_STATES = frozenset({State.ACTIVE, State.IDLE, State.LONG_RUNNING, State.STARTING})
 # A dry run changes nothing, so the incident goes on.
 _NOT_AN_END = frozenset({RecoveryStatus.DRY_RUN})
@@ -101,7 +101,7 @@ class Incidents:
         return span
 
     def transition(self, snap: SessionSnapshot, old_state: State | None) -> None:
-        if snap.state in INCIDENT_STATES:
+        if snap.state in PROBLEM_STATES:
             fresh = not self.is_open(snap.session_id)
             span = self.open(snap)
             if not fresh:
