@@ -215,6 +215,27 @@ CASES = [
         history(at=lambda t: {"cpu": 90.0} if int(t) % 30 else {"cpu": 10.0}),
         check=lambda e: "window mean" in e["detail"],
     ),
+    Case(
+        "a loop starved by other work: 20% CPU, but runnable all the time",
+        State.STALLED,
+        Reason.CPU_SPIN,
+        history(cpu=20.0, demand=98.0),
+        check=lambda e: e["cpu_window_mean"] == 20.0 and e["cpu_demand_window_mean"] == 98.0
+        and "waiting for one" in e["detail"] and "got 20.0%" in e["detail"],
+    ),
+    Case(
+        "20% CPU and no run-queue wait: between the thresholds, not a spin",
+        State.STALLED,
+        Reason.TOOL_CALL_WITHOUT_PROGRESS,
+        history(cpu=20.0, demand=20.5),
+    ),
+    Case(
+        "demand unknown (psutil backend): the spin rule reads usage",
+        State.STALLED,
+        Reason.TOOL_CALL_WITHOUT_PROGRESS,
+        history(cpu=20.0, demand=None),
+        check=lambda e: e["cpu_demand_window_mean"] == 20.0,
+    ),
     # Between the two thresholds: neither spinning nor stuck. The reason comes from
     # the other evidence; with none, work outside the event stream.
     Case(
