@@ -251,7 +251,7 @@ def classify(
         return verdict(
             State.STALLED,
             Reason.INSUFFICIENT_SAMPLES,
-            f"{facts.known} of {MIN_WINDOW_SAMPLES} known samples covering half the window",
+            facts.missing(now, cfg.stall_after),
         )
 
     # 8. Processing, silent and heartbeat-free for stall_after, and every sample
@@ -514,6 +514,20 @@ class _Facts:
             and not self.first_sight_in_window
         )
 
+    def missing(self, now: float, stall_after: float) -> str:
+        """What `enough` lacks, for a person: how many known samples cover how much of
+        the window, against what proving idleness needs."""
+        need = f"need at least {MIN_WINDOW_SAMPLES} covering {_secs(stall_after / 2.0)}"
+        if self.known == 0 or self.earliest_known is None:
+            text = f"no known samples in the {_secs(stall_after)} window: {need}"
+        else:
+            covered = max(0.0, now - self.earliest_known)
+            text = (f"{self.known} known sample{'s' if self.known != 1 else ''} cover {_secs(covered)} "
+                    f"of the {_secs(stall_after)} window: {need}")
+        if self.first_sight_in_window:
+            text += "; the process was first seen inside the window (its CPU before that is unknown)"
+        return text
+
     def detail(self, reason: Reason) -> str:
         """What a person reads next to the reason: the evidence behind it."""
         n = self.support[reason]
@@ -544,6 +558,10 @@ class _Facts:
             # it runs in-process. Work outside its event stream, like a silent tool call.
             parts.append(f"CPU up to {_r(self.cpu_max, 1)}%, window mean {_r(self.cpu_mean, 1)}% (not spinning)")
         return "; ".join(parts)
+
+
+def _secs(x: float) -> str:
+    return f"{round(x, 1):g} s"
 
 
 def _demand(s: TreeSample) -> float | None:

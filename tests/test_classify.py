@@ -435,7 +435,8 @@ CASES = [
         State.STALLED,
         Reason.INSUFFICIENT_SAMPLES,
         [],
-        check=lambda e: e["samples_in_window"] == 0 and "0 of 2 known samples" in e["detail"],
+        check=lambda e: e["samples_in_window"] == 0
+        and e["detail"] == "no known samples in the 300 s window: need at least 2 covering 150 s",
     ),
     Case(
         "a single sample in the window",
@@ -448,6 +449,7 @@ CASES = [
         State.STALLED,
         Reason.INSUFFICIENT_SAMPLES,
         history(60),
+        check=lambda e: e["detail"] == "7 known samples cover 60 s of the 300 s window: need at least 2 covering 150 s",
     ),
     Case(
         "the first sight of the process (no CPU rate yet) is not unreadable data",
@@ -455,6 +457,7 @@ CASES = [
         Reason.INSUFFICIENT_SAMPLES,
         history(300, at=lambda t: {"cpu": None} if t == NOW - 300 else {}),
         info=info(started_at=NOW - 300),
+        check=lambda e: "first seen inside the window" in e["detail"],
     ),
     Case(
         "a CPU rate missing later than the first sight is unreadable",
