@@ -13,10 +13,10 @@ import ipaddress
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,205 +33,6 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {reason}" if key else reason)
         self.key = key
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class HttpConfig:
-    listen: str = "127.0.0.1:9464"
-    # A non-loopback listen address exposes POST /api/events (which can make a
-    # session look busy or start a turn) to the network: it needs this opt-in.
-    allow_remote: bool = False
-    max_connections: int = 64  # concurrent connections; past it: 503 and close
-    request_timeout: float = 5.0  # a client must send its request (and body) within this
-
-    @property
-    def host(self) -> str:
-        return split_listen(self.listen)[0]
-
-    @property
-    def port(self) -> int:
-        return split_listen(self.listen)[1]
-
-
-@dataclass(frozen=True)
-class ClassifyConfig:
-    startup_grace: float = 30.0
-    stall_after: float = 300.0
-    tool_stall_after: float = 1800.0
-    cpu_idle_percent: float = 1.0  # below this (of one core) counts as zero CPU: the stuck gate
-    cpu_spin_percent: float = 50.0  # at or above this, sustained over the window, is a spin
-    repeat_base: float = 60.0
-    repeat_max: float = 3600.0
-    exited_retention: float = 600.0
-
-
-@dataclass(frozen=True)
-class RecoveryConfig:
-    enabled: bool = False
-    dry_run: bool = False
-    recover_after: float | None = None  # None: max(300, 3 * stall_after); see effective_recover_after
-    action: str = "signal"
-    command: tuple[str, ...] = ()
-    command_timeout: float = 30.0
-    grace: float = 10.0
-    max_per_hour: int = 6
-    protect: tuple[str, ...] = ()
-    users: tuple[str, ...] = ()
-    state_file: str = ""
-    # Extension (off by default): also recover `stalled/waiting_on_network` sessions
-    # after this much longer silence, like an idle-message timeout. 0 disables it.
-    waiting_on_network_after: float = 0.0
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    backend: str = "auto"  # "procfs" (Linux /proc + netlink), "psutil" (portable); auto: procfs where /proc exists
-
-
-# Severity order for notify.min_state: a notification goes out for a report whose
-# state is at least this severe.
-NOTIFY_STATES = ("idle", "active", "long_running", "stalled", "stuck")
-
-
-@dataclass(frozen=True)
-class NotifyConfig:
-    # argv, report JSON on stdin; placeholders {session_id} {state} {reason} {agent} {event}
-    command: tuple[str, ...] = ()
-    webhook: str = ""  # POST JSON (Slack/Discord-compatible `text` + the full report)
-    headers: Mapping[str, str] = field(default_factory=dict)  # webhook headers; "${VAR}" reads the environment
-    timeout: float = 10.0  # one command run or one webhook POST
-    retries: int = 3  # webhook attempts after the first, with backoff
-    min_state: str = "stalled"  # stalled: stalled and stuck reports
-    reasons: tuple[str, ...] = ()  # empty: every reason
-    agents: tuple[str, ...] = ()  # empty: every agent
-    recovery: bool = True  # recovery requested/completed
-    session_end: bool = False  # the summary line when a session ends
-
-
-@dataclass(frozen=True)
-class RegistrySourceConfig:
-    enabled: bool = True
-    dir: str = ""
-
-
-@dataclass(frozen=True)
-class ProcessSourceConfig:
-    enabled: bool = True
-    match: tuple[str, ...] = DEFAULT_AGENTS
-
-
-@dataclass(frozen=True)
-class TmuxSourceConfig:
-    enabled: bool = True
-    timeout: float = 1.0  # every tmux call is bounded by this
-
-
-@dataclass(frozen=True)
-class TranscriptSourceConfig:
-    enabled: bool = True
-    home: str = ""  # default: the home directory of the user otelwatch runs as
-
-
-@dataclass(frozen=True)
-class SourcesConfig:
-    registry: RegistrySourceConfig = field(default_factory=RegistrySourceConfig)
-    processes: ProcessSourceConfig = field(default_factory=ProcessSourceConfig)
-    tmux: TmuxSourceConfig = field(default_factory=TmuxSourceConfig)
-    transcripts: TranscriptSourceConfig = field(default_factory=TranscriptSourceConfig)
-
-
-@dataclass(frozen=True)
-class PrometheusExportConfig:
-    enabled: bool = True
-
-
-@dataclass(frozen=True)
-class OtlpExportConfig:
-    enabled: bool = False  # also on when OTEL_EXPORTER_OTLP_ENDPOINT is set
-    endpoint: str = ""  # default: the OTEL_EXPORTER_OTLP_* variables, else the SDK default
-    protocol: str = ""  # "grpc" | "http/protobuf"; default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc
-    interval: float = 15.0  # metric export interval
-    timeout: float = 5.0  # one export may take this long before it is abandoned
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    prometheus: PrometheusExportConfig = field(default_factory=PrometheusExportConfig)
-    otlp: OtlpExportConfig = field(default_factory=OtlpExportConfig)
-
-
-@dataclass(frozen=True)
-class Config:
-    interval: float = 5.0
-    probe_timeout: float = 2.0  # when not set: the smaller of 2 s and interval (see parse_config)
-    state_dir: str = ""  # default: $XDG_STATE_HOME/otelwatch or ~/.local/state/otelwatch
-    http: HttpConfig = field(default_factory=HttpConfig)
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    notify: NotifyConfig = field(default_factory=NotifyConfig)
-    sources: SourcesConfig = field(default_factory=SourcesConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-
-    @property
-    def recover_after(self) -> float:
-        return effective_recover_after(self.recovery, self.classify)
-
-
-def effective_recover_after(recovery: RecoveryConfig, classify: ClassifyConfig) -> float:
-    """An explicit value is taken as given; unset means the larger of 5 minutes and
-    3 x stall_after (900 s with the defaults)."""
-    if recovery.recover_after is not None:
-        return recovery.recover_after
-    return max(300.0, 3.0 * classify.stall_after)
-
-
-# --------------------------------------------------------------------------- paths
-
-
-@dataclass(frozen=True)
-class Paths:
-    state_dir: Path
-    registry_dir: Path
-    spool_dir: Path  # hook and `otelwatch event` lines, one file per session
-    recovery_state: Path
-    lock_file: Path  # one daemon per state directory
-    home: Path
-
-
-def default_paths(cfg: Config, environ: Mapping[str, str] | None = None) -> Paths:
-    """Where otelwatch keeps things, from config first, then the environment.
-
-    `OTELWATCH_STATE_DIR` overrides the state directory for hooks and tests that
-    have no config file; `OTELWATCH_REGISTRY_DIR` likewise for the registry.
-    """
-    env = os.environ if environ is None else environ
-    home = Path(cfg.sources.transcripts.home or env.get("HOME") or Path.home())
-    if cfg.state_dir:
-        state = Path(cfg.state_dir)
-    elif env.get("OTELWATCH_STATE_DIR"):
-        state = Path(env["OTELWATCH_STATE_DIR"])
-    elif env.get("XDG_STATE_HOME"):
-        state = Path(env["XDG_STATE_HOME"]) / "otelwatch"
-    else:
-        state = Path(env.get("HOME") or Path.home()) / ".local" / "state" / "otelwatch"
-    if cfg.sources.registry.dir:
-        registry = Path(cfg.sources.registry.dir)
-    elif env.get("OTELWATCH_REGISTRY_DIR"):
-        registry = Path(env["OTELWATCH_REGISTRY_DIR"])
-    elif env.get("XDG_RUNTIME_DIR"):
-        registry = Path(env["XDG_RUNTIME_DIR"]) / "otelwatch" / "sessions"
-    else:
-        registry = state / "sessions"
-    recovery_state = Path(cfg.recovery.state_file) if cfg.recovery.state_file else state / "recovery.json"
-    return Paths(
-        state_dir=state,
-        registry_dir=registry,
-        spool_dir=state / "events",
-        recovery_state=recovery_state,
-        lock_file=state / "otelwatch.lock",
-        home=home,
-    )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -333,7 +134,7 @@ def _string(value: object, key: str) -> str:
 
 
 def _string_list(value: object, key: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ConfigError(key, f"expected a list of strings, got {value!r}")
     return tuple(value)
 
@@ -416,64 +217,256 @@ def _command(value: object, key: str) -> tuple[str, ...]:
     return argv
 
 
-# Validators by dotted key. Sections are the dataclass fields holding dataclasses.
 # Bounds: the widest values a person could mean. Past them a value is a typo or an
 # attack (interval = 1e308 once killed the loop thread while /healthz said ok).
 _WEEK = 7 * 86400.0
-_VALIDATORS: dict[str, Any] = {
-    "interval": _duration_in(0.05, 3600.0),
-    "probe_timeout": _duration_in(0.01, 3600.0),
-    "state_dir": _string,
-    "http.listen": _listen,
-    "http.allow_remote": _bool,
-    "http.max_connections": _bounded(1, 4096, integer=True),
-    "http.request_timeout": _duration_in(0.1, 300.0),
-    "classify.startup_grace": _duration_in(0.0, _WEEK, positive=False),
-    "classify.stall_after": _duration_in(0.1, _WEEK),
-    "classify.tool_stall_after": _duration_in(0.1, _WEEK),
-    "classify.cpu_idle_percent": _bounded(0.0, 100.0),
-    "classify.cpu_spin_percent": _bounded(0.1, 100000.0),
-    "classify.repeat_base": _duration_in(0.1, _WEEK),
-    "classify.repeat_max": _duration_in(0.1, _WEEK),
-    "classify.exited_retention": _duration_in(0.0, _WEEK, positive=False),
-    "probe.backend": _choice("auto", "procfs", "psutil"),
-    "notify.command": _notify_command,
-    "notify.webhook": _url,
-    "notify.headers": _string_map,
-    "notify.timeout": _duration_in(0.1, 600.0),
-    "notify.retries": _bounded(0, 20, integer=True),
-    "notify.min_state": _choice(*NOTIFY_STATES),
-    "notify.reasons": _string_list,
-    "notify.agents": _string_list,
-    "notify.recovery": _bool,
-    "notify.session_end": _bool,
-    "recovery.enabled": _bool,
-    "recovery.dry_run": _bool,
-    "recovery.recover_after": _duration_in(0.1, _WEEK),
-    "recovery.action": _choice("signal", "command"),
-    "recovery.command": _command,
-    "recovery.command_timeout": _duration_in(0.1, 3600.0),
-    "recovery.grace": _duration_in(0.0, 3600.0, positive=False),
-    "recovery.max_per_hour": _bounded(0, 3600, integer=True),
-    "recovery.protect": _regex_list,
-    "recovery.users": _string_list,
-    "recovery.state_file": _string,
-    "recovery.waiting_on_network_after": _duration_in(0.0, _WEEK, positive=False),
-    "sources.registry.enabled": _bool,
-    "sources.registry.dir": _string,
-    "sources.processes.enabled": _bool,
-    "sources.processes.match": lambda v, k: _agent_patterns(v, k),
-    "sources.tmux.enabled": _bool,
-    "sources.tmux.timeout": _duration_in(0.01, 60.0),
-    "sources.transcripts.enabled": _bool,
-    "sources.transcripts.home": _string,
-    "export.prometheus.enabled": _bool,
-    "export.otlp.enabled": _bool,
-    "export.otlp.endpoint": _string,
-    "export.otlp.protocol": _choice("", "grpc", "http/protobuf"),
-    "export.otlp.interval": _duration_in(0.1, 86400.0),
-    "export.otlp.timeout": _duration_in(0.1, 600.0),
-}
+
+
+class _Checked:
+    """A config section whose fields are checked when it is built, from TOML or through
+    the Python API alike: each field's check sits beside it (`_f`), and a bad value
+    raises ConfigError with the field's dotted name. Checks also normalise (a duration
+    string to seconds, a list to a tuple). Relations between fields (probe_timeout <=
+    interval, repeat_max >= repeat_base, cpu_spin_percent > cpu_idle_percent) are the
+    config file's rules, checked by `parse_config`."""
+
+    _section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            check = f.metadata.get("check")
+            value = getattr(self, f.name)
+            if check is None or (value is None and f.default is None):
+                continue  # a section, or an optional value left unset
+            checked = check(value, self._section + f.name)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
+
+
+def _f(default: Any, check: Callable[[object, str], Any]) -> Any:
+    """A field and its check (see `_Checked`); a mutable default is copied per instance."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass(frozen=True)
+class HttpConfig(_Checked):
+    _section = "http."
+    listen: str = _f("127.0.0.1:9464", _listen)
+    # A non-loopback listen address exposes POST /api/events (which can make a
+    # session look busy or start a turn) to the network: it needs this opt-in.
+    allow_remote: bool = _f(False, _bool)
+    max_connections: int = _f(64, _bounded(1, 4096, integer=True))  # concurrent connections; past it: 503 and close
+    request_timeout: float = _f(5.0, _duration_in(0.1, 300.0))  # a client must send its request (and body) within this
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+@dataclass(frozen=True)
+class ClassifyConfig(_Checked):
+    _section = "classify."
+    startup_grace: float = _f(30.0, _duration_in(0.0, _WEEK, positive=False))
+    stall_after: float = _f(300.0, _duration_in(0.1, _WEEK))
+    tool_stall_after: float = _f(1800.0, _duration_in(0.1, _WEEK))
+    # below this (of one core) counts as zero CPU: the stuck gate
+    cpu_idle_percent: float = _f(1.0, _bounded(0.0, 100.0))
+    # at or above this, sustained over the window, is a spin
+    cpu_spin_percent: float = _f(50.0, _bounded(0.1, 100000.0))
+    repeat_base: float = _f(60.0, _duration_in(0.1, _WEEK))
+    repeat_max: float = _f(3600.0, _duration_in(0.1, _WEEK))
+    exited_retention: float = _f(600.0, _duration_in(0.0, _WEEK, positive=False))
+
+
+@dataclass(frozen=True)
+class RecoveryConfig(_Checked):
+    _section = "recovery."
+    enabled: bool = _f(False, _bool)
+    dry_run: bool = _f(False, _bool)
+    # None: max(300, 3 * stall_after); see effective_recover_after
+    recover_after: float | None = _f(None, _duration_in(0.1, _WEEK))
+    action: str = _f("signal", _choice("signal", "command"))
+    command: tuple[str, ...] = _f((), _command)
+    command_timeout: float = _f(30.0, _duration_in(0.1, 3600.0))
+    grace: float = _f(10.0, _duration_in(0.0, 3600.0, positive=False))
+    max_per_hour: int = _f(6, _bounded(0, 3600, integer=True))
+    protect: tuple[str, ...] = _f((), _regex_list)
+    users: tuple[str, ...] = _f((), _string_list)
+    state_file: str = _f("", _string)
+    # Extension (off by default): also recover `stalled/waiting_on_network` sessions
+    # after this much longer silence, like an idle-message timeout. 0 disables it.
+    waiting_on_network_after: float = _f(0.0, _duration_in(0.0, _WEEK, positive=False))
+
+
+@dataclass(frozen=True)
+class ProbeConfig(_Checked):
+    _section = "probe."
+    # "procfs" (Linux /proc + netlink), "psutil" (portable); auto: procfs where /proc exists
+    backend: str = _f("auto", _choice("auto", "procfs", "psutil"))
+
+
+# Severity order for notify.min_state: a notification goes out for a report whose
+# state is at least this severe.
+NOTIFY_STATES = ("idle", "active", "long_running", "stalled", "stuck")
+
+
+@dataclass(frozen=True)
+class NotifyConfig(_Checked):
+    _section = "notify."
+    # argv, report JSON on stdin; placeholders {session_id} {state} {reason} {agent} {event}
+    command: tuple[str, ...] = _f((), _notify_command)
+    webhook: str = _f("", _url)  # POST JSON (Slack/Discord-compatible `text` + the full report)
+    headers: Mapping[str, str] = _f({}, _string_map)  # webhook headers; "${VAR}" reads the environment
+    timeout: float = _f(10.0, _duration_in(0.1, 600.0))  # one command run or one webhook POST
+    retries: int = _f(3, _bounded(0, 20, integer=True))  # webhook attempts after the first, with backoff
+    min_state: str = _f("stalled", _choice(*NOTIFY_STATES))  # stalled: stalled and stuck reports
+    reasons: tuple[str, ...] = _f((), _string_list)  # empty: every reason
+    agents: tuple[str, ...] = _f((), _string_list)  # empty: every agent
+    recovery: bool = _f(True, _bool)  # recovery requested/completed
+    session_end: bool = _f(False, _bool)  # the summary line when a session ends
+
+
+@dataclass(frozen=True)
+class RegistrySourceConfig(_Checked):
+    _section = "sources.registry."
+    enabled: bool = _f(True, _bool)
+    dir: str = _f("", _string)
+
+
+@dataclass(frozen=True)
+class ProcessSourceConfig(_Checked):
+    _section = "sources.processes."
+    enabled: bool = _f(True, _bool)
+    match: tuple[str, ...] = _f(DEFAULT_AGENTS, _agent_patterns)
+
+
+@dataclass(frozen=True)
+class TmuxSourceConfig(_Checked):
+    _section = "sources.tmux."
+    enabled: bool = _f(True, _bool)
+    timeout: float = _f(1.0, _duration_in(0.01, 60.0))  # every tmux call is bounded by this
+
+
+@dataclass(frozen=True)
+class TranscriptSourceConfig(_Checked):
+    _section = "sources.transcripts."
+    enabled: bool = _f(True, _bool)
+    home: str = _f("", _string)  # default: the home directory of the user otelwatch runs as
+
+
+@dataclass(frozen=True)
+class SourcesConfig(_Checked):
+    _section = "sources."
+    registry: RegistrySourceConfig = field(default_factory=RegistrySourceConfig)
+    processes: ProcessSourceConfig = field(default_factory=ProcessSourceConfig)
+    tmux: TmuxSourceConfig = field(default_factory=TmuxSourceConfig)
+    transcripts: TranscriptSourceConfig = field(default_factory=TranscriptSourceConfig)
+
+
+@dataclass(frozen=True)
+class PrometheusExportConfig(_Checked):
+    _section = "export.prometheus."
+    enabled: bool = _f(True, _bool)
+
+
+@dataclass(frozen=True)
+class OtlpExportConfig(_Checked):
+    _section = "export.otlp."
+    enabled: bool = _f(False, _bool)  # also on when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    endpoint: str = _f("", _string)  # default: the OTEL_EXPORTER_OTLP_* variables, else the SDK default
+    # "grpc" | "http/protobuf"; default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc
+    protocol: str = _f("", _choice("", "grpc", "http/protobuf"))
+    # Metric export interval; None: OTEL_METRIC_EXPORT_INTERVAL (milliseconds), else 15 s.
+    interval: float | None = _f(None, _duration_in(0.1, 86400.0))
+    timeout: float = _f(5.0, _duration_in(0.1, 600.0))  # one export may take this long before it is abandoned
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Checked):
+    _section = "export."
+    prometheus: PrometheusExportConfig = field(default_factory=PrometheusExportConfig)
+    otlp: OtlpExportConfig = field(default_factory=OtlpExportConfig)
+
+
+@dataclass(frozen=True)
+class Config(_Checked):
+    interval: float = _f(5.0, _duration_in(0.05, 3600.0))
+    # when not set: the smaller of 2 s and interval (see parse_config)
+    probe_timeout: float = _f(2.0, _duration_in(0.01, 3600.0))
+    state_dir: str = _f("", _string)  # default: $XDG_STATE_HOME/otelwatch or ~/.local/state/otelwatch
+    http: HttpConfig = field(default_factory=HttpConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def recover_after(self) -> float:
+        return effective_recover_after(self.recovery, self.classify)
+
+
+def effective_recover_after(recovery: RecoveryConfig, classify: ClassifyConfig) -> float:
+    """An explicit value is taken as given; unset means the larger of 5 minutes and
+    3 x stall_after (900 s with the defaults)."""
+    if recovery.recover_after is not None:
+        return recovery.recover_after
+    return max(300.0, 3.0 * classify.stall_after)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class Paths:
+    state_dir: Path
+    registry_dir: Path
+    spool_dir: Path  # hook and `otelwatch event` lines, one file per session
+    recovery_state: Path
+    lock_file: Path  # one daemon per state directory
+    home: Path
+
+
+def default_paths(cfg: Config, environ: Mapping[str, str] | None = None) -> Paths:
+    """Where otelwatch keeps things, from config first, then the environment.
+
+    `OTELWATCH_STATE_DIR` overrides the state directory for hooks and tests that
+    have no config file; `OTELWATCH_REGISTRY_DIR` likewise for the registry.
+    """
+    env = os.environ if environ is None else environ
+    home = Path(cfg.sources.transcripts.home or env.get("HOME") or Path.home())
+    if cfg.state_dir:
+        state = Path(cfg.state_dir)
+    elif env.get("OTELWATCH_STATE_DIR"):
+        state = Path(env["OTELWATCH_STATE_DIR"])
+    elif env.get("XDG_STATE_HOME"):
+        state = Path(env["XDG_STATE_HOME"]) / "otelwatch"
+    else:
+        state = Path(env.get("HOME") or Path.home()) / ".local" / "state" / "otelwatch"
+    if cfg.sources.registry.dir:
+        registry = Path(cfg.sources.registry.dir)
+    elif env.get("OTELWATCH_REGISTRY_DIR"):
+        registry = Path(env["OTELWATCH_REGISTRY_DIR"])
+    elif env.get("XDG_RUNTIME_DIR"):
+        registry = Path(env["XDG_RUNTIME_DIR"]) / "otelwatch" / "sessions"
+    else:
+        registry = state / "sessions"
+    recovery_state = Path(cfg.recovery.state_file) if cfg.recovery.state_file else state / "recovery.json"
+    return Paths(
+        state_dir=state,
+        registry_dir=registry,
+        spool_dir=state / "events",
+        recovery_state=recovery_state,
+        lock_file=state / "otelwatch.lock",
+        home=home,
+    )
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
@@ -487,11 +480,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             known = ", ".join(sorted(by_name))
             raise ConfigError(key, f"unknown key (known here: {known})")
         default = by_name[name].default_factory
-        if key in _VALIDATORS:
-            kwargs[name] = _VALIDATORS[key](value, key)
+        if "check" in by_name[name].metadata:
+            kwargs[name] = value  # checked (with its dotted name) when the section is built
         elif callable(default):  # a nested section
             kwargs[name] = _build(type(default()), value, key + ".")
-        else:  # pragma: no cover - every leaf has a validator
+        else:  # pragma: no cover - every leaf has a check
             raise ConfigError(key, "no validator")
     return cls(**kwargs)
 

@@ -216,6 +216,10 @@ class TreeSample:
     read_bytes: int | None = None
     write_bytes: int | None = None
     error: str = ""  # human-readable detail for non-OK statuses
+    # Tree CPU demand, percent of one core: cpu_percent plus the time its processes' main
+    # threads waited on a run queue (/proc/PID/schedstat). What a starved spinner wants,
+    # not what it gets; None where schedstat is not read (psutil backend, older kernels).
+    cpu_demand_percent: float | None = None
 
     @property
     def tcp_total(self) -> int | None:

@@ -248,7 +248,7 @@ def classify(
         return verdict(
             State.STALLED,
             Reason.INSUFFICIENT_SAMPLES,
-            f"{facts.known} of {MIN_WINDOW_SAMPLES} known samples covering half the window",
+            facts.missing(now, cfg.stall_after),
         )
 
     # 8. Processing, silent and heartbeat-free for stall_after, and every sample
@@ -354,7 +354,7 @@ class _Facts:
     earliest_known: float | None
     first_sight_in_window: bool
     support: Mapping[Reason, int]
-    spin_mean: bool  # the window's mean CPU is at or above the spin bar
+    spin_mean: bool  # the window's mean CPU demand is at or above the spin bar
     cpu_latest: float | None
     cpu_max: float | None
     cpu_mean: float | None
@@ -365,6 +365,7 @@ class _Facts:
     io_changed: bool
     children_changed: bool
     tree_alive: bool  # for an open tool: children alive, CPU or TCP in the window
+    demand_mean: float | None = None  # the window's mean CPU demand (usage where unknown)
 
     @staticmethod
     def of(
@@ -381,6 +382,8 @@ class _Facts:
         # mean says the process keeps using that little all the time.
         cpus = [s.cpu_percent for s in window if s.cpu_percent is not None]
         cpu_mean = math.fsum(cpus) / len(cpus) if cpus else None
+        demands = [d for s in window if (d := _demand(s)) is not None]
+        demand_mean = math.fsum(demands) / len(demands) if demands else None
         mean_busy = cpu_mean is not None and cpu_mean >= thr
         timeouts = denied = spins = nets = works = known = 0
         earliest_known: float | None = None
@@ -413,7 +416,8 @@ class _Facts:
             busy_cpu = cpu is not None and cpu >= thr and (cpu > floor or mean_busy)
             worked = busy_cpu
             cpu_busy_any = cpu_busy_any or busy_cpu
-            if cpu is not None and cpu >= spin and cpu > floor:
+            demand = _demand(s)
+            if demand is not None and demand >= spin and demand > floor:
                 spins += 1
             tcp = s.tcp_total
             if tcp is not None:
@@ -455,10 +459,11 @@ class _Facts:
                 Reason.PROBE_TIMEOUT: timeouts,
                 Reason.ACCESS_DENIED: denied,
             },
-            spin_mean=cpu_mean is not None and cpu_mean >= spin,
+            spin_mean=demand_mean is not None and demand_mean >= spin,
             cpu_latest=latest.cpu_percent if latest is not None else None,
             cpu_max=max(cpus) if cpus else None,
             cpu_mean=cpu_mean,
+            demand_mean=demand_mean,
             tcp_max=tcp_max,
             running_pids=tuple(running),
             blocked_pids=tuple(blocked),
@@ -506,6 +511,20 @@ class _Facts:
             and not self.first_sight_in_window
         )
 
+    def missing(self, now: float, stall_after: float) -> str:
+        """What `enough` lacks, for a person: how many known samples cover how much of
+        the window, against what proving idleness needs."""
+        need = f"need at least {MIN_WINDOW_SAMPLES} covering {_secs(stall_after / 2.0)}"
+        if self.known == 0 or self.earliest_known is None:
+            text = f"no known samples in the {_secs(stall_after)} window: {need}"
+        else:
+            covered = max(0.0, now - self.earliest_known)
+            text = (f"{self.known} known sample{'s' if self.known != 1 else ''} cover {_secs(covered)} "
+                    f"of the {_secs(stall_after)} window: {need}")
+        if self.first_sight_in_window:
+            text += "; the process was first seen inside the window (its CPU before that is unknown)"
+        return text
+
     def detail(self, reason: Reason) -> str:
         """What a person reads next to the reason: the evidence behind it."""
         n = self.support[reason]
@@ -514,6 +533,9 @@ class _Facts:
         if reason is Reason.ACCESS_DENIED:
             return f"{n} unreadable samples in window"
         if reason is Reason.CPU_SPIN:
+            if self.demand_mean is not None and self.demand_mean != self.cpu_mean:
+                return (f"CPU demand (on a CPU or waiting for one) at the spin bar in {n} of {self.size} "
+                        f"samples, window mean {_r(self.demand_mean, 1)}% (got {_r(self.cpu_mean, 1)}%)")
             return f"CPU at the spin bar in {n} of {self.size} samples, window mean {_r(self.cpu_mean, 1)}%"
         if reason is Reason.WAITING_ON_NETWORK:
             return f"TCP open in {n} of {self.size} samples"
@@ -533,6 +555,18 @@ class _Facts:
             # it runs in-process. Work outside its event stream, like a silent tool call.
             parts.append(f"CPU up to {_r(self.cpu_max, 1)}%, window mean {_r(self.cpu_mean, 1)}% (not spinning)")
         return "; ".join(parts)
+
+
+def _secs(x: float) -> str:
+    return f"{round(x, 1):g} s"
+
+
+def _demand(s: TreeSample) -> float | None:
+    """What the spin rule reads: the tree's CPU demand (on a CPU or runnable on a run
+    queue), so a loop starved by other work still reads as one; its usage where the
+    demand is not known."""
+    d = s.cpu_demand_percent
+    return s.cpu_percent if d is None else d
 
 
 def _pids(pids: Sequence[int]) -> str:
@@ -593,6 +627,7 @@ def _evidence(
         "cpu_percent": _r(facts.cpu_latest),
         "cpu_window_max": _r(facts.cpu_max),
         "cpu_window_mean": _r(facts.cpu_mean),
+        "cpu_demand_window_mean": _r(facts.demand_mean),
         "tcp": None if latest is None or latest.tcp is None else dict(latest.tcp),
         "tcp_window_max": facts.tcp_max,
         "children": latest.children if latest is not None else 0,
@@ -685,7 +720,8 @@ def _mark(
     over = cpu is not None and cpu >= thr
     m.busy_mean = int(over)
     m.busy = int(over and cpu is not None and cpu > floor)
-    if cpu is not None and cpu >= spin and cpu > floor:
+    demand = _demand(s)
+    if demand is not None and demand >= spin and demand > floor:
         m.spin = 1
     tcp = s.tcp_total
     if tcp is not None and tcp > 0:
@@ -792,6 +828,8 @@ class SampleWindow:
         self._counts = dict.fromkeys(_COUNTS, 0)
         self._cpu_sum = 0
         self._cpu_n = 0
+        self._demand_sum = 0
+        self._demand_n = 0
         self._cpu_max: deque[tuple[int, float]] = deque()
         self._tcp_max: deque[tuple[int, int]] = deque()
         self._known: deque[_Rec] = deque()
@@ -836,7 +874,8 @@ class SampleWindow:
         if prev is not None and _same_mark(prev.mark, mark):
             mark = prev.mark
         inverted = prev is not None and not s.time >= prev.time
-        odd = not math.isfinite(s.time) or (s.cpu_percent is not None and not math.isfinite(s.cpu_percent))
+        odd = not math.isfinite(s.time) or (s.cpu_percent is not None and not math.isfinite(s.cpu_percent)) or (
+            s.cpu_demand_percent is not None and not math.isfinite(s.cpu_demand_percent))
         rec = _Rec(self._next, s, children, mark, progress, inverted, odd)
         self._next += 1
         recs.append(rec)
@@ -874,6 +913,10 @@ class SampleWindow:
             c[k] += getattr(m, k)
         s = rec.sample
         cpu = s.cpu_percent
+        demand = _demand(s)
+        if demand is not None and math.isfinite(demand):
+            self._demand_sum += _exact(demand)
+            self._demand_n += 1
         if cpu is not None and math.isfinite(cpu):
             self._cpu_sum += _exact(cpu)
             self._cpu_n += 1
@@ -905,6 +948,10 @@ class SampleWindow:
         for k in _COUNTS:
             c[k] -= getattr(m, k)
         cpu = rec.sample.cpu_percent
+        demand = _demand(rec.sample)
+        if demand is not None and math.isfinite(demand):
+            self._demand_sum -= _exact(demand)
+            self._demand_n -= 1
         if cpu is not None and math.isfinite(cpu):
             self._cpu_sum -= _exact(cpu)
             self._cpu_n -= 1
@@ -968,6 +1015,7 @@ class SampleWindow:
                              ok1.children, False, thr, spin)
                 _swap(counts, ok1.mark, new2)
         cpu_mean = (self._cpu_sum / _EXACT_UNIT) / self._cpu_n if self._cpu_n else None
+        demand_mean = (self._demand_sum / _EXACT_UNIT) / self._demand_n if self._demand_n else None
         mean_busy = cpu_mean is not None and cpu_mean >= thr
         works = counts["work_mean"] if mean_busy else counts["work"]
         busy_any = (counts["busy_mean"] if mean_busy else counts["busy"]) > 0
@@ -989,10 +1037,11 @@ class SampleWindow:
                 Reason.PROBE_TIMEOUT: counts["timeout"],
                 Reason.ACCESS_DENIED: counts["denied"],
             },
-            spin_mean=cpu_mean is not None and cpu_mean >= spin,
+            spin_mean=demand_mean is not None and demand_mean >= spin,
             cpu_latest=latest.cpu_percent if latest is not None else None,
             cpu_max=self._cpu_max[0][1] if self._cpu_max else None,
             cpu_mean=cpu_mean,
+            demand_mean=demand_mean,
             tcp_max=self._tcp_max[0][1] if self._tcp_max else None,
             running_pids=running,
             blocked_pids=blocked,

@@ -59,6 +59,7 @@ class _RawProc:
     cmdline: tuple[str, ...]
     wchan: str | None
     cpu_known: bool = True  # False: info.cpu_seconds is a placeholder (not readable)
+    run_wait: float | None = None  # seconds on a run queue since start (main thread); None: unknown
 
 
 @dataclass
@@ -105,6 +106,9 @@ class _History:
     # unchanged parts are reused, not copied (a session holds a window of samples; most
     # of a quiet tree never changes).
     last: TreeSample
+    # pid -> its run-queue wait (seconds) in `last`: kept here, not in the samples, as it
+    # moves with every wake-up and would end the sharing of quiet processes' samples.
+    waits: dict[int, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- per-tick sharing
@@ -452,6 +456,7 @@ class Prober:
             write_bytes=None if io is None else io.write_bytes,
             cmdline=table.cmdline(pid),
             wchan=procfs.read_wchan(pid, root) if with_wchan else None,
+            run_wait=procfs.read_run_wait(pid, root),
         )
 
     def _table_for(self, pid: int, tick: _Tick) -> TcpTable | None:
@@ -474,6 +479,9 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
     last = prev.last if prev is not None else None
     before_by_pid = {s.pid: s for s in last.processes} if last is not None else {}
     samples: list[ProcessSample] = []
+    waits: dict[int, float] = {}
+    before_waits = prev.waits if prev is not None else {}
+    wait_rate: float | None = 0.0  # run-queue wait of the tree; None: unknown for a process with a rate
     tree_rate = 0.0
     root_rate: float | None = None
     cpu_unknown = False
@@ -486,16 +494,24 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
         p = rp.info
         before_sample = before_by_pid.get(p.pid)
         rate: float | None = None
+        wait = rp.run_wait
+        waited: float | None = None  # seconds of run-queue wait in this interval
+        if wait is not None:
+            waits[p.pid] = wait
         if prev is not None and dt > 0:
             if before_sample is not None and abs(before_sample.create_time - p.create_time) <= CREATE_TIME_TOLERANCE:
                 rate = max(0.0, p.cpu_seconds - before_sample.cpu_seconds) / dt * 100.0
+                w0 = before_waits.get(p.pid)
+                waited = None if wait is None or w0 is None else max(0.0, wait - w0)
             elif p.create_time > prev.wall - CREATE_TIME_TOLERANCE:
                 # Born since the previous sample: all its CPU time is new.
                 rate = p.cpu_seconds / dt * 100.0
+                waited = wait
         if not rp.cpu_known:
             rate, cpu_unknown = None, True
         if rate is not None:
             tree_rate += rate
+            wait_rate = None if wait_rate is None or waited is None else wait_rate + waited / dt * 100.0
         if i == 0:
             root_rate = rate
         tcp: Mapping[str, int] | None = None
@@ -533,12 +549,13 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
     if last is not None and len(last.processes) == len(processes) and all(
             a is b for a, b in zip(last.processes, processes, strict=True)):
         processes = last.processes
+    cpu_percent = None if root_rate is None or cpu_unknown else tree_rate
     tree = TreeSample(
         time=now,
         status=raw.status,
         root=_reuse(raw.root, last and last.root),
         processes=processes,
-        cpu_percent=_reuse(None if root_rate is None or cpu_unknown else tree_rate, last and last.cpu_percent),
+        cpu_percent=_reuse(cpu_percent, last and last.cpu_percent),
         cpu_seconds=_reuse(cpu_seconds, last and last.cpu_seconds),
         rss_bytes=_reuse(rss, last and last.rss_bytes),
         threads=threads,
@@ -549,8 +566,9 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
         read_bytes=_reuse(read_b, last and last.read_bytes),
         write_bytes=_reuse(write_b, last and last.write_bytes),
         error=raw.error,
+        cpu_demand_percent=None if cpu_percent is None or wait_rate is None else cpu_percent + wait_rate,
     )
-    return tree, _History(table.monotonic, table.time, tree)
+    return tree, _History(table.monotonic, table.time, tree, waits)
 
 
 _T = TypeVar("_T")

@@ -37,6 +37,7 @@ __all__ = [
     "parse_proc_net_tcp",
     "proc_tcp_table",
     "read_io",
+    "read_run_wait",
     "read_wchan",
     "scan_fds",
 ]
@@ -382,6 +383,22 @@ def read_io(pid: int, proc_root: str = "/proc") -> IoCounters | None:
     if b"rchar" in fields and b"wchar" in fields:
         return IoCounters(fields[b"rchar"], fields[b"wchar"], False)
     return None
+
+
+def read_run_wait(pid: int, proc_root: str = "/proc") -> float | None:
+    """Seconds pid's main thread has spent runnable but waiting on a run queue since it
+    started (/proc/PID/schedstat, second field). None when the kernel has no schedstat
+    (CONFIG_SCHED_INFO off) or it cannot be read: never raises. Only the main thread:
+    the whole group would cost a read per thread per tick."""
+    try:
+        fd = os.open(f"{proc_root}/{pid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 128)
+        finally:
+            os.close(fd)
+        return int(data.split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def read_wchan(pid: int, proc_root: str = "/proc") -> str | None:

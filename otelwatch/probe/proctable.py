@@ -100,9 +100,10 @@ class ProcessTable:
     """
 
     def __init__(self, procs: dict[int, ProcInfo], reader: ProcessTableReader,
-                 time: float | None = None, monotonic: float | None = None) -> None:
+                 time: float | None = None, monotonic: float | None = None, *, boot_shift: float = 0.0) -> None:
         self._procs = procs
         self._reader = reader
+        self.boot_shift = boot_shift
         self.time = _time.time() if time is None else time
         self.monotonic = _time.monotonic() if monotonic is None else monotonic
         children: dict[int, list[int]] = {}
@@ -121,6 +122,14 @@ class ProcessTable:
 
     def get(self, pid: int) -> ProcInfo | None:
         return self._procs.get(pid)
+
+    def started_at(self, info: ProcInfo) -> float:
+        """When `info`'s process started, in today's wall-clock time, to a clock tick.
+
+        Its create_time (the identity) counts from /proc/stat's btime, which is whole
+        seconds: up to a second early. To compare a start with a file's mtime (was this
+        process there when that file was written?), the fraction is put back."""
+        return info.create_time + self.boot_shift
 
     def children(self, pid: int) -> list[int]:
         return self._children.get(pid, [])
@@ -183,7 +192,16 @@ class ProcessTableReader:
             except (OSError, IndexError, ValueError):
                 continue  # vanished between listdir and open, or unreadable
         t, m = self._stamp(procs, t0, m0)
-        return ProcessTable(procs, self, time=t, monotonic=m)
+        return ProcessTable(procs, self, time=t, monotonic=m, boot_shift=self.boot_shift())
+
+    def boot_shift(self) -> float:
+        """Seconds to add to a create time for the wall-clock start: the kernel's boot
+        instant now (wall clock less CLOCK_BOOTTIME, which start ticks count on) less the
+        whole-second boot time create times use. 0 where that clock is not there or the
+        table is not this host's /proc (a fixture)."""
+        if self.proc_root not in ("/proc", "") or not hasattr(_time, "CLOCK_BOOTTIME"):
+            return 0.0
+        return _time.time() - _time.clock_gettime(_time.CLOCK_BOOTTIME) - self.boot_time
 
     def _stamp(self, procs: dict[int, ProcInfo], t0: float, m0: float) -> tuple[float, float]:
         """(wall, monotonic) of a table whose read began at (t0, m0): the middle of the read,

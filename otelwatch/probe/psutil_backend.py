@@ -152,8 +152,8 @@ class PsutilProcessTable(ProcessTable):
     processes on macOS): their zero CPU time is a placeholder, reported as unknown."""
 
     def __init__(self, procs: dict[int, ProcInfo], reader: ProcessTableReader, time: float,
-                 monotonic: float, unreadable: frozenset[int]) -> None:
-        super().__init__(procs, reader, time=time, monotonic=monotonic)
+                 monotonic: float, unreadable: frozenset[int], boot_shift: float = 0.0) -> None:
+        super().__init__(procs, reader, time=time, monotonic=monotonic, boot_shift=boot_shift)
         self.unreadable = unreadable
 
 
@@ -184,7 +184,7 @@ class PsutilTableReader(ProcessTableReader):
             if not usage_known:
                 unreadable.add(pid)
         t, m = self._stamp(procs, t0, m0)
-        return PsutilProcessTable(procs, self, t, m, frozenset(unreadable))
+        return PsutilProcessTable(procs, self, t, m, frozenset(unreadable), self.boot_shift())
 
     def _read_argv(self, info: ProcInfo) -> tuple[str, ...]:
         try:

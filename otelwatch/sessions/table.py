@@ -81,9 +81,11 @@ SOURCE_PRIORITY: dict[str, int] = {SourceKind.EXEC: 0, SourceKind.REGISTRY: 0, S
                                    SourceKind.TMUX: 2, SourceKind.PROCESS: 3}
 PENDING_EVENTS_MAX_SESSIONS = 1000
 PENDING_EVENTS_PER_SESSION = 50
-# create_time read from /proc is boot time (whole seconds) + start ticks, so it may be
-# up to a second off a wall-clock file time; a little margin on top.
-REGISTRATION_SKEW_S = 1.5
+# A process's start (ProcessTable.started_at, to a clock tick) against a file's mtime
+# (coarse by a jiffy): margin for those and a little wall-clock slew. It was 1.5 s on
+# top of an uncorrected whole-second boot time, so a PID reused 2.5 s after its
+# registration could be adopted.
+REGISTRATION_SKEW_S = 0.5
 
 
 class AliasMap:
@@ -508,7 +510,7 @@ def _bind_identity(spec: SessionSpec, table: ProcessTable) -> tuple[ProcessIdent
     info = table.get(spec.pid)
     if info is None:
         return None, False  # gone already: the probe will say vanished
-    if spec.registered_at is not None and info.create_time > spec.registered_at + REGISTRATION_SKEW_S:
+    if spec.registered_at is not None and table.started_at(info) > spec.registered_at + REGISTRATION_SKEW_S:
         return None, True
     return info.identity, False
 

@@ -83,7 +83,9 @@ class AgentDirResolver:
             return self._default
         cached = self._cache.get(pid)
         if cached is None:
-            cached = self._resolve(pid)
+            cached, final = self._resolve(pid)
+            if not final:
+                return cached
             if len(self._cache) >= 4096:
                 self._cache.clear()
             self._cache[pid] = cached
@@ -92,25 +94,39 @@ class AgentDirResolver:
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
 
-    def _resolve(self, pid: int) -> AgentDirs:
-        env = read_environ(pid, self.proc_root)
+    def _resolve(self, pid: int) -> tuple[AgentDirs, bool]:
+        """(dirs, final): not final while the environment reads empty, which is what
+        the kernel shows of a process in the middle of exec (its new memory is there,
+        its environment not yet): asked again next time, never cached."""
+        raw = _read_raw_environ(pid, self.proc_root)
+        if not raw:
+            return self._default, raw is None
+        env = _wanted(raw)
         if not env:
-            return self._default
+            return self._default, True
         try:
             uid = os.stat(f"{self.proc_root}/{pid}").st_uid
         except OSError:
-            return self._default
-        return dirs_from(env, self.default_home, _Trust(uid))
+            return self._default, True
+        return dirs_from(env, self.default_home, _Trust(uid)), True
 
 
 def read_environ(pid: int, proc_root: str = "/proc") -> dict[str, str]:
     """HOME, CLAUDE_CONFIG_DIR and CODEX_HOME from pid's initial environment; {} when
-    it cannot be read (another user's process, gone, a kernel thread)."""
+    it cannot be read (another user's process, gone, a kernel thread, mid-exec)."""
+    return _wanted(_read_raw_environ(pid, proc_root) or b"")
+
+
+def _read_raw_environ(pid: int, proc_root: str) -> bytes | None:
+    """The bytes of /proc/PID/environ (bounded), None when it cannot be opened."""
     try:
         with open(f"{proc_root}/{pid}/environ", "rb") as fh:
-            raw = fh.read(_ENVIRON_MAX)
+            return fh.read(_ENVIRON_MAX)
     except OSError:
-        return {}
+        return None
+
+
+def _wanted(raw: bytes) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in raw.split(b"\0"):
         key, sep, value = item.partition(b"=")

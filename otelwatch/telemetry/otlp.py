@@ -92,7 +92,8 @@ def resolve_otlp(cfg: Config, environ: Mapping[str, str]) -> OtlpSettings:
     enabled = ocfg.enabled or bool(general) or bool(_env(environ, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
     if _env(environ, "OTEL_SDK_DISABLED").lower() == "true":
         enabled = False
-    settings = OtlpSettings(enabled=False, timeout_s=ocfg.timeout, interval_s=ocfg.interval)
+    interval_s = export_interval(cfg, environ)
+    settings = OtlpSettings(enabled=False, timeout_s=ocfg.timeout, interval_s=interval_s)
     if not enabled:
         return settings
     targets: dict[str, SignalTarget] = {}
@@ -125,9 +126,30 @@ def resolve_otlp(cfg: Config, environ: Mapping[str, str]) -> OtlpSettings:
         targets=targets,
         headers=parse_key_values(_env(environ, "OTEL_EXPORTER_OTLP_HEADERS")),
         timeout_s=ocfg.timeout,
-        interval_s=ocfg.interval,
+        interval_s=interval_s,
         insecure=None if not insecure_text else insecure_text == "true",
     )
+
+
+# The config's bounds for export.otlp.interval, applied to the variable too.
+_INTERVAL_RANGE_S = (0.1, 86400.0)
+DEFAULT_INTERVAL_S = 15.0
+
+
+def export_interval(cfg: Config, environ: Mapping[str, str]) -> float:
+    """Seconds between metric exports: `export.otlp.interval` when the config sets it,
+    else OTEL_METRIC_EXPORT_INTERVAL (milliseconds, the spec's unit), else 15 s. A
+    variable that is not a number, or outside the config's bounds, is ignored (the
+    SDK does the same with a bad value): the environment never stops the daemon."""
+    if cfg.export.otlp.interval is not None:
+        return cfg.export.otlp.interval
+    text = _env(environ, "OTEL_METRIC_EXPORT_INTERVAL")
+    try:
+        seconds = float(text) / 1000.0
+    except ValueError:
+        return DEFAULT_INTERVAL_S
+    lo, hi = _INTERVAL_RANGE_S
+    return seconds if lo <= seconds <= hi else DEFAULT_INTERVAL_S
 
 
 def _signal_url(base: str, protocol: str, signal: str) -> str:

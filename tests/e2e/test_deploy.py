@@ -359,6 +359,9 @@ def test_promtool_accepts_compose_prometheus_config(tmp_path: Path) -> None:
     proc = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Loaded, not merely parsed: an empty rule file passes `check config` too.
+    n = sum(len(g["rules"]) for g in yaml.safe_load(rules.read_text())["groups"])
+    assert n > 0 and f"SUCCESS: {n} rules found" in proc.stdout, proc.stdout
 
 
 def test_grafana_provisioning_lines_up() -> None:

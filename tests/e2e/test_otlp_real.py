@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import io
+import itertools
 import json
 import subprocess
 import time
@@ -45,7 +46,7 @@ def snap(sid: str, state: State, reason: Reason, **kw: Any) -> SessionSnapshot:
     return SessionSnapshot(**fields)
 
 
-def otlp_config(endpoint: str = "", protocol: str = "", interval: float = 0.5,
+def otlp_config(endpoint: str = "", protocol: str = "", interval: float | None = 0.5,
                 timeout: float = 2.0, enabled: bool = True) -> Config:
     return Config(export=ExportConfig(otlp=OtlpExportConfig(
         enabled=enabled, endpoint=endpoint, protocol=protocol, interval=interval, timeout=timeout)))
@@ -167,6 +168,35 @@ def test_victoria_metrics_receives_the_contract_series(victoria: VictoriaMetrics
 # --------------------------------------------------------------------------- gRPC receiver
 
 
+def _export_gaps(receiver: OtlpReceiver, interval: float | None, environ: dict[str, str], n: int) -> list[float]:
+    """Seconds between the first `n` metric exports a Telemetry sends to `receiver`."""
+    t = Telemetry(otlp_config(endpoint=receiver.endpoint, protocol="grpc", interval=interval),
+                  environ=environ, log_stream=io.StringIO())
+    try:
+        t.update([snap("s1", State.ACTIVE, Reason.RECENT_PROGRESS)])
+        t.on_tick(0.001)
+        wait_for(lambda: len(receiver.metric_times) >= n, timeout=4 * n + 10, interval=0.05)
+    finally:
+        t.shutdown(timeout=2.0)
+    times = receiver.metric_times[:n]
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def test_otel_metric_export_interval_sets_the_period_the_config_does_not(receiver: OtlpReceiver) -> None:
+    """OTEL_METRIC_EXPORT_INTERVAL=2000: an export every 2 s, not the config's 15 s
+    default. The SDK's reader waits the interval after each export, so a loaded host
+    stretches a gap a little, never shortens it much."""
+    gaps = _export_gaps(receiver, None, {"OTEL_METRIC_EXPORT_INTERVAL": "2000"}, 3)
+    assert all(1.7 <= g <= 4.0 for g in gaps), gaps
+
+
+def test_an_explicit_export_interval_wins_over_the_variable(receiver: OtlpReceiver) -> None:
+    gaps = _export_gaps(receiver, 0.3, {"OTEL_METRIC_EXPORT_INTERVAL": "2000"}, 4)
+    assert all(g < 1.5 for g in gaps), gaps
+
+
+
+
 @pytest.fixture
 def receiver() -> Iterator[OtlpReceiver]:
     with OtlpReceiver() as rx:
@@ -260,7 +290,7 @@ def test_closed_port_fast_calls_flat_memory_counted_failures() -> None:
     port = free_port()  # nothing listens there
     log = FailureLines()  # a StringIO would grow by 4 bytes a character
     t = Telemetry(otlp_config(endpoint=f"http://127.0.0.1:{port}", protocol="grpc",
-                              interval=3600, timeout=0.05),
+                              interval=3600, timeout=0.1),
                   environ={}, log_stream=log)
     try:
         sessions = [snap(f"s{i}", State.STUCK, Reason.NO_ACTIVITY) for i in range(5)]
@@ -318,7 +348,7 @@ def test_failure_lines_name_the_cause() -> None:
     port = free_port()  # nothing listens there
     log = io.StringIO()
     t = Telemetry(otlp_config(endpoint=f"http://127.0.0.1:{port}", protocol="grpc",
-                              interval=3600, timeout=0.05), environ={}, log_stream=log)
+                              interval=3600, timeout=0.1), environ={}, log_stream=log)
     try:
         t.on_transition(snap("s1", State.STUCK, Reason.NO_ACTIVITY), State.ACTIVE)
         t.on_transition(snap("s1", State.ACTIVE, Reason.RECENT_PROGRESS), State.STUCK)

@@ -71,8 +71,10 @@ def tree(
     children: Sequence[ProcessSample] = (),
     read: int | None = None,
     write: int | None = None,
+    demand: float | None = None,
 ) -> TreeSample:
-    """One tree sample: the root agent process plus `children`."""
+    """One tree sample: the root agent process plus `children`; `demand`: its CPU demand
+    (usage plus run-queue wait), None as from a backend that does not read it."""
     if status in (SampleStatus.VANISHED, SampleStatus.PROBE_TIMEOUT):
         return TreeSample(time=t, status=status, root=ROOT, error=str(status))
     tcp_map = None if unknown_tcp else ({} if tcp is None else dict(tcp))
@@ -91,6 +93,7 @@ def tree(
         children=len(children),
         read_bytes=read,
         write_bytes=write,
+        cpu_demand_percent=demand,
     )
 
 

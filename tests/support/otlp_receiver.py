@@ -9,6 +9,7 @@ assert on spans, span events, metric points and log records.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent import futures
 from typing import Any
 
@@ -40,6 +41,7 @@ class OtlpReceiver:
         self.traces: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self.metrics: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
         self.logs: list[logs_service_pb2.ExportLogsServiceRequest] = []
+        self.metric_times: list[float] = []  # time.monotonic() of each metrics request
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         receiver = self
 
@@ -53,6 +55,7 @@ class OtlpReceiver:
             def Export(self, request: Any, context: Any) -> Any:
                 with receiver._lock:
                     receiver.metrics.append(request)
+                    receiver.metric_times.append(time.monotonic())
                 return metrics_service_pb2.ExportMetricsServiceResponse()
 
         class Logs(logs_service_pb2_grpc.LogsServiceServicer):

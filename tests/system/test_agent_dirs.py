@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import wait_for
 
 from otelwatch.sources.agent_dirs import AgentDirResolver, AgentDirs, dirs_from, read_environ
 from otelwatch.sources.transcripts import TranscriptLocator
@@ -40,6 +41,9 @@ def agent(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]
            "ANTHROPIC_API_KEY": "sk-secret"}
     proc = subprocess.Popen(["sleep", "30"], env=env)
     try:
+        # Popen returns once exec has begun; the kernel shows an empty environment until
+        # exec has laid it out (a window of microseconds, often missed on an idle host).
+        wait_for(Path(f"/proc/{proc.pid}/environ").read_bytes, timeout=5, interval=0.01)
         yield proc, home, config
     finally:
         proc.kill()
@@ -61,6 +65,24 @@ def test_a_process_is_followed_into_its_own_directories(
     assert TranscriptLocator(tmp_path / "daemon-home").claude_session(proc.pid) is None
     # A configured home wins over every environment.
     assert AgentDirResolver(tmp_path / "conf", configured=True)(proc.pid) == dirs_from({}, tmp_path / "conf")
+
+
+def test_an_environment_read_mid_exec_is_read_again(tmp_path: Path) -> None:
+    """A process caught in the middle of exec shows an empty environment (see the fixture
+    above); taking that for "no HOME" once kept the daemon's own directories for the
+    process's whole life. A fixture /proc here: the window is too short to hit on demand."""
+    proc_root, home = tmp_path / "proc", tmp_path / "ann"
+    (proc_root / "42").mkdir(parents=True)
+    home.mkdir()
+    environ = proc_root / "42" / "environ"
+    environ.write_bytes(b"")
+    resolver = AgentDirResolver(tmp_path / "daemon-home", proc_root=str(proc_root))
+    assert resolver(42) == dirs_from({}, tmp_path / "daemon-home")
+    environ.write_bytes(b"PATH=/bin\0HOME=" + bytes(home) + b"\0")
+    os.chown(proc_root / "42", os.geteuid(), os.getegid())
+    assert resolver(42) == AgentDirs(home / ".claude", home / ".codex")
+    environ.write_bytes(b"HOME=/elsewhere\0")
+    assert resolver(42).claude == home / ".claude"  # a complete read is kept for the process's life
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a directory to another user")

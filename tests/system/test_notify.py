@@ -207,8 +207,9 @@ def test_non_retryable_http_error_is_not_retried(hooks: Hooks) -> None:
 
 
 def test_command_gets_argv_placeholders_and_report_on_stdin(tmp_path: Path) -> None:
-    out = tmp_path / "runs.jsonl"
-    cfg = NotifyConfig(command=(sys.executable, "-c", RECORDER, str(out), "{session_id}", "{state}", "{event}"))
+    out, recorder = tmp_path / "runs.jsonl", tmp_path / "recorder.py"
+    recorder.write_text(RECORDER)  # a file: a NotifyConfig rejects {...} that is not a placeholder
+    cfg = NotifyConfig(command=(sys.executable, str(recorder), str(out), "{session_id}", "{state}", "{event}"))
     n = Notifier(cfg, log=Recorder().log)
     try:
         n.submit(STUCK)
@@ -223,8 +224,7 @@ def test_command_gets_argv_placeholders_and_report_on_stdin(tmp_path: Path) -> N
 
 def test_hanging_command_is_killed_and_submit_never_blocks(tmp_path: Path) -> None:
     pidfile = tmp_path / "pids"
-    hang = (sys.executable, "-c", f"import os, time; open({str(pidfile)!r}, 'a').write(f'{{os.getpid()}}\\n'); "
-                                  "time.sleep(60)")
+    hang = (sys.executable, "-c", HANG, str(pidfile))
     rec = Recorder()
     n = Notifier(NotifyConfig(command=hang, timeout=0.3), count_failure=rec.count, log=rec.log, queue_size=2)
     try:

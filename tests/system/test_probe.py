@@ -56,9 +56,14 @@ def test_cpu_busy_loop_and_sleeper(
     assert first["busy"].processes[0].cpu_percent is None
     time.sleep(1.0)
     second = prober.sample(reader.read(), targets, 5.0)
-    assert second["busy"].cpu_percent is not None and second["busy"].cpu_percent > 50.0
-    assert second["busy"].cpu_percent < 150.0  # one thread cannot use more than one core
+    busy_cpu, busy_demand = second["busy"].cpu_percent, second["busy"].cpu_demand_percent
+    # On a loaded host the loop gets what the scheduler gives it (7% was seen with load
+    # 10 on 2 cores), but it wants a whole core all the time: its demand says so.
+    assert busy_cpu is not None and busy_demand is not None
+    assert 50.0 < busy_demand < 150.0  # one thread cannot want more than one core
+    assert 0.0 < busy_cpu <= busy_demand + 1.0
     assert second["sleeper"].cpu_percent is not None and second["sleeper"].cpu_percent < 5.0
+    assert second["sleeper"].cpu_demand_percent is not None and second["sleeper"].cpu_demand_percent < 5.0
     assert second["busy"].root == first["busy"].root  # bare pid: the identity it found
     assert second["busy"].cpu_seconds >= first["busy"].cpu_seconds
 
@@ -86,7 +91,9 @@ def test_child_born_after_previous_tick_counts_all_its_cpu(
     second = one(prober, reader, root.pid)
     children = [p for p in second.processes if p.pid != root.pid]
     assert children and all(p.cpu_percent is not None for p in children)
-    assert second.cpu_percent is not None and second.cpu_percent > 20.0
+    assert second.cpu_percent is not None and second.cpu_percent > 0.0
+    # What a loaded host lets it use varies; what it wanted since it was born does not.
+    assert second.cpu_demand_percent is not None and second.cpu_demand_percent > 20.0
 
 
 @pytest.mark.parametrize("server", ["tcp_server", "tcp_server6"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 from otelwatch.probe.proctable import CLK_TCK, PAGE_SIZE, ProcessTable, ProcessTableReader, parse_stat, read_proc
@@ -47,3 +48,21 @@ def test_missing_process(spawn: Spawner) -> None:
     assert read_proc(gone.pid) is None
     table = ProcessTableReader().read()
     assert gone.pid not in table and table.get(gone.pid) is None and table.cmdline(gone.pid) == ()
+
+
+def test_a_real_start_is_told_to_a_clock_tick_though_btime_is_whole_seconds() -> None:
+    """A registration's mtime is compared with this (sessions._bind_identity): the
+    whole-second boot time alone put a start up to a second early."""
+    before = time.time()
+    proc = subprocess.Popen(["sleep", "5"])
+    after = time.time()
+    try:
+        table = ProcessTableReader().read()
+        info = table.get(proc.pid)
+        assert info is not None
+        tick = 1 / CLK_TCK
+        assert before - tick - 0.01 <= table.started_at(info) <= after + 0.01
+        assert 0.0 <= table.boot_shift < 1.0 + 0.01  # what btime's truncation lost
+    finally:
+        proc.kill()
+        proc.wait()

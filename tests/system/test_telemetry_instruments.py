@@ -277,11 +277,12 @@ def test_ending_many_sessions_is_linear_and_drops_exactly_theirs(tel: Telemetry)
     assert ids == {"s0", "s1"}
     # 5 000 ends at once, timed on the gauges and the exposition's bookkeeping alone.
     tel.gauges.update([snap(f"t{i}") for i in range(5000)])
-    start = time.perf_counter()
+    # CPU time, not wall time: a loaded host stretches the one, not the work.
+    start = time.process_time()
     assert tel.session_metrics is not None
     tel.session_metrics.update([snap(f"t{i}") for i in range(5000)])
     for i in range(5000):
         tel.gauges.forget(f"t{i}")
         tel.session_metrics.forget(f"t{i}")
-    took = time.perf_counter() - start
+    took = time.process_time() - start
     assert took < 0.5, f"5000 forgets took {took:.2f} s"

@@ -1,11 +1,26 @@
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from otelwatch.cli import main
-from otelwatch.config import Config, ConfigError, default_paths, load_config, parse_config, parse_duration
+from otelwatch.config import (
+    ClassifyConfig,
+    Config,
+    ConfigError,
+    HttpConfig,
+    NotifyConfig,
+    OtlpExportConfig,
+    RecoveryConfig,
+    TmuxSourceConfig,
+    default_paths,
+    load_config,
+    parse_config,
+    parse_duration,
+)
 
 
 @pytest.mark.parametrize(
@@ -145,3 +160,46 @@ def test_paths_follow_config_then_environment(tmp_path: Path) -> None:
     p = default_paths(parse_config({"state_dir": str(tmp_path)}), {"HOME": "/h"})
     assert p.state_dir == tmp_path and p.registry_dir == tmp_path / "sessions"
     assert p.recovery_state == tmp_path / "recovery.json"
+
+
+@pytest.mark.parametrize(
+    ("build", "data", "key"),
+    [
+        (lambda: Config(interval=-1.0), {"interval": -1.0}, "interval"),
+        (lambda: Config(interval=1e308), {"interval": 1e308}, "interval"),
+        (lambda: ClassifyConfig(stall_after=0), {"classify": {"stall_after": 0}}, "classify.stall_after"),
+        (lambda: RecoveryConfig(max_per_hour=1.5),  # type: ignore[arg-type]
+         {"recovery": {"max_per_hour": 1.5}}, "recovery.max_per_hour"),
+        (lambda: RecoveryConfig(protect=("(",)), {"recovery": {"protect": ["("]}}, "recovery.protect[0]"),
+        (lambda: HttpConfig(listen="9464"), {"http": {"listen": "9464"}}, "http.listen"),
+        (lambda: TmuxSourceConfig(timeout=999), {"sources": {"tmux": {"timeout": 999}}}, "sources.tmux.timeout"),
+        (lambda: OtlpExportConfig(protocol="carrier-pigeon"), {"export": {"otlp": {"protocol": "carrier-pigeon"}}},
+         "export.otlp.protocol"),
+    ],
+)
+def test_a_config_built_in_python_is_checked_like_a_file(build: Any, data: dict, key: str) -> None:
+    """One check per field, beside it, run when the section is built: the Python API
+    says what the TOML loader says, word for word."""
+    with pytest.raises(ConfigError) as from_python:
+        build()
+    with pytest.raises(ConfigError) as from_file:
+        parse_config(data)
+    assert from_python.value.key == key and str(from_python.value) == str(from_file.value)
+
+
+def test_every_setting_has_its_check_beside_it() -> None:
+    def leaves(cls: type, prefix: str) -> list[str]:
+        out = []
+        for f in fields(cls):
+            if "check" in f.metadata:
+                out.append(prefix + f.name)
+            else:  # a section: its own checked fields
+                assert callable(f.default_factory), f"{prefix}{f.name} has no check"
+                out += leaves(type(f.default_factory()), prefix + f.name + ".")
+        return out
+
+    names = leaves(Config, "")
+    assert "interval" in names and "export.otlp.interval" in names and len(names) > 50
+    # Built in Python, values are normalised as from a file.
+    cfg = Config(interval="5m", notify=NotifyConfig(reasons=["no_activity"]))  # type: ignore[arg-type]
+    assert cfg.interval == 300.0 and cfg.notify.reasons == ("no_activity",)

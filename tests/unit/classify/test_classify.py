@@ -215,6 +215,27 @@ CASES = [
         history(at=lambda t: {"cpu": 90.0} if int(t) % 30 else {"cpu": 10.0}),
         check=lambda e: "window mean" in e["detail"],
     ),
+    Case(
+        "a loop starved by other work: 20% CPU, but runnable all the time",
+        State.STALLED,
+        Reason.CPU_SPIN,
+        history(cpu=20.0, demand=98.0),
+        check=lambda e: e["cpu_window_mean"] == 20.0 and e["cpu_demand_window_mean"] == 98.0
+        and "waiting for one" in e["detail"] and "got 20.0%" in e["detail"],
+    ),
+    Case(
+        "20% CPU and no run-queue wait: between the thresholds, not a spin",
+        State.STALLED,
+        Reason.TOOL_CALL_WITHOUT_PROGRESS,
+        history(cpu=20.0, demand=20.5),
+    ),
+    Case(
+        "demand unknown (psutil backend): the spin rule reads usage",
+        State.STALLED,
+        Reason.TOOL_CALL_WITHOUT_PROGRESS,
+        history(cpu=20.0, demand=None),
+        check=lambda e: e["cpu_demand_window_mean"] == 20.0,
+    ),
     # Between the two thresholds: neither spinning nor stuck. The reason comes from
     # the other evidence; with none, work outside the event stream.
     Case(
@@ -414,7 +435,8 @@ CASES = [
         State.STALLED,
         Reason.INSUFFICIENT_SAMPLES,
         [],
-        check=lambda e: e["samples_in_window"] == 0 and "0 of 2 known samples" in e["detail"],
+        check=lambda e: e["samples_in_window"] == 0
+        and e["detail"] == "no known samples in the 300 s window: need at least 2 covering 150 s",
     ),
     Case(
         "a single sample in the window",
@@ -427,6 +449,7 @@ CASES = [
         State.STALLED,
         Reason.INSUFFICIENT_SAMPLES,
         history(60),
+        check=lambda e: e["detail"] == "7 known samples cover 60 s of the 300 s window: need at least 2 covering 150 s",
     ),
     Case(
         "the first sight of the process (no CPU rate yet) is not unreadable data",
@@ -434,6 +457,7 @@ CASES = [
         Reason.INSUFFICIENT_SAMPLES,
         history(300, at=lambda t: {"cpu": None} if t == NOW - 300 else {}),
         info=info(started_at=NOW - 300),
+        check=lambda e: "first seen inside the window" in e["detail"],
     ),
     Case(
         "a CPU rate missing later than the first sight is unreadable",

@@ -30,6 +30,8 @@ from tests.support.classify_builders import NOW, ROOT_PID, SILENT, acts, info, p
 
 # Values around the thresholds and the tick floor (1.5 ticks: 3% over 0.5 s, 0.15% over 10 s).
 CPU = st.sampled_from([0.0, 0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 3.5, 5.0, 25.0, 60.0, 0.1 + 0.2, None])
+# CPU demand (usage + run-queue wait) where schedstat is read; None where it is not.
+DEMAND = st.sampled_from([None, None, None, 0.0, 3.0, 30.0, 60.0, 99.5])
 STEP = st.sampled_from([0.5, 1.0, 1.0, 1.0, 5.0, 10.0, 0.0, 90.0, -3.0])  # 0: same time; <0: clock back
 KIND = st.sampled_from(["idle"] * 6 + ["noisy"] * 3 + ["timeout", "denied", "vanished"])
 CFGS = st.builds(
@@ -72,6 +74,7 @@ def stream_st(draw: st.DrawFn) -> list[tuple[float, TreeSample, int, bool]]:
                 root_status=draw(st.sampled_from(["S", "S", "R"])) if kind == "noisy" else "S",
                 children=kids if kind == "noisy" else [],
                 read=draw(st.sampled_from([read, read, None])),
+                demand=draw(DEMAND) if kind == "noisy" else None,
             )
         now = t + draw(st.sampled_from([0.0, 0.0, 0.3, -1.0]))
         out.append((now, s, draw(st.sampled_from([0] * 8 + [1, 2])), draw(st.integers(0, 15)) == 0))

@@ -66,9 +66,10 @@ from otelwatch.probe.proctable import ProcessTable, ProcInfo  # noqa: E402
 from otelwatch.sessions.table import PENDING_EVENTS_PER_SESSION, SessionTable, Tracked  # noqa: E402
 
 
-def _table(*procs: tuple[int, float]) -> ProcessTable:
+def _table(*procs: tuple[int, float], boot_shift: float = 0.0) -> ProcessTable:
     infos = {pid: ProcInfo(pid, 1, pid, pid, "S", "agent", 0.0, 1, created, 0) for pid, created in procs}
-    return ProcessTable(infos, reader=None, time=1000.0, monotonic=1.0)  # type: ignore[arg-type]
+    return ProcessTable(infos, reader=None, time=1000.0, monotonic=1.0,  # type: ignore[arg-type]
+                        boot_shift=boot_shift)
 
 
 class _Recorder:
@@ -138,6 +139,24 @@ def test_a_pid_reused_after_the_registration_is_never_adopted() -> None:
     assert tracked is not None and tracked.identity is None
     assert tracked.verdict is not None and tracked.verdict.state is State.EXITED
     assert rec.ended == ["job"] and rec.logged == ["session.pid_reused"]
+
+
+def test_a_reuse_is_judged_on_the_real_start_not_the_whole_second_boot_time() -> None:
+    """create_time counts from /proc/stat's btime, whole seconds: up to a second early. A
+    process started 0.9 s after the registration looked to have started with it (a fresh
+    machine whose boot fell late in its second adopted every such reuse)."""
+    rec = _Recorder()
+    sessions = rec.table()
+    sessions.merge([SessionSpec("job", 77, source="registry", registered_at=100.0)],
+                   _table((77, 100.05), boot_shift=0.85), 120.0, registry_ok=True)
+    assert rec.ended == ["job"] and rec.logged == ["session.pid_reused"]
+    # The identity keeps the create_time every reader computes the same way.
+    rec = _Recorder()
+    sessions = rec.table()
+    sessions.merge([SessionSpec("job", 77, source="registry", registered_at=100.0)],
+                   _table((77, 99.05), boot_shift=0.85), 120.0, registry_ok=True)
+    tracked = sessions.get("job")
+    assert tracked is not None and tracked.identity == ProcessIdentity(77, 99.05) and rec.ended == []
 
 
 def test_a_process_that_existed_at_registration_is_bound_by_identity() -> None:

@@ -92,3 +92,16 @@ def test_resource_from_environment() -> None:
 
 def test_parse_key_values_ignores_junk() -> None:
     assert parse_key_values("a=1,,=x,b,c=%3D") == {"a": "1", "c": "="}
+
+
+def test_export_interval_config_then_variable_then_default() -> None:
+    from otelwatch.telemetry.otlp import export_interval
+
+    assert export_interval(Config(), {}) == 15.0
+    assert export_interval(Config(), {"OTEL_METRIC_EXPORT_INTERVAL": "2000"}) == 2.0
+    assert export_interval(otlp_cfg(interval=30), {"OTEL_METRIC_EXPORT_INTERVAL": "2000"}) == 30.0
+    # What cannot be a period is ignored, as the SDK does: the environment never stops the daemon.
+    for bad in ("soon", "-5", "0", "nan", "1e12"):
+        assert export_interval(Config(), {"OTEL_METRIC_EXPORT_INTERVAL": bad}) == 15.0
+    assert resolve_otlp(Config(), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317",
+                                   "OTEL_METRIC_EXPORT_INTERVAL": "2500"}).interval_s == 2.5

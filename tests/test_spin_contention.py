@@ -1,0 +1,115 @@
+"""A spinning process is spinning however little CPU it gets: the cpu_spin rule reads
+demand (time on a CPU plus time runnable on a run queue, /proc/PID/schedstat), not usage.
+
+Real busy loops pinned to two CPUs with other busy loops, sampled by the real probe,
+classified by the real classifier: three spinners on two cores (each gets two thirds or
+less), then two more burners at a lower nice level than the spinners (the spinner gets
+well under the 50% spin bar). A sleeper beside them never reads cpu_spin.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from otelwatch.classify import classify
+from otelwatch.config import ClassifyConfig
+from otelwatch.model import Activity, Mode, Reason, SessionInfo, State, TreeSample
+from otelwatch.probe import Prober
+from otelwatch.proctable import ProcessTableReader
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="no schedstat on this kernel")
+
+CFG = ClassifyConfig(startup_grace=0.0, stall_after=2.0, cpu_idle_percent=1.0, cpu_spin_percent=50.0)
+INTERVAL = 0.25
+SAMPLES = 14  # 3.25 s: past stall_after with a full window behind it
+# Two CPUs of ours: the contention is the same on a 2-core runner and a 64-core box.
+CPUS = set(sorted(os.sched_getaffinity(0))[:2])
+LOOP = "while True: pass"
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], nice: int = 0) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv)
+        self.started.append(proc)
+        os.sched_setaffinity(proc.pid, CPUS)
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
+        return proc
+
+    def loop(self, nice: int = 0) -> subprocess.Popen[bytes]:
+        return self.start([sys.executable, "-c", LOOP], nice)
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    p = Procs()
+    try:
+        yield p
+    finally:
+        for proc in p.started:
+            proc.kill()
+        for proc in p.started:
+            proc.wait()
+
+
+def watch(targets: dict[str, int]) -> dict[str, list[TreeSample]]:
+    """SAMPLES tree samples of each target, INTERVAL apart, by the real probe."""
+    reader, prober = ProcessTableReader(), Prober()
+    out: dict[str, list[TreeSample]] = {sid: [] for sid in targets}
+    try:
+        for _ in range(SAMPLES):
+            for sid, sample in prober.sample(reader.read(), targets, 5.0).items():
+                out[sid].append(sample)
+            time.sleep(INTERVAL)
+    finally:
+        prober.shutdown()
+    return out
+
+
+def verdict(samples: list[TreeSample]) -> tuple[State, Reason, float, float]:
+    """(state, reason, mean usage %, mean demand %) of a headless session silent since
+    its first sample."""
+    start = samples[0].time
+    info = SessionInfo(mode=Mode.HEADLESS, started_at=start, has_event_source=True)
+    v = classify(CFG, info, samples, Activity(), samples[-1].time, start)
+    rated = [s for s in samples if s.cpu_percent is not None]
+    usage = sum(s.cpu_percent or 0.0 for s in rated) / max(1, len(rated))
+    demand = sum(s.cpu_demand_percent or 0.0 for s in rated) / max(1, len(rated))
+    print(f"{v.state}/{v.reason}: usage {usage:.1f}%, demand {demand:.1f}%")  # figures for the record
+    return v.state, v.reason, usage, demand
+
+
+def test_three_spinners_on_two_cores_each_read_cpu_spin(procs: Procs) -> None:
+    spinners = [procs.loop() for _ in range(3)]
+    sleeper = procs.start(["sleep", "60"])
+    got = watch({"spin": spinners[0].pid, "sleeper": sleeper.pid})
+    state, reason, usage, demand = verdict(got["spin"])
+    assert (state, reason) == (State.STALLED, Reason.CPU_SPIN), (usage, demand)
+    assert usage < 80.0 < demand  # two cores, three loops: nobody gets a whole one
+    assert all(s.cpu_demand_percent is not None for s in got["spin"][1:])
+    assert verdict(got["sleeper"])[1] is not Reason.CPU_SPIN
+
+
+def test_a_spinner_starved_under_the_spin_bar_still_reads_cpu_spin(procs: Procs) -> None:
+    """Two burners at a lower nice level than the three spinners (weights 1024 against
+    335 each): the spinner gets about a fifth of a core, and wants all of it."""
+    spinners = [procs.loop(nice=5) for _ in range(3)]
+    for _ in range(2):
+        procs.loop(nice=0)
+    sleeper = procs.start(["sleep", "60"])
+    got = watch({"spin": spinners[0].pid, "sleeper": sleeper.pid})
+    state, reason, usage, demand = verdict(got["spin"])
+    assert usage < CFG.cpu_spin_percent, "not starved: the case this test is for did not happen"
+    assert (state, reason) == (State.STALLED, Reason.CPU_SPIN), (usage, demand)
+    assert demand > 80.0
+    _, s_reason, _, s_demand = verdict(got["sleeper"])
+    assert s_reason is not Reason.CPU_SPIN and s_demand < 5.0
