@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import wait_for
 
 from otelwatch.sources.agent_dirs import AgentDirResolver, AgentDirs, dirs_from, read_environ
 from otelwatch.sources.transcripts import TranscriptLocator
+from tests.support.procs import wait_for
 
 
 def test_dirs_from_the_environment() -> None:

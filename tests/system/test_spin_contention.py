@@ -17,11 +17,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from otelwatch.classify import classify
+from otelwatch.classify.rules import classify
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import Activity, Mode, Reason, SessionInfo, State, TreeSample
-from otelwatch.probe import Prober
-from otelwatch.proctable import ProcessTableReader
+from otelwatch.probe.prober import Prober
+from otelwatch.probe.proctable import ProcessTableReader
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="no schedstat on this kernel")
 
