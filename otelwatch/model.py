@@ -251,6 +251,15 @@ class Event:
     background: tuple[str, ...] | None = None
     source: str = ""  # "stream", "transcript", "hook", "http", "exec", ...
     detail: str = ""  # short text for diagnostics
+    # Provenance (DESIGN "Trust boundaries"): True only for an event from the session
+    # itself (its own transcript or session file, its exec wrapper, its registry entry's
+    # events file, a hook checked to run inside its process tree). Set by the reader that
+    # checked it, never read from data, and never written out by `to_json`.
+    own: bool = False
+    # A hook's event checked at arrival to come from inside a process tree: the process
+    # (nearest non-shell ancestor of the hook) it ran under. The session table makes the
+    # event own for the session whose root is exactly that process, observed for any other.
+    speaker: ProcessIdentity | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"time": self.time, "type": self.type, "kind": self.kind.value}
@@ -298,6 +307,9 @@ class Activity:
     retry_max: int | None = None
     turn_open: bool = False
     turn_opened_at: float | None = None
+    # The open turn was opened (or a tool call in it started) by an own event: only such
+    # a turn can count for recovery. An observed event can open a turn, never this.
+    turn_own: bool = False
     open_tools: tuple[OpenTool, ...] = ()
     # Tool runs the agent moved to the background: they outlive the turn that started
     # them, so a turn's end does not close them; the agent's next list of them does.
@@ -330,13 +342,17 @@ class Activity:
         open_tools = self.open_tools
         turn_open = self.turn_open
         turn_opened_at = self.turn_opened_at
+        turn_own = self.turn_own and turn_open
         if event.turn == "open":
+            turn_own = event.own or (turn_own and turn_open)
             turn_open, turn_opened_at = True, t
         if event.tool_call == "open":
             # A tool call is work in progress: if we missed the prompt that opened the
             # turn (a hook not installed, a transcript joined late), the turn is open now.
             if not turn_open:
-                turn_open, turn_opened_at = True, t
+                turn_open, turn_opened_at, turn_own = True, t, event.own
+            elif event.own:
+                turn_own = True  # the session's own word that it works in this turn
             tool_id = event.tool_id or f"{event.tool or 'tool'}@{t}"
             # The same call seen again (a hook and the transcript both report it) keeps the
             # time it was first seen open.
@@ -349,8 +365,9 @@ class Activity:
             # A finished turn leaves no tool call open, whatever we missed. A close older
             # than the turn's opening belongs to the turn before (hooks and transcripts
             # report the same turn edges, each in its own time): it closes nothing.
-            turn_open, turn_opened_at, open_tools = False, None, ()
-        changes.update(turn_open=turn_open, turn_opened_at=turn_opened_at, open_tools=open_tools)
+            turn_open, turn_opened_at, open_tools, turn_own = False, None, (), False
+        changes.update(turn_open=turn_open, turn_opened_at=turn_opened_at, open_tools=open_tools,
+                       turn_own=turn_own)
         if event.background is not None:
             known = {o.tool_id: o.since for o in self.background_tasks}
             changes["background_tasks"] = tuple(OpenTool(task, "background_task", min(known.get(task, t), t))

@@ -204,6 +204,14 @@ class Tracked:
     def latest(self) -> TreeSample | None:
         return self.samples[-1] if self.samples else None
 
+    def own_turn(self) -> bool:
+        """Whether recovery may count on this session's turn: headless sessions process
+        from start to exit; a turn-based one only inside a turn the session itself opened
+        (`Activity.turn_own`: an own event, never an observed one)."""
+        if self.spec.mode is not Mode.INTERACTIVE:
+            return True
+        return self.activity.turn_open and self.activity.turn_own
+
     def reacted(self, work_percent: float) -> bool:
         """Whether a turn-based session's own processes showed work since its turn opened.
 
@@ -379,7 +387,7 @@ class SessionTable:
             self._end(tracked, now)
             return
         for event in self._pending.pop(spec.session_id, ()):
-            tracked.activity = tracked.activity.apply(event)
+            tracked.activity = tracked.activity.apply(_settled(tracked, event))
 
     def _rekey(self, tracked: Tracked, spec: SessionSpec) -> None:
         """A stronger source named a session we had discovered: take its id, keep its history."""
@@ -395,7 +403,7 @@ class SessionTable:
         """`alias` (a transcript's own id) names `tracked`; its waiting events apply now."""
         self._aliases.add(alias, tracked.key)
         for event in self._pending.pop(alias, ()):
-            tracked.activity = tracked.activity.apply(event)
+            tracked.activity = tracked.activity.apply(_settled(tracked, event))
 
     # ------------------------------------------------------------------ events
 
@@ -414,7 +422,7 @@ class SessionTable:
                 self._pending.pop(next(iter(self._pending)))
             self._pending.setdefault(session_id, deque(maxlen=PENDING_EVENTS_PER_SESSION)).append(event)
             return
-        tracked.activity = tracked.activity.apply(event)
+        tracked.activity = tracked.activity.apply(_settled(tracked, event))
 
     def count_malformed(self, session_id: str) -> None:
         tracked = self._tracked.get(self._aliases.resolve(session_id))
@@ -545,6 +553,15 @@ def reaction_seen(samples: Sequence[TreeSample], activity: Activity, since: floa
             before_children = children
     return any(e.time > since and e.kind is EventKind.PROGRESS and e.turn != "open" and e.source != "http"
                for e in activity.recent)
+
+
+def _settled(tracked: Tracked, event: Event) -> Event:
+    """A hook's event (one with a `speaker`) is own exactly for the session whose root
+    process it ran under, observed for every other (DESIGN "Trust boundaries")."""
+    if event.speaker is None:
+        return event
+    own = tracked.identity is not None and same_process(event.speaker, tracked.identity)
+    return replace(event, own=own, speaker=None)
 
 
 def _may_be_same_process(tracked: Tracked, spec: SessionSpec) -> bool:
