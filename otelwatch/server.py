@@ -163,7 +163,8 @@ class _App:
         try:
             sessions = self.watcher.post_event(payload, uid=req.uid)
         except PermissionError as exc:  # naming another user's process (DESIGN "Users are walls")
-            return self._clienterror_response(req, HTTPStatus.FORBIDDEN, "refused", f": {exc}")
+            return self._clienterror_response(req, HTTPStatus.FORBIDDEN, "event names another user's process",
+                                              f": {exc}")
         except queue.Full as exc:  # counted by the watcher (kind "inbox"); logged here
             self.report(None, "http.refused", "event inbox full", req.peer)
             retry = str(max(1, math.ceil(self.watcher.cfg.interval)))
