@@ -93,11 +93,19 @@ def test_another_users_pid_is_refused_and_bob_survives(base: Path, users: dict[s
     assert got["alive"] and got["requested"] == [], got
 
 
-def test_planted_fifo_and_symlinks_neither_stall_the_loop_nor_leak(base: Path, users: dict[str, int]) -> None:
-    got = run_scenario("planted_files", base, users["hsec-alice"])
-    assert all(code == 200 for code in got["healthz"]), got  # the FIFO never stalls the loop
+def test_a_planted_fifo_never_stalls_the_loop(base: Path, users: dict[str, int]) -> None:
+    got = run_scenario("fifo", base, users["hsec-alice"])
+    assert all(code == 200 for code in got["healthz"]), got  # healthz stays 200 while the FIFO is there
     # Ticks on time: at least 60% of the interval's worth over the measured span.
     assert got["ticks"] >= 0.6 * got["elapsed"] / got["interval"], got
     assert all(state not in (None, "starting") for state in got["states"].values()), got
-    assert not got["leaked"], got  # no line of root's transcript under mallory's sessions
+    assert not got["leaked"], got
+
+
+def test_symlinked_transcript_and_a_home_not_ones_own_leak_nothing(base: Path, users: dict[str, int]) -> None:
+    got = run_scenario("leaks", base, users["hsec-alice"])
+    # No line of root's transcript under mallory's sessions: neither through the symlink in
+    # her projects directory nor through her agent's HOME that is not hers.
+    assert got["leaked_by"] == {"symlink": False, "home": False, "fifo": False}
     assert got["root_has_it"], got  # root's own session still claims its transcript
+    assert all(code == 200 for code in got["healthz"]), got

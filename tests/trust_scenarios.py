@@ -225,7 +225,7 @@ def cross_user(tmp: Path, alice: int, bob: int) -> dict[str, Any]:
         daemon.cleanup()
 
 
-def planted_files(tmp: Path, mallory: int) -> dict[str, Any]:
+def planted_files(tmp: Path, mallory: int, with_fifo: bool) -> dict[str, Any]:
     """The FIFO denial of service and both leaks: mallory (any local user) runs processes
     named claude; one's session file is a FIFO, one's transcript a symlink to root's 0600
     transcript, one's HOME a directory she does not own (the daemon's own home has root's
@@ -261,8 +261,9 @@ def planted_files(tmp: Path, mallory: int) -> dict[str, Any]:
         fifo_agent, _, _ = start_victim(exe, mwork, "fifo", uid=mallory, env={"HOME": str(mhome)})
         daemon.agents.append(fifo_agent)
         fifo = mhome / ".claude" / "sessions" / f"{fifo_agent.pid}.json"
-        subprocess.run(["/usr/bin/python3", "-c", f"import os; os.mkfifo({str(fifo)!r})"], user=mallory,
-                       group=mallory, extra_groups=[], check=True, cwd="/")
+        if with_fifo:
+            subprocess.run(["/usr/bin/python3", "-c", f"import os; os.mkfifo({str(fifo)!r})"], user=mallory,
+                           group=mallory, extra_groups=[], check=True, cwd="/")
         link_agent, _, _ = start_victim(exe, mwork, "link", uid=mallory, env={"HOME": str(mhome)})
         daemon.agents.append(link_agent)
         link = mproj / "stolen.jsonl"
@@ -289,10 +290,13 @@ def planted_files(tmp: Path, mallory: int) -> dict[str, Any]:
         except AssertionError:
             pass
         time.sleep(2.0)
-        listing = json.dumps([s for s in daemon.sessions() if s["pid"] in (fifo_agent.pid, link_agent.pid,
-                                                                            homeless.pid)])
+        def leaked(pid: int) -> bool:
+            text = json.dumps(session_of(daemon, pid))
+            return "ROOT-SECRET" in text or "RootSecretTool" in text
+
+        by = {"symlink": leaked(link_agent.pid), "home": leaked(homeless.pid), "fifo": leaked(fifo_agent.pid)}
         return {"healthz": codes, "ticks": ticks, "elapsed": elapsed, "interval": 0.5, "states": states,
-                "leaked": "ROOT-SECRET" in listing or "RootSecretTool" in listing,
+                "leaked": any(by.values()), "leaked_by": by,
                 "root_has_it": "RootSecretTool" in json.dumps(session_of(daemon, mine.pid))}
     finally:
         daemon.cleanup()
@@ -303,7 +307,16 @@ def daemon_health(daemon: Daemon) -> dict[str, Any]:
     return json.loads(body)  # type: ignore[no-any-return]
 
 
-SCENARIOS = {"outsiders": outsiders, "cross_user": cross_user, "planted_files": planted_files}
+def fifo(tmp: Path, mallory: int) -> dict[str, Any]:
+    return planted_files(tmp, mallory, with_fifo=True)
+
+
+def leaks(tmp: Path, mallory: int) -> dict[str, Any]:
+    """The leaks alone (without the FIFO, which on the old code stalls everything)."""
+    return planted_files(tmp, mallory, with_fifo=False)
+
+
+SCENARIOS = {"outsiders": outsiders, "cross_user": cross_user, "fifo": fifo, "leaks": leaks}
 
 if __name__ == "__main__":
     assert os.getpid() == 1, "run me inside `unshare --pid --fork --mount-proc`"
