@@ -44,7 +44,8 @@ def test_ancestry_reaches_the_agent_and_speaker_skips_shells(tmp_path: Path) -> 
             return int(inner[0]) if inner else None
 
         pid = wait_for(leaf, timeout=10)
-        chain = ancestry(int(pid), BOOT)  # type: ignore[arg-type]
+        assert isinstance(pid, int)
+        chain = ancestry(pid, BOOT)
         assert [c[0].pid for c in chain[:3]] == [pid, int(subprocess.run(
             ["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()[0]), agent.pid]
         who = speaker(chain)
@@ -58,7 +59,11 @@ def test_ancestry_reaches_the_agent_and_speaker_skips_shells(tmp_path: Path) -> 
 def test_the_socket_checks_the_peer_when_the_event_arrives(tmp_path: Path) -> None:
     got: list[tuple[Any, ProcessIdentity | None, int]] = []
     path = tmp_path / "hook.sock"
-    sock = HookSocket(path, BOOT, lambda p, s, u: got.append((p, s, u)) or True, lambda *a: None).start()
+    def deliver(payload: Any, who: ProcessIdentity | None, uid: int) -> bool:
+        got.append((payload, who, uid))
+        return True
+
+    sock = HookSocket(path, BOOT, deliver, lambda *a: None).start()
     try:
         assert os.stat(path).st_mode & 0o777 == (0o666 if os.geteuid() == 0 else 0o600)
         # An agent (python, not a shell) runs a hook (its child) that sends: the speaker,
@@ -83,8 +88,8 @@ def test_the_socket_checks_the_peer_when_the_event_arrives(tmp_path: Path) -> No
 
 
 def test_a_hook_event_is_own_only_for_the_session_rooted_at_its_speaker() -> None:
-    from otelwatch.sessions import SessionTable, Tracked, _settled
     from otelwatch.model import SessionSpec
+    from otelwatch.sessions import Tracked, _settled
 
     me = read_proc(os.getpid(), boot_time=BOOT)
     assert me is not None
@@ -96,7 +101,6 @@ def test_a_hook_event_is_own_only_for_the_session_rooted_at_its_speaker() -> Non
     # A PID reused by another process: not the speaker.
     assert not _settled(Tracked("c", SessionSpec("c", pid=me.pid), 0.0,
                                 identity=ProcessIdentity(me.pid, me.create_time + 1)), event).own
-    assert SessionTable  # imported for the type
 
 
 # --------------------------------------------------------------------------- users are walls

@@ -113,7 +113,7 @@ def test_observed_events_and_outsider_stimuli_never_recover_an_idle_interactive_
         history: list[tuple[float, str, Event | None]]) -> None:
     tr = tracked(Mode.INTERACTIVE)
     # Then a long quiet tail: had anything opened the gate, the window completes here.
-    tail = [(1.0, "quiet", None)] * int(RECOVER_AFTER + 3)
+    tail: list[tuple[float, str, Event | None]] = [(1.0, "quiet", None)] * int(RECOVER_AFTER + 3)
     acts, *_ = run(tr, [*history, *tail])
     assert not any(acts)
     assert not tr.activity.turn_own
@@ -132,12 +132,12 @@ def test_a_stimulated_headless_session_is_never_recovered(history: list[tuple[fl
 def test_an_own_turn_that_truly_hangs_is_recovered_every_time(
         history: list[tuple[float, str, Event | None]], source: str) -> None:
     tr = tracked(Mode.INTERACTIVE)
-    _, t, window, cpu_s = run(tr, history)
+    _, t, _, cpu_s = run(tr, history)
     # The session's own event opens the turn (then the tree is whole again, running, quiet).
     t += 1.0
     tr.activity = tr.activity.apply(Event(t, "user", turn="open", source=source, own=True))
     assert tr.own_turn()
-    quiet = [(1.0, "quiet", None)] * int(RECOVER_AFTER + 3)
+    quiet: list[tuple[float, str, Event | None]] = [(1.0, "quiet", None)] * int(RECOVER_AFTER + 3)
     acts, *_ = run(tr, quiet, t=t, window=None, cpu_s=cpu_s, stopped=False)
     assert any(acts)
 

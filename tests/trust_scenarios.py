@@ -13,6 +13,7 @@ the last line of stdout; the test asserts on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,8 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +77,7 @@ while True:
         subprocess.Popen(["sleep", "0.3"]).wait()
 '''
 
-RECOVERY = {"recovery": {"enabled": True, "recover_after": 2, "grace": 0.5, "max_per_hour": 100},
+RECOVERY: dict[str, Any] = {"recovery": {"enabled": True, "recover_after": 2, "grace": 0.5, "max_per_hour": 100},
             "sources": {"processes": {"enabled": True, "match": ["claude"]}}}
 
 
@@ -207,7 +206,7 @@ def cross_user(tmp: Path, alice: int, bob: int) -> dict[str, Any]:
     work = tmp / "bob"
     work.mkdir(mode=0o755, exist_ok=True)
     os.chown(work, bob, bob)
-    extra = {**RECOVERY, "recovery": {**RECOVERY["recovery"], "users": [str(alice), str(bob)]}}
+    extra: dict[str, Any] = {**RECOVERY, "recovery": {**RECOVERY["recovery"], "users": [str(alice), str(bob)]}}
     daemon = start_daemon(tmp / "d", extra)
     try:
         victim, port, _ = start_victim(exe, work, "victim", uid=bob)
@@ -255,7 +254,7 @@ def planted_files(tmp: Path, mallory: int, with_fifo: bool) -> dict[str, Any]:
     for d in [mhome, *mhome.rglob("*")]:
         os.chown(d, mallory, mallory)
         os.chmod(d, 0o755)
-    extra = {**RECOVERY, "sources": {**RECOVERY["sources"], "transcripts": {"enabled": True}}}
+    extra: dict[str, Any] = {**RECOVERY, "sources": {**RECOVERY["sources"], "transcripts": {"enabled": True}}}
     daemon = start_daemon(tmp / "d", extra, env={"HOME": str(daemon_home)})
     try:
         fifo_agent, _, _ = start_victim(exe, mwork, "fifo", uid=mallory, env={"HOME": str(mhome)})
@@ -285,10 +284,8 @@ def planted_files(tmp: Path, mallory: int, with_fifo: bool) -> dict[str, Any]:
         mine, _, _ = start_victim(exe, shared_cwd, "root", env={"HOME": str(daemon_home)})
         daemon.agents.append(mine)
         os.utime(secret)  # written after root's agent started, as its own transcript would be
-        try:
+        with contextlib.suppress(AssertionError):
             wait_for(lambda: (session_of(daemon, mine.pid) or {}).get("recent_events"), timeout=15, interval=0.3)
-        except AssertionError:
-            pass
         time.sleep(2.0)
         def leaked(pid: int) -> bool:
             text = json.dumps(session_of(daemon, pid))
@@ -303,8 +300,9 @@ def planted_files(tmp: Path, mallory: int, with_fifo: bool) -> dict[str, Any]:
 
 
 def daemon_health(daemon: Daemon) -> dict[str, Any]:
-    status, body = http_get(daemon.url + "/healthz", timeout=5)
-    return json.loads(body)  # type: ignore[no-any-return]
+    _, body = http_get(daemon.url + "/healthz", timeout=5)
+    out: dict[str, Any] = json.loads(body)
+    return out
 
 
 def fifo(tmp: Path, mallory: int) -> dict[str, Any]:
