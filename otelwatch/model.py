@@ -590,7 +590,8 @@ class SessionSnapshot:
             "runtime": None if self.runtime is None else {"kind": self.runtime.kind, "target": self.runtime.target},
             "sample_status": self.sample_status.value,
             "evidence": dict(self.evidence),
-            "recent_events": [e.to_json() for e in self.recent_events],
+            # Provenance shown, never written to spool records: own events are the session's own word.
+            "recent_events": [{**e.to_json(), "own": True} if e.own else e.to_json() for e in self.recent_events],
             "recoveries": [r.to_json() for r in self.recoveries],
             "last_report": None if self.last_report is None else dict(self.last_report),
         }

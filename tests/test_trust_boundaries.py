@@ -84,6 +84,11 @@ def test_outsiders_never_open_the_recovery_gate_but_real_hangs_are_recovered(bas
     assert got["completed"]["headless"] == ["terminated"], got
     assert got["completed"]["own_turn"] == ["terminated"], got
     assert sorted(got["requested"]) == ["headless", "own_turn"], got
+    # The victim's own hook (run inside its tree, checked on the hook socket) is own; every
+    # forged turn start over HTTP is observed.
+    assert ["UserPromptSubmit", True] in got["events"]["own_turn"], got["events"]
+    assert not any(own for name in ("connect", "cpu", "fork", "forged_only", "stopped")
+                   for _, own in got["events"][name]), got["events"]
 
 
 def test_another_users_pid_is_refused_and_bob_survives(base: Path, users: dict[str, int]) -> None:

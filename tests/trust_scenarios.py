@@ -192,7 +192,11 @@ def outsiders(tmp: Path) -> dict[str, Any]:
                "alive": {name: p.poll() is None for name, p in procs.items()},
                "requested": sorted(name for name, p in procs.items() if p.pid in requested(daemon)),
                "completed": {name: completed(daemon, p.pid) for name, p in procs.items()},
-               "states": {name: (session_of(daemon, p.pid) or {}).get("state") for name, p in procs.items()}}
+               "states": {name: (session_of(daemon, p.pid) or {}).get("state") for name, p in procs.items()},
+               # Provenance as /api/sessions shows it: (type, own) of each session's events.
+               "events": {name: [(e["type"], bool(e.get("own"))) for e in
+                                 (session_of(daemon, p.pid) or {}).get("recent_events", [])]
+                          for name, p in procs.items()}}
         procs["stopped"].send_signal(signal.SIGCONT)
         return out
     finally:
