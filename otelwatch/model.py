@@ -260,6 +260,9 @@ class Event:
     # (nearest non-shell ancestor of the hook) it ran under. The session table makes the
     # event own for the session whose root is exactly that process, observed for any other.
     speaker: ProcessIdentity | None = None
+    # The local user who posted it over HTTP (None: not posted). Users are walls: it is
+    # applied only to a session of that user (root's posts to any).
+    poster_uid: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"time": self.time, "type": self.type, "kind": self.kind.value}

@@ -20,6 +20,7 @@ Must never do I/O or read a clock: time comes in as `now`, process facts in a Pr
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -387,7 +388,7 @@ class SessionTable:
             self._end(tracked, now)
             return
         for event in self._pending.pop(spec.session_id, ()):
-            tracked.activity = tracked.activity.apply(_settled(tracked, event))
+            self._apply(tracked, event)
 
     def _rekey(self, tracked: Tracked, spec: SessionSpec) -> None:
         """A stronger source named a session we had discovered: take its id, keep its history."""
@@ -403,7 +404,7 @@ class SessionTable:
         """`alias` (a transcript's own id) names `tracked`; its waiting events apply now."""
         self._aliases.add(alias, tracked.key)
         for event in self._pending.pop(alias, ()):
-            tracked.activity = tracked.activity.apply(_settled(tracked, event))
+            self._apply(tracked, event)
 
     # ------------------------------------------------------------------ events
 
@@ -422,7 +423,13 @@ class SessionTable:
                 self._pending.pop(next(iter(self._pending)))
             self._pending.setdefault(session_id, deque(maxlen=PENDING_EVENTS_PER_SESSION)).append(event)
             return
-        tracked.activity = tracked.activity.apply(_settled(tracked, event))
+        self._apply(tracked, event)
+
+    @staticmethod
+    def _apply(tracked: Tracked, event: Event) -> None:
+        settled = _settled(tracked, event)
+        if settled is not None:
+            tracked.activity = tracked.activity.apply(settled)
 
     def count_malformed(self, session_id: str) -> None:
         tracked = self._tracked.get(self._aliases.resolve(session_id))
@@ -555,13 +562,31 @@ def reaction_seen(samples: Sequence[TreeSample], activity: Activity, since: floa
                for e in activity.recent)
 
 
-def _settled(tracked: Tracked, event: Event) -> Event:
+def _settled(tracked: Tracked, event: Event) -> Event | None:
     """A hook's event (one with a `speaker`) is own exactly for the session whose root
-    process it ran under, observed for every other (DESIGN "Trust boundaries")."""
+    process it ran under, observed for every other; a posted event applies only to a
+    session of the user who posted it, or none (DESIGN "Trust boundaries")."""
+    if event.poster_uid is not None:
+        if event.poster_uid != 0 and _session_uid(tracked) != event.poster_uid:
+            return None
+        event = replace(event, poster_uid=None)
     if event.speaker is None:
         return event
     own = tracked.identity is not None and same_process(event.speaker, tracked.identity)
     return replace(event, own=own, speaker=None)
+
+
+def _session_uid(tracked: Tracked) -> int | None:
+    """The user of a session's process: its latest sample's, else /proc's; None: unknown."""
+    sample = tracked.latest
+    if sample is not None and sample.processes and sample.processes[0].uid is not None:
+        return sample.processes[0].uid
+    if tracked.spec.pid is None:
+        return None
+    try:
+        return os.stat(f"/proc/{tracked.spec.pid}").st_uid
+    except OSError:
+        return None
 
 
 def _may_be_same_process(tracked: Tracked, spec: SessionSpec) -> bool:

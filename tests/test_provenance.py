@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,11 @@ def test_a_hook_event_is_own_only_for_the_session_rooted_at_its_speaker() -> Non
     # A PID reused by another process: not the speaker.
     assert not _settled(Tracked("c", SessionSpec("c", pid=me.pid), 0.0,
                                 identity=ProcessIdentity(me.pid, me.create_time + 1)), event).own
+    # A posted event applies only to a session of the user who posted it (root: any).
+    posted = Event(1.0, "Stop", turn="close", poster_uid=os.geteuid() + 1)
+    assert _settled(ours, posted) is None
+    assert _settled(ours, replace(posted, poster_uid=0)) is not None
+    assert _settled(ours, replace(posted, poster_uid=os.geteuid())) is not None
 
 
 # --------------------------------------------------------------------------- users are walls

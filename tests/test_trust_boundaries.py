@@ -96,6 +96,7 @@ def test_another_users_pid_is_refused_and_bob_survives(base: Path, users: dict[s
     assert got["alice_post"] == 403, got  # naming bob's process: refused whatever recovery.users says
     assert got["bob_post"] == 202, got  # bob may still speak (for himself, observed)
     assert got["refused_logged"], got
+    assert got["alice_by_id"] == 202 and "UserPromptSubmit" not in got["bob_events"], got
     assert got["alive"] and got["requested"] == [], got
 
 

@@ -219,9 +219,14 @@ def cross_user(tmp: Path, alice: int, bob: int) -> dict[str, Any]:
         status = post(daemon, {"session_id": "alice-says", "hook_event_name": "UserPromptSubmit",
                                "pid": victim.pid}, uid=alice)
         own = post(daemon, {"session_id": "bob-says", "hook_event_name": "Notification"}, uid=bob)
+        # Naming bob's session by its id instead: accepted (202), applied to nothing of bob's.
+        bob_sid = wait_session(daemon, victim.pid)["session_id"]
+        by_id = post(daemon, {"session_id": bob_sid, "hook_event_name": "UserPromptSubmit"}, uid=alice)
         connect_for(port, 1.5, uid=alice)
         time.sleep(10.0)  # stall_after + recover_after + grace, twice over
+        events = [e["type"] for e in (session_of(daemon, victim.pid) or {}).get("recent_events", [])]
         return {"alice_post": status, "bob_post": own, "alive": victim.poll() is None,
+                "alice_by_id": by_id, "bob_events": events,
                 "requested": requested(daemon), "state": (session_of(daemon, victim.pid) or {}).get("state"),
                 "refused_logged": any("another user's process" in json.dumps(e) for e in daemon.log_events())}
     finally:

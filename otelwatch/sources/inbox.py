@@ -111,6 +111,8 @@ class Inbox:
                 if owner != uid:
                     who = "no process" if owner is None else f"a process of uid {owner}"
                     raise PermissionError(f"{where}pid {pid} is {who}; uid {uid} may only speak for its own")
+            if uid is not None and uid >= 0:  # a remote listener's posters cannot be told apart
+                event = replace(event, poster_uid=uid)
             queued.append((session_id, event, pid if ok_pid else None, True, False))
         self._items.extend(queued)
         return [item[0] for item in queued]
