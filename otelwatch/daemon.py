@@ -149,10 +149,10 @@ class Watcher:
         """The one boot time every process identity of this daemon is computed with."""
         return self._reader.boot_time
 
-    def hook_event(self, payload: Any, speaker: ProcessIdentity | None, uid: int) -> bool:
-        """A hook's payload from the hook socket, with the process it was checked to run
+    def hook_event(self, payload: Any, tree: tuple[ProcessIdentity, ...], uid: int) -> bool:
+        """A hook's payload from the hook socket, with the processes it was checked to run
         under (`sources.hook_socket`); thread-safe. Returns whether it was queued."""
-        return self._inbox.hook(payload, speaker, uid)
+        return self._inbox.hook(payload, tree, uid)
 
     def subscribe(self, callback: Subscriber) -> None:
         """`callback(report)` for every stalled/stuck report, recovery step, state change and

@@ -256,10 +256,10 @@ class Event:
     # events file, a hook checked to run inside its process tree). Set by the reader that
     # checked it, never read from data, and never written out by `to_json`.
     own: bool = False
-    # A hook's event checked at arrival to come from inside a process tree: the process
-    # (nearest non-shell ancestor of the hook) it ran under. The session table makes the
-    # event own for the session whose root is exactly that process, observed for any other.
-    speaker: ProcessIdentity | None = None
+    # A hook's event: the hook process and its ancestors (nearest first), as checked when
+    # it arrived on the hook socket. The session table makes the event own for a session
+    # whose root process is among them (the hook ran inside its tree), observed otherwise.
+    tree: tuple[ProcessIdentity, ...] = ()
     # The local user who posted it over HTTP (None: not posted). Users are walls: it is
     # applied only to a session of that user (root's posts to any).
     poster_uid: int | None = None

@@ -416,6 +416,11 @@ class SessionTable:
             tracked = next((t for t in self._tracked.values() if t.spec.pid == pid and t.ended_at is None), None)
             if tracked is not None:
                 self._aliases.add(session_id, tracked.key)
+        if tracked is None and event.tree:
+            # A hook's id not known yet: the nearest session whose root the hook ran under.
+            tracked = self._rooted_in(event.tree)
+            if tracked is not None:
+                self._aliases.add(session_id, tracked.key)
         if tracked is None:
             # Not known yet (e.g. a hook fired before discovery matched its transcript):
             # keep a few, bounded, for when the session appears.
@@ -424,6 +429,14 @@ class SessionTable:
             self._pending.setdefault(session_id, deque(maxlen=PENDING_EVENTS_PER_SESSION)).append(event)
             return
         self._apply(tracked, event)
+
+    def _rooted_in(self, tree: Sequence[ProcessIdentity]) -> Tracked | None:
+        live = [t for t in self._tracked.values() if t.ended_at is None and t.identity is not None]
+        for proc in tree:
+            found = next((t for t in live if same_process(proc, t.identity)), None)
+            if found is not None:
+                return found
+        return None
 
     @staticmethod
     def _apply(tracked: Tracked, event: Event) -> None:
@@ -563,17 +576,18 @@ def reaction_seen(samples: Sequence[TreeSample], activity: Activity, since: floa
 
 
 def _settled(tracked: Tracked, event: Event) -> Event | None:
-    """A hook's event (one with a `speaker`) is own exactly for the session whose root
-    process it ran under, observed for every other; a posted event applies only to a
-    session of the user who posted it, or none (DESIGN "Trust boundaries")."""
+    """A hook's event (one with a `tree`) is own exactly for a session whose root process
+    the hook ran under (checked on arrival), observed for every other; a posted or
+    hooked event applies only to a session of the user who sent it (root: any), else
+    to none (DESIGN "Trust boundaries")."""
     if event.poster_uid is not None:
         if event.poster_uid != 0 and _session_uid(tracked) != event.poster_uid:
             return None
         event = replace(event, poster_uid=None)
-    if event.speaker is None:
+    if not event.tree:
         return event
-    own = tracked.identity is not None and same_process(event.speaker, tracked.identity)
-    return replace(event, own=own, speaker=None)
+    own = tracked.identity is not None and any(same_process(p, tracked.identity) for p in event.tree)
+    return replace(event, own=own, tree=())
 
 
 def _session_uid(tracked: Tracked) -> int | None:

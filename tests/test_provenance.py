@@ -22,7 +22,7 @@ from procs import REPO, wait_for
 from otelwatch.model import Event, ProcessIdentity
 from otelwatch.proctable import create_time_of, read_boot_time, read_proc
 from otelwatch.recovery.state import StateFile
-from otelwatch.sources.hook_socket import HookSocket, ancestry, send, speaker
+from otelwatch.sources.hook_socket import HookSocket, ancestry, send
 from otelwatch.sources.inbox import Inbox
 from otelwatch.sources.tail import FileTail, NotOwned, NotRegularFile, open_owned
 from otelwatch.sources.transcripts import TranscriptLocator
@@ -33,42 +33,40 @@ BOOT = read_boot_time()
 # --------------------------------------------------------------------------- the hook socket
 
 
-def test_ancestry_reaches_the_agent_and_speaker_skips_shells(tmp_path: Path) -> None:
-    # agent (python, not a shell) -> sh -> sleep: the sleep's speaker is the agent.
+def test_ancestry_is_the_chain_of_live_parents_as_the_probe_sees_them(tmp_path: Path) -> None:
+    # agent (python) -> sh -> sleep: the sleep's ancestry runs through sh to the agent.
     agent = subprocess.Popen([sys.executable, "-c", "import subprocess; subprocess.run(['sh', '-c', 'sleep 20; :'])"])
     try:
-        def leaf() -> int | None:
-            out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
-            if not out:
-                return None
-            inner = subprocess.run(["pgrep", "-P", out[0]], capture_output=True, text=True).stdout.split()
-            return int(inner[0]) if inner else None
+        def chain_to_leaf() -> list[int] | None:
+            mid = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+            leaf = subprocess.run(["pgrep", "-P", mid[0]], capture_output=True, text=True).stdout.split() if mid else []
+            return [int(leaf[0]), int(mid[0])] if leaf else None
 
-        pid = wait_for(leaf, timeout=10)
-        assert isinstance(pid, int)
-        chain = ancestry(pid, BOOT)
-        assert [c[0].pid for c in chain[:3]] == [pid, int(subprocess.run(
-            ["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()[0]), agent.pid]
-        who = speaker(chain)
+        found = wait_for(chain_to_leaf, timeout=10)
+        assert isinstance(found, list)
+        chain = ancestry(found[0], BOOT)
+        assert [c[0].pid for c in chain[:3]] == [*found, agent.pid]
+        assert [c[1] for c in chain[:2]] == ["sleep", "sh"]
         info = read_proc(agent.pid, boot_time=BOOT)
-        assert info is not None and who == info.identity  # exactly the probe's identity
+        assert info is not None and chain[2][0] == info.identity  # exactly the probe's identity
+        assert ancestry(4_000_000, BOOT) == []  # no such process: nothing
     finally:
         agent.kill()
         agent.wait()
 
 
 def test_the_socket_checks_the_peer_when_the_event_arrives(tmp_path: Path) -> None:
-    got: list[tuple[Any, ProcessIdentity | None, int]] = []
+    got: list[tuple[Any, tuple[ProcessIdentity, ...], int]] = []
     path = tmp_path / "hook.sock"
-    def deliver(payload: Any, who: ProcessIdentity | None, uid: int) -> bool:
+    def deliver(payload: Any, who: tuple[ProcessIdentity, ...], uid: int) -> bool:
         got.append((payload, who, uid))
         return True
 
     sock = HookSocket(path, BOOT, deliver, lambda *a: None).start()
     try:
         assert os.stat(path).st_mode & 0o777 == (0o666 if os.geteuid() == 0 else 0o600)
-        # An agent (python, not a shell) runs a hook (its child) that sends: the speaker,
-        # read from the kernel's peer credentials and /proc, is that agent.
+        # An agent runs a hook (its child) that sends: the hook's ancestry, read from the
+        # kernel's peer credentials and /proc, runs through that agent.
         hook = ("import sys; from pathlib import Path; from otelwatch.sources.hook_socket import send; "
                 "sys.exit(0 if send([Path(sys.argv[1])], {'session_id': 's', 'type': 'turn_start'}) else 3)")
         code = ("import os, subprocess, sys\nprint(os.getpid(), flush=True)\n"
@@ -78,7 +76,8 @@ def test_the_socket_checks_the_peer_when_the_event_arrives(tmp_path: Path) -> No
         assert agent.returncode == 0, agent.stderr
         payload, who, uid = got[0]
         assert payload == {"session_id": "s", "type": "turn_start"} and uid == os.geteuid()
-        assert who is not None and who.pid == int(agent.stdout.split()[0])
+        assert [p.pid for p in who[1:2]] == [int(agent.stdout.split()[0])]
+        assert who[-1].pid <= os.getpid() or len(who) > 2  # and on up the tree
         # A socket that is not there, or a message too big, is never delivered.
         assert not send([tmp_path / "nothing.sock"], {"session_id": "x"})
         assert not send([path], {"session_id": "x", "type": "y" * (70 << 10)})
@@ -88,7 +87,7 @@ def test_the_socket_checks_the_peer_when_the_event_arrives(tmp_path: Path) -> No
     assert not path.exists()
 
 
-def test_a_hook_event_is_own_only_for_the_session_rooted_at_its_speaker() -> None:
+def test_a_hook_event_is_own_only_for_a_session_whose_root_it_ran_under() -> None:
     from otelwatch.model import SessionSpec
     from otelwatch.sessions import Tracked, _settled
 
@@ -96,12 +95,13 @@ def test_a_hook_event_is_own_only_for_the_session_rooted_at_its_speaker() -> Non
     assert me is not None
     ours = Tracked("a", SessionSpec("a", pid=me.pid), 0.0, identity=me.identity)
     other = Tracked("b", SessionSpec("b", pid=1), 0.0, identity=ProcessIdentity(1, 1.0))
-    event = Event(1.0, "UserPromptSubmit", turn="open", speaker=me.identity)
-    assert _settled(ours, event).own and _settled(ours, event).speaker is None
-    assert not _settled(other, event).own
-    # A PID reused by another process: not the speaker.
-    assert not _settled(Tracked("c", SessionSpec("c", pid=me.pid), 0.0,
-                                identity=ProcessIdentity(me.pid, me.create_time + 1)), event).own
+    event = Event(1.0, "UserPromptSubmit", turn="open", tree=(ProcessIdentity(me.pid + 1, 5.0), me.identity))
+    settled = _settled(ours, event)
+    assert settled is not None and settled.own and settled.tree == ()
+    assert not getattr(_settled(other, event), "own", True)
+    # A PID reused by another process: not in the tree.
+    reused = Tracked("c", SessionSpec("c", pid=me.pid), 0.0, identity=ProcessIdentity(me.pid, me.create_time + 1))
+    assert not getattr(_settled(reused, event), "own", True)
     # A posted event applies only to a session of the user who posted it (root: any).
     posted = Event(1.0, "Stop", turn="close", poster_uid=os.geteuid() + 1)
     assert _settled(ours, posted) is None

@@ -14,10 +14,10 @@ Each step must be a process that started no later than its child (a parent
 always does): a PID that was freed and reused by a newer process ends the walk,
 so a dying intermediate can only make the chain shorter (observed), never make a
 stranger an ancestor. The peer itself is read again after the walk: the same
-process, so its PID was not reused meanwhile. The speaker is the nearest ancestor
-that is not a shell (the agent that ran the hook, as `otelwatch hook` finds it);
-the session table makes the event own only for the session whose root process is
-exactly that speaker, and only when the peer's user is that session's user or root.
+process, so its PID was not reused meanwhile. The session table makes the event
+own only for a session whose root process is in that chain (the hook runs inside
+its tree: Claude Code may run hooks from any of its processes, through a shell or
+not), and applies it only to sessions of the peer's user (root: any).
 
 Protocol: one JSON object (at most MAX_MESSAGE bytes) then end of writing; the
 daemon answers `ok\\n` once the event is queued, or closes without answering. The
@@ -46,12 +46,11 @@ from typing import Any
 from otelwatch.model import ProcessIdentity
 from otelwatch.proctable import read_proc
 
-__all__ = ["CONN_TIMEOUT_S", "MAX_MESSAGE", "SHELLS", "HookSocket", "ancestry", "send", "socket_paths", "speaker"]
+__all__ = ["CONN_TIMEOUT_S", "MAX_MESSAGE", "HookSocket", "ancestry", "send", "socket_paths"]
 
 MAX_MESSAGE = 64 << 10
 CONN_TIMEOUT_S = 0.5
 MAX_DEPTH = 64
-SHELLS = frozenset({"sh", "bash", "dash", "zsh", "fish", "ksh", "mksh", "busybox"})
 SOCKET_NAME = "hook.sock"
 
 
@@ -75,17 +74,6 @@ def ancestry(pid: int, boot_time: float, proc_root: str = "/proc") -> list[tuple
     if again is None or again.identity != first.identity:
         return []  # the peer is gone: nothing can be said of what it was
     return out
-
-
-def speaker(chain: list[tuple[ProcessIdentity, str]]) -> ProcessIdentity | None:
-    """The nearest ancestor of the peer (itself excluded) that is not a shell: the agent
-    that ran the hook. None when there is none (PID 1 or nothing above)."""
-    for identity, comm in chain[1:]:
-        if identity.pid <= 1:
-            return None
-        if comm not in SHELLS:
-            return identity
-    return None
 
 
 def socket_paths(state_dir: Path, environ: dict[str, str] | None = None) -> list[Path]:
@@ -127,11 +115,12 @@ def send(paths: list[Path], message: dict[str, Any], timeout: float = 1.0) -> bo
 
 
 class HookSocket:
-    """Listens at `path`; hands each message to `deliver(payload, speaker, peer_uid)`
+    """Listens at `path`; hands each message to `deliver(payload, ancestry, peer_uid)`
     (on this thread: it must only queue). `boot_time`: the daemon's one boot time, so
     that identities compare exactly with the probe's."""
 
-    def __init__(self, path: Path, boot_time: float, deliver: Callable[[Any, ProcessIdentity | None, int], bool],
+    def __init__(self, path: Path, boot_time: float,
+                 deliver: Callable[[Any, tuple[ProcessIdentity, ...], int], bool],
                  log: Callable[[str, dict[str, Any], str], None], proc_root: str = "/proc") -> None:
         self.path = Path(path)
         self._boot = boot_time
@@ -206,8 +195,8 @@ class HookSocket:
             return
         payload = json.loads(data)
         # Checked now, while the hook waits for our answer (so it is alive and its PID its own).
-        who = speaker(ancestry(pid, self._boot, self._proc_root)) if pid > 0 else None
-        if self._deliver(payload, who, uid):
+        chain = tuple(i for i, _ in ancestry(pid, self._boot, self._proc_root)) if pid > 0 else ()
+        if self._deliver(payload, chain, uid):
             self.served += 1
             conn.sendall(b"ok\n")
         else:

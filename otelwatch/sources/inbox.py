@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from queue import Full
 from typing import TYPE_CHECKING, Any
@@ -117,11 +117,11 @@ class Inbox:
         self._items.extend(queued)
         return [item[0] for item in queued]
 
-    def hook(self, payload: Any, speaker: ProcessIdentity | None, uid: int) -> bool:
-        """One hook payload from the hook socket (`sources.hook_socket`): `speaker` is the
-        process the hook was checked to run under, `uid` the hook's user. The event is
-        own only for the session rooted at `speaker`, and only when `uid` is that
-        process's user or root; otherwise it is observed. Returns whether it was queued."""
+    def hook(self, payload: Any, tree: Sequence[ProcessIdentity], uid: int) -> bool:
+        """One hook payload from the hook socket (`sources.hook_socket`): `tree` is the
+        hook process and its ancestors as checked when it arrived, `uid` the hook's user.
+        The event is own only for a session whose root is in `tree`, and applies only to
+        sessions of `uid` (root: any). Returns whether it was queued."""
         if not isinstance(payload, dict) or len(self._items) >= INBOX_MAX_HTTP:
             self._refused()
             return False
@@ -133,10 +133,7 @@ class Inbox:
             event = replace(payload_to_event(payload, now, "hook"), time=now)
         except ValueError:
             return False
-        if speaker is not None and uid != 0 and pid_owner(speaker.pid, self._proc_root) != uid:
-            speaker = None
-        pid = speaker.pid if speaker is not None else None
-        self._items.append((session_id, replace(event, speaker=speaker), pid, True, False))
+        self._items.append((session_id, replace(event, tree=tuple(tree), poster_uid=uid), None, True, False))
         return True
 
     def drain(self, sessions: SessionTable, now: float) -> None:
