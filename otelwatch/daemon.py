@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import IO, TYPE_CHECKING, Any
 
 from otelwatch.classify.rules import is_late_tick
@@ -36,6 +37,7 @@ from otelwatch.sessions.lifecycle import Effects, Lifecycle, add_sample, record_
 from otelwatch.sessions.table import SessionTable, Tracked
 from otelwatch.sources.hub import Sources
 from otelwatch.sources.inbox import INBOX_DRAIN_PER_TICK, INBOX_MAX, INBOX_MAX_HTTP, Inbox
+from otelwatch.sources.spool import spool_path
 
 if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when Telemetry is built
     from otelwatch.telemetry import TelemetrySink
@@ -79,7 +81,7 @@ class Watcher:
         # One boot time for every identity the daemon compares (see ProcessTableReader).
         self.recovery = Recovery(self.cfg, self.paths.recovery_state, clock=clock, proc_root=proc_root,
                                  boot_time=self._reader.boot_time)
-        self._sources = Sources(self.cfg, self.paths, self.telemetry)
+        self._sources = Sources(self.cfg, self.paths, self.telemetry, boot_time=self._reader.boot_time)
         self._lifecycle = Lifecycle(self.cfg.classify, Effects(
             transitioned=lambda snap, old: self._tell("on_transition", self.telemetry.on_transition, snap, old),
             # Not guarded: a failing report fails this session's tick (counted as "classify").
@@ -132,14 +134,24 @@ class Watcher:
     def add_event(self, session_id: str, event: Event, pid: int | None = None) -> None:
         self._inbox.add_event(session_id, event, pid)  # as feed(): dropped and counted when full
 
-    def post_event(self, payload: Any) -> list[str]:
+    def post_event(self, payload: Any, uid: int | None = None) -> list[str]:
         """Hook payloads or `{"session_id", "type", "tool"}` objects from POST /api/events:
         one object or a list of them, queued all or none. Returns their session ids.
 
         Raises ValueError naming what is wrong (and which item of a list), and
         queue.Full, counted as probe error kind "inbox", when queuing them would take
         the inbox past INBOX_MAX_HTTP."""
-        return self._inbox.post(payload)
+        return self._inbox.post(payload, uid)
+
+    @property
+    def boot_time(self) -> float:
+        """The one boot time every process identity of this daemon is computed with."""
+        return self._reader.boot_time
+
+    def hook_event(self, payload: Any, tree: tuple[ProcessIdentity, ...], uid: int) -> bool:
+        """A hook's payload from the hook socket, with the processes it was checked to run
+        under (`sources.hook_socket`); thread-safe. Returns whether it was queued."""
+        return self._inbox.hook(payload, tree, uid)
 
     def subscribe(self, callback: Subscriber) -> None:
         """`callback(report)` for every stalled/stuck report, recovery step, state change and
@@ -247,10 +259,19 @@ class Watcher:
         specs.extend(self._explicit.values())
         self._sessions.merge(specs, table, now, registry_ok=self._sources.registry_ok)
         for sid, events in spool_events.items():
+            own = self._own_spool(sid)
             for event in events:
-                self._sessions.deliver(sid, event, None)
+                self._sessions.deliver(sid, replace(event, own=True) if own else event, None)
         self._sessions.apply_panes(self._sources.panes)
         self._sources.match_transcripts(self._sessions, table, now, self._prober.cwd)
+
+    def _own_spool(self, sid: str) -> bool:
+        """Whether `sid`'s spool file is its registry entry's own events file (the exec
+        wrapper's stream): then its records are own events; any other spool record
+        (hooks, `otelwatch event`) is observed (sources/spool.py says why)."""
+        tracked = self._sessions.get(sid)
+        return (tracked is not None and tracked.spec.source in ("registry", "exec")
+                and tracked.spec.events_path == str(spool_path(self.paths.spool_dir, sid)))
 
     def _drain_inbox(self, now: float) -> None:
         self._inbox.drain(self._sessions, now)

@@ -264,6 +264,18 @@ class Event:
     background: tuple[str, ...] | None = None
     source: str = ""  # "stream", "transcript", "hook", "http", "exec", ...
     detail: str = ""  # short text for diagnostics
+    # Provenance (DESIGN "Trust boundaries"): True only for an event from the session
+    # itself (its own transcript or session file, its exec wrapper, its registry entry's
+    # events file, a hook checked to run inside its process tree). Set by the reader that
+    # checked it, never read from data, and never written out by `to_json`.
+    own: bool = False
+    # A hook's event: the hook process and its ancestors (nearest first), as checked when
+    # it arrived on the hook socket. The session table makes the event own for a session
+    # whose root process is among them (the hook ran inside its tree), observed otherwise.
+    tree: tuple[ProcessIdentity, ...] = ()
+    # The local user who posted it over HTTP (None: not posted). Users are walls: it is
+    # applied only to a session of that user (root's posts to any).
+    poster_uid: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"time": self.time, "type": self.type, "kind": self.kind.value}
@@ -311,6 +323,9 @@ class Activity:
     retry_max: int | None = None
     turn_open: bool = False
     turn_opened_at: float | None = None
+    # The open turn was opened (or a tool call in it started) by an own event: only such
+    # a turn can count for recovery. An observed event can open a turn, never this.
+    turn_own: bool = False
     open_tools: tuple[OpenTool, ...] = ()
     # Tool runs the agent moved to the background: they outlive the turn that started
     # them, so a turn's end does not close them; the agent's next list of them does.
@@ -343,13 +358,17 @@ class Activity:
         open_tools = self.open_tools
         turn_open = self.turn_open
         turn_opened_at = self.turn_opened_at
+        turn_own = self.turn_own and turn_open
         if event.turn == "open":
+            turn_own = event.own or (turn_own and turn_open)
             turn_open, turn_opened_at = True, t
         if event.tool_call == "open":
             # A tool call is work in progress: if we missed the prompt that opened the
             # turn (a hook not installed, a transcript joined late), the turn is open now.
             if not turn_open:
-                turn_open, turn_opened_at = True, t
+                turn_open, turn_opened_at, turn_own = True, t, event.own
+            elif event.own:
+                turn_own = True  # the session's own word that it works in this turn
             tool_id = event.tool_id or f"{event.tool or 'tool'}@{t}"
             # The same call seen again (a hook and the transcript both report it) keeps the
             # time it was first seen open.
@@ -362,8 +381,9 @@ class Activity:
             # A finished turn leaves no tool call open, whatever we missed. A close older
             # than the turn's opening belongs to the turn before (hooks and transcripts
             # report the same turn edges, each in its own time): it closes nothing.
-            turn_open, turn_opened_at, open_tools = False, None, ()
-        changes.update(turn_open=turn_open, turn_opened_at=turn_opened_at, open_tools=open_tools)
+            turn_open, turn_opened_at, open_tools, turn_own = False, None, (), False
+        changes.update(turn_open=turn_open, turn_opened_at=turn_opened_at, open_tools=open_tools,
+                       turn_own=turn_own)
         if event.background is not None:
             known = {o.tool_id: o.since for o in self.background_tasks}
             changes["background_tasks"] = tuple(OpenTool(task, "background_task", min(known.get(task, t), t))
@@ -586,7 +606,8 @@ class SessionSnapshot:
             "runtime": None if self.runtime is None else {"kind": self.runtime.kind, "target": self.runtime.target},
             "sample_status": self.sample_status.value,
             "evidence": dict(self.evidence),
-            "recent_events": [e.to_json() for e in self.recent_events],
+            # Provenance shown, never written to spool records: own events are the session's own word.
+            "recent_events": [{**e.to_json(), "own": True} if e.own else e.to_json() for e in self.recent_events],
             "recoveries": [r.to_json() for r in self.recoveries],
             "last_report": None if self.last_report is None else dict(self.last_report),
         }

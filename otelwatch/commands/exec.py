@@ -78,6 +78,8 @@ def exec_main(cmd: list[str], cfg: Config, *, session_id: str | None = None, age
             }
             if run.create_time is not None:
                 spec["create_time"] = run.create_time
+            if run.start_ticks is not None:
+                spec["start_ticks"] = run.start_ticks  # what the daemon compares (immune to clock steps)
             registered = False
             try:
                 register(paths.registry_dir, spec)
@@ -135,7 +137,7 @@ class _Run:
         self.spool_dir = spool_dir
         self.stderr_path = exec_dir / f"{safe_name(session_id)}.stderr"
         self.warn = warn
-        self.create_time = _create_time(child.pid)
+        self.create_time, self.start_ticks = _create_time(child.pid)
         self.lines = LineSplitter()
         self.ring = bytearray()
         self.ring_dirty = False
@@ -220,7 +222,7 @@ class _Run:
             # Blank and binary lines are no events (and no count of them is kept for exec).
             for e in parse_events(line, now, "exec", json_only=False) or ():
                 records.append(make_record(e, self.session_id, pid=self.child.pid, agent=self.agent,
-                                           create_time=self.create_time))
+                                           create_time=self.create_time, start_ticks=self.start_ticks))
         try:
             append_records(self.spool_dir, self.session_id, records)
         except OSError as exc:
@@ -260,11 +262,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _create_time(pid: int) -> float | None:
+def _create_time(pid: int) -> tuple[float | None, int | None]:
+    """(create_time, start ticks since boot) of the child; (None, None) when unreadable."""
     from otelwatch.probe.proctable import read_proc
 
     try:
         info = read_proc(pid)
     except OSError:
-        return None
-    return None if info is None else info.create_time
+        return None, None
+    return (None, None) if info is None else (info.create_time, info.start_ticks)

@@ -48,7 +48,7 @@ def hook_main(agent: str, stdin: BinaryIO) -> int:
             _warn("hook payload has no session_id; nothing recorded")
             return 0
         event = payload_to_event(payload, time.time(), "hook")
-        _record(sid, event, agent, None)
+        _record(sid, event, agent, None, payload)
     except Exception as exc:  # a hook must never fail the agent
         _warn(f"hook not recorded: {exc}")
     return 0
@@ -61,8 +61,11 @@ def event_main(session_id: str, type: str, *, tool: str | None = None, agent: st
         if not session_id:
             _warn("empty session id; nothing recorded")
             return 0
-        event = payload_to_event({"type": type, "tool": tool}, time.time(), "event")
-        _record(session_id, event, agent, pid)
+        simple = {"session_id": session_id, "type": type, "tool": tool}
+        event = payload_to_event(simple, time.time(), "event")
+        # An event naming a PID is observed whatever runs it (DESIGN "Trust boundaries"):
+        # only without --pid is it offered to the daemon's hook socket.
+        _record(session_id, event, agent, pid, simple if pid is None else None)
     except Exception as exc:
         _warn(f"event not recorded: {exc}")
     return 0
@@ -71,24 +74,49 @@ def event_main(session_id: str, type: str, *, tool: str | None = None, agent: st
 # --------------------------------------------------------------------------- internals
 
 
-def _record(session_id: str, event: Event, agent: str | None, pid: int | None) -> None:
+# What of a payload the hook socket carries (the daemon parses it as POST does); a tool's
+# output is left out, so that every message stays small.
+_SOCKET_KEYS = ("session_id", "hook_event_name", "tool_name", "tool_use_id", "notification_type", "message",
+                "reason", "type", "tool", "tool_id")
+
+
+def _record(session_id: str, event: Event, agent: str | None, pid: int | None,
+            payload: Mapping[str, Any] | None = None) -> None:
+    """Deliver the event: over the daemon's hook socket when `payload` is given and a
+    daemon answers (own when the daemon finds us inside the session's process tree),
+    and to the spool in every case: there the record carries the session's PID (and,
+    when the socket took the event, `delivered`, so that it is not counted twice);
+    alone it is an observed event."""
     from otelwatch.config import Config, default_paths
     from otelwatch.sources.processes import AGENT_NAMES
     from otelwatch.sources.spool import append_records, make_record
 
     paths = default_paths(Config(), os.environ)
-    create_time = None
+    delivered = False
+    if payload is not None:
+        from otelwatch.sources.hook_socket import send, socket_paths
+
+        message = {k: (v[:500] if isinstance(v, str) else v) for k in _SOCKET_KEYS
+                   if isinstance(v := payload.get(k), (str, int, float)) and not isinstance(v, bool)}
+        message["session_id"] = session_id
+        delivered = send(socket_paths(paths.state_dir, dict(os.environ)), message)
+    from otelwatch.probe.proctable import read_proc
+
+    create_time = ticks = None
     if pid is None:
         pid, create_time = agent_pid()
-    else:
-        # Bind an explicit --pid to the process holding it now, so that the record
-        # can never be taken for a later process that reuses the PID.
-        from otelwatch.probe.proctable import read_proc
-
+    if pid is not None:
+        # Bind the pid to the process holding it now, so that the record can never be
+        # taken for a later process that reuses the PID. Its start in clock ticks since
+        # boot is what the daemon compares: unlike create_time (computed with this
+        # moment's btime) it does not move when the wall clock steps.
         info = read_proc(pid)
-        create_time = round(info.create_time, 2) if info is not None else None
+        if info is not None and (create_time is None or abs(info.create_time - create_time) < 1.5):
+            create_time, ticks = round(info.create_time, 2), info.start_ticks
     agent = AGENT_NAMES.get(agent, agent) if agent else None
-    record = make_record(event, session_id, pid=pid, agent=agent, create_time=create_time)
+    record = make_record(event, session_id, pid=pid, agent=agent, create_time=create_time, start_ticks=ticks)
+    if delivered:
+        record["delivered"] = True
     append_records(paths.spool_dir, session_id, [record])
 
 

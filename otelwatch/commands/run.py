@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from otelwatch.config import Config, Paths, default_paths
@@ -61,6 +62,28 @@ def state_dir_lock(paths: Paths) -> Iterator[None]:
         os.close(fd)
 
 
+def start_hook_sockets(cfg: Config, paths: Paths, watcher: Watcher) -> list[Any]:
+    """The hook sockets (`sources.hook_socket`): in the state directory, and for a root
+    daemon on the default state directory also /run/otelwatch/hook.sock, where other
+    users' hooks look. One that cannot be bound is logged; hooks then use the spool."""
+    from otelwatch.sources.hook_socket import SOCKET_NAME, HookSocket
+
+    where = [paths.state_dir / SOCKET_NAME]
+    if os.geteuid() == 0 and not cfg.state_dir and not os.environ.get("OTELWATCH_STATE_DIR"):
+        run = Path("/run/otelwatch")
+        with contextlib.suppress(OSError):
+            run.mkdir(mode=0o755, exist_ok=True)
+        where.append(run / SOCKET_NAME)
+    out = []
+    for path in where:
+        try:
+            out.append(HookSocket(path, watcher.boot_time, watcher.hook_event, watcher._log).start())
+        except OSError as exc:
+            watcher._log("hook_socket.unavailable", {"path": str(path), "error": exc.strerror or str(exc)},
+                         "warning")
+    return out
+
+
 def run_daemon(cfg: Config) -> int:
     """`otelwatch run`: serve until SIGTERM/SIGINT. Returns the process exit code."""
     from otelwatch.http.server import HttpServer
@@ -97,6 +120,7 @@ def run_daemon(cfg: Config) -> int:
                 if notifier is not None:
                     notifier.shutdown(0.5)
                 return 1
+            hooks = start_hook_sockets(cfg, paths, watcher)
             stop = threading.Event()
 
             def on_signal(signum: int, frame: Any) -> None:
@@ -116,6 +140,8 @@ def run_daemon(cfg: Config) -> int:
                 pass
             watcher._log("daemon.stopping", {})
             server.shutdown(1.0)
+            for hook_socket in hooks:
+                hook_socket.shutdown(0.5)
             watcher.stop(1.5)
             if notifier is not None:
                 notifier.shutdown(1.0)

@@ -27,7 +27,7 @@ from email.message import Message
 from http import HTTPStatus
 from typing import Any
 
-from otelwatch.http.policy import MAX_HEAD_BYTES, Head, HeadError, HostPolicy, foreign_writer, parse_head, refusal
+from otelwatch.http.policy import MAX_HEAD_BYTES, Head, HeadError, HostPolicy, parse_head, refusal, writer_uid
 
 __all__ = ["Conn", "Front", "Reporter", "Request", "Response", "Work", "encode", "error_response", "json_response"]
 
@@ -80,6 +80,10 @@ class Request:
     headers: Message
     body: bytes
     peer: str
+    # The local user who sent it (the kernel's word on a loopback POST); None: not asked
+    # (a GET); -1: nobody can tell (a remote listener). Events naming a PID are checked
+    # against it (DESIGN "Users are walls").
+    uid: int | None = None
 
 
 class Conn:
@@ -288,14 +292,17 @@ class Front:
         body = bytes(conn.buf[conn.need - max(0, head.length):conn.need])
         del conn.buf[:conn.need]
         conn.head, conn.need = None, 0
-        if head.method == "POST" and self._writers is not None:
-            foreign = foreign_writer(conn.sock, self._writers)
-            if foreign:
-                self._refuse(conn, HTTPStatus.FORBIDDEN, foreign, head=head)
-                return
+        uid: int | None = None
+        if head.method == "POST":
+            uid = -1
+            if self._writers is not None:
+                foreign, uid = writer_uid(conn.sock, self._writers)
+                if foreign:
+                    self._refuse(conn, HTTPStatus.FORBIDDEN, foreign, head=head)
+                    return
         conn.busy = True
         self._sel.unregister(conn.sock)
-        self._submit((conn, Request(head.method, head.target, head.headers, body, conn.peer), head))
+        self._submit((conn, Request(head.method, head.target, head.headers, body, conn.peer, uid), head))
 
     def _refuse(self, conn: Conn, status: int, reason: str, head: Head | None = None) -> None:
         """Answer an error from the front and close, after a short linger that reads (and

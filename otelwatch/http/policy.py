@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from otelwatch.probe.procfs import tcp_peer_uid
 
 __all__ = ["MAX_BODY_BYTES", "MAX_HEAD_BYTES", "Head", "HeadError", "HostPolicy", "foreign_writer",
-           "is_loopback_name", "parse_head", "refusal"]
+           "is_loopback_name", "parse_head", "refusal", "writer_uid"]
 
 MAX_BODY_BYTES = 1 << 20
 MAX_HEAD_BYTES = 16 << 10  # request line and headers
@@ -173,18 +173,23 @@ def refusal(head: Head, hosts: HostPolicy) -> tuple[int, str] | None:
 
 
 def foreign_writer(sock: socket.socket, writers: Collection[int]) -> str:
+    """Why a POST on this loopback connection is refused for who sent it; "" when it is not."""
+    return writer_uid(sock, writers)[0]
+
+
+def writer_uid(sock: socket.socket, writers: Collection[int]) -> tuple[str, int]:
     """Why a POST on this loopback connection is refused for who sent it; "" when it is not.
 
     Events can open turns, so only otelwatch's own user, root and the
     `recovery.users` (`writers`) may add them: the kernel says which uid owns the
     client's end of the connection (as identd would). Not found (the client is
-    gone, or /proc hides it) fails closed."""
+    gone, or /proc hides it) fails closed. Returns (why refused or "", the uid or -1)."""
     try:
         uid = tcp_peer_uid(sock.getpeername()[:2], sock.getsockname()[:2])
     except OSError:
         uid = None
     if uid is None:
-        return "cannot tell which user sent this request"
+        return "cannot tell which user sent this request", -1
     if uid not in writers:
-        return f"uid {uid} may not post events (allowed: otelwatch's user, root, recovery.users)"
-    return ""
+        return f"uid {uid} may not post events (allowed: otelwatch's user, root, recovery.users)", uid
+    return "", uid

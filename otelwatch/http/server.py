@@ -88,7 +88,7 @@ class SessionService(Protocol):
 
     def health(self) -> dict[str, Any]: ...
 
-    def post_event(self, payload: Any) -> list[str]: ...
+    def post_event(self, payload: Any, uid: int | None = None) -> list[str]: ...
 
 
 __all__ = ["MAX_BODY_BYTES", "MAX_EVENTS_PER_REQUEST", "HostPolicy", "HttpServer", "ServerTelemetry",
@@ -161,7 +161,10 @@ class _App:
             return self._clienterror_response(req, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                       f"at most {MAX_EVENTS_PER_REQUEST} events per request", f", got {count}")
         try:
-            sessions = self.watcher.post_event(payload)
+            sessions = self.watcher.post_event(payload, uid=req.uid)
+        except PermissionError as exc:  # naming another user's process (DESIGN "Users are walls")
+            return self._clienterror_response(req, HTTPStatus.FORBIDDEN, "event names another user's process",
+                                              f": {exc}")
         except queue.Full as exc:  # counted by the watcher (kind "inbox"); logged here
             self.report(None, "http.refused", "event inbox full", req.peer)
             retry = str(max(1, math.ceil(self.watcher.cfg.interval)))

@@ -33,6 +33,10 @@ class ProcInfo:
     threads: int
     create_time: float  # Unix time, from boot time + starttime ticks
     rss_bytes: int
+    # Field 22 of /proc/PID/stat: the start in clock ticks since boot. Unlike btime it never
+    # steps with the wall clock, so it is what other programs (hooks, the exec wrapper)
+    # record, and the daemon turns it into create_time with its own one boot time.
+    start_ticks: int | None = None
 
     @property
     def identity(self) -> ProcessIdentity:
@@ -65,7 +69,21 @@ def parse_stat(pid: int, data: bytes, boot_time: float) -> ProcInfo:
         threads=int(f[17]),
         create_time=boot_time + int(f[19]) / CLK_TCK,
         rss_bytes=int(f[21]) * PAGE_SIZE,
+        start_ticks=int(f[19]),
     )
+
+
+def create_time_of(start_ticks: int, boot_time: float) -> float:
+    """The create time of a process that started `start_ticks` after boot, computed as
+    `parse_stat` computes it (so the two compare exactly) with `boot_time`."""
+    return boot_time + int(start_ticks) / CLK_TCK
+
+
+def record_start_ticks(value: object) -> int | None:
+    """A record's `start_ticks` when it is a plausible one; None otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    return None
 
 
 def read_proc(pid: int, proc_root: str = "/proc", boot_time: float | None = None) -> ProcInfo | None:

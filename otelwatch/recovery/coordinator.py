@@ -302,7 +302,7 @@ class Recovery:
 
         def check(data: dict[str, Any]) -> str:
             try:
-                parsed.append(StateFile.parse(data, now))
+                parsed.append(StateFile.parse(data, now, boot_time=self._procs.boot_time))
             except StateCorrupt as exc:
                 return f"has a bad value: {exc}"
             return ""
@@ -331,6 +331,10 @@ class Recovery:
                                                      *self._resumable.values())]
                 data = {
                     "version": 1,
+                    # Every create_time here is this boot time + the process's start in clock
+                    # ticks since boot; a later daemon shifts them onto its own boot time, so
+                    # identities compare as start ticks even after the wall clock stepped.
+                    "boot_time": self._procs.boot_time,
                     "recoveries": list(self._recent),
                     "escalations": escalations,
                     "given_up": [[i.pid, i.create_time] for i in self._given_up],

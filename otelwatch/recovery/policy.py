@@ -74,7 +74,12 @@ class SessionView:
     verdict: Verdict  # this tick's classification
     sample: TreeSample  # this tick's sample (processes with identities, cpu, tcp)
     events: int  # activity.events so far
-    # A turn-based session's own processes (or output) showed work after its turn
+    # DESIGN "Recovery needs an own turn": a turn-based session's open turn was opened by
+    # an own event (its transcript, session file, exec wrapper, registry events file, a
+    # hook checked to run in its tree). False for an idle one, and for a turn opened only
+    # by observed events (HTTP, the spool, anything naming a PID). Headless sessions: True.
+    own_turn: bool = True
+    # An extra condition, not the wall: a turn-based session's own processes (or output) showed work after its turn
     # opened. False: only an event made it "processing", and an event alone never
     # opens the recovery gate. Headless sessions: True.
     reacted: bool = True
@@ -307,6 +312,8 @@ def _decide(
     gates.append(Gate("not_ancestor", not ancestors,
                       f"ancestors of otelwatch: {sorted(ancestors)}" if ancestors else ""))
 
+    gates.append(Gate("own_turn", view.own_turn, "" if view.own_turn
+                      else "no turn opened by the session itself (observed events never count)"))
     gates.append(Gate("reacted", view.reacted, "" if view.reacted
                       else "no work by the session's own processes since its turn opened"))
     gates.append(_protect_gate(view, ctx))

@@ -150,6 +150,34 @@ class Escalation:
         )
 
 
+def _shifted(data: dict[str, Any], delta: float) -> dict[str, Any]:
+    """`data` with every identity's create_time moved by `delta` (values checked later)."""
+    if delta == 0:
+        return data
+
+    def move(value: Any) -> Any:
+        return value + delta if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    def pair(value: Any) -> Any:
+        return [value[0], move(value[1])] if isinstance(value, list) and len(value) == 2 else value
+
+    out = dict(data)
+    if isinstance(data.get("given_up"), list):
+        out["given_up"] = [pair(v) for v in data["given_up"]]
+    if isinstance(data.get("escalations"), list):
+        escalations = []
+        for esc in data["escalations"]:
+            if isinstance(esc, dict):
+                esc = dict(esc)
+                if "create_time" in esc:
+                    esc["create_time"] = move(esc["create_time"])
+                if isinstance(esc.get("snapshot"), list):
+                    esc["snapshot"] = [pair(v) for v in esc["snapshot"]]
+            escalations.append(esc)
+        out["escalations"] = escalations
+    return out
+
+
 @dataclass(frozen=True)
 class StateFile:
     """The state file's contents, every value checked."""
@@ -159,10 +187,20 @@ class StateFile:
     escalations: list[Escalation]
 
     @classmethod
-    def parse(cls, data: Any, now: float) -> StateFile:
-        """Raises `StateCorrupt` naming the first bad value."""
+    def parse(cls, data: Any, now: float, boot_time: float | None = None) -> StateFile:
+        """Raises `StateCorrupt` naming the first bad value.
+
+        Identities are kept as create times, each the writer's `boot_time` plus the
+        process's start in clock ticks since boot. With both boot times known they are
+        moved onto this daemon's (`boot_time`), so a wall-clock step between the two
+        daemons (which moves /proc/stat's btime) changes no identity. A file without
+        one (older versions) is read as it is."""
         if not isinstance(data, dict):
             raise StateCorrupt("the top level is not an object")
+        written_boot = data.get("boot_time")
+        if written_boot is not None and boot_time is not None:
+            shift = _number(written_boot, "boot_time", 0.0, now + FUTURE_SLACK_S)
+            data = _shifted(data, boot_time - shift)
         latest = now + FUTURE_SLACK_S
         recent = [t for i, v in enumerate(_items(data.get("recoveries", []), "recoveries", STATE_LIST_MAX))
                   if (t := _number(v, f"recoveries[{i}]", 0.0, latest)) > now - RATE_WINDOW]

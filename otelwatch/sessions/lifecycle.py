@@ -90,6 +90,7 @@ def recovery_view(tracked: Tracked, cfg: ClassifyConfig) -> SessionView | None:
         session_id=tracked.key, agent=tracked.spec.agent, identity=sample.root, pgid=root.pgid,
         uid=root.uid, cmdline=root.cmdline, verdict=verdict, sample=sample,
         events=tracked.activity.events, reacted=tracked.reacted(work_cpu_percent(cfg)),
+        own_turn=tracked.own_turn(),
     )
 
 

@@ -20,6 +20,7 @@ Must never do I/O or read a clock: time comes in as `now`, process facts in a Pr
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -210,6 +211,14 @@ class Tracked:
     def latest(self) -> TreeSample | None:
         return self.samples[-1] if self.samples else None
 
+    def own_turn(self) -> bool:
+        """Whether recovery may count on this session's turn: headless sessions process
+        from start to exit; a turn-based one only inside a turn the session itself opened
+        (`Activity.turn_own`: an own event, never an observed one)."""
+        if self.spec.mode is not Mode.INTERACTIVE:
+            return True
+        return self.activity.turn_open and self.activity.turn_own
+
     def reacted(self, work_percent: float) -> bool:
         """Whether a turn-based session's own processes showed work since its turn opened.
 
@@ -385,7 +394,7 @@ class SessionTable:
             self._end(tracked, now)
             return
         for event in self._pending.pop(spec.session_id, ()):
-            tracked.activity = tracked.activity.apply(event)
+            self._apply(tracked, event)
 
     def _rekey(self, tracked: Tracked, spec: SessionSpec) -> None:
         """A stronger source named a session we had discovered: take its id, keep its history."""
@@ -401,7 +410,7 @@ class SessionTable:
         """`alias` (a transcript's own id) names `tracked`; its waiting events apply now."""
         self._aliases.add(alias, tracked.key)
         for event in self._pending.pop(alias, ()):
-            tracked.activity = tracked.activity.apply(event)
+            self._apply(tracked, event)
 
     # ------------------------------------------------------------------ events
 
@@ -413,6 +422,11 @@ class SessionTable:
             tracked = next((t for t in self._tracked.values() if t.spec.pid == pid and t.ended_at is None), None)
             if tracked is not None:
                 self._aliases.add(session_id, tracked.key)
+        if tracked is None and event.tree:
+            # A hook's id not known yet: the nearest session whose root the hook ran under.
+            tracked = self._rooted_in(event.tree)
+            if tracked is not None:
+                self._aliases.add(session_id, tracked.key)
         if tracked is None:
             # Not known yet (e.g. a hook fired before discovery matched its transcript):
             # keep a few, bounded, for when the session appears.
@@ -420,7 +434,21 @@ class SessionTable:
                 self._pending.pop(next(iter(self._pending)))
             self._pending.setdefault(session_id, deque(maxlen=PENDING_EVENTS_PER_SESSION)).append(event)
             return
-        tracked.activity = tracked.activity.apply(event)
+        self._apply(tracked, event)
+
+    def _rooted_in(self, tree: Sequence[ProcessIdentity]) -> Tracked | None:
+        live = [t for t in self._tracked.values() if t.ended_at is None and t.identity is not None]
+        for proc in tree:
+            found = next((t for t in live if same_process(proc, t.identity)), None)
+            if found is not None:
+                return found
+        return None
+
+    @staticmethod
+    def _apply(tracked: Tracked, event: Event) -> None:
+        settled = _settled(tracked, event)
+        if settled is not None:
+            tracked.activity = tracked.activity.apply(settled)
 
     def count_malformed(self, session_id: str) -> None:
         tracked = self._tracked.get(self._aliases.resolve(session_id))
@@ -551,6 +579,34 @@ def reaction_seen(samples: Sequence[TreeSample], activity: Activity, since: floa
             before_children = children
     return any(e.time > since and e.kind is EventKind.PROGRESS and e.turn != "open" and e.source != "http"
                for e in activity.recent)
+
+
+def _settled(tracked: Tracked, event: Event) -> Event | None:
+    """A hook's event (one with a `tree`) is own exactly for a session whose root process
+    the hook ran under (checked on arrival), observed for every other; a posted or
+    hooked event applies only to a session of the user who sent it (root: any), else
+    to none (DESIGN "Trust boundaries")."""
+    if event.poster_uid is not None:
+        if event.poster_uid != 0 and _session_uid(tracked) != event.poster_uid:
+            return None
+        event = replace(event, poster_uid=None)
+    if not event.tree:
+        return event
+    own = tracked.identity is not None and any(same_process(p, tracked.identity) for p in event.tree)
+    return replace(event, own=own, tree=())
+
+
+def _session_uid(tracked: Tracked) -> int | None:
+    """The user of a session's process: its latest sample's, else /proc's; None: unknown."""
+    sample = tracked.latest
+    if sample is not None and sample.processes and sample.processes[0].uid is not None:
+        return sample.processes[0].uid
+    if tracked.spec.pid is None:
+        return None
+    try:
+        return os.stat(f"/proc/{tracked.spec.pid}").st_uid
+    except OSError:
+        return None
 
 
 def _may_be_same_process(tracked: Tracked, spec: SessionSpec) -> bool:

@@ -7,12 +7,16 @@ HOME, would otherwise look in the wrong place and follow no transcript at all.
 So the directories are read from the process's initial environment
 (/proc/PID/environ), once per process.
 
-Trust: a directory named by a process's environment is followed only when it is
-owned by that process's own user (root's only for root's processes). Otherwise
-another local user could point their agent at someone else's directory, root's
-included, and have otelwatch show that person's session as theirs. What cannot be read or trusted falls back to the
-default home (`sources.transcripts.home`, or the home of the user otelwatch runs
-as), as before. A configured `sources.transcripts.home` wins over any environment.
+Trust (DESIGN "Users are walls"): a directory named by a process's environment is
+followed only when it is owned by that process's own user (root's only for root's
+processes). Otherwise another local user could point their agent at someone else's
+directory, root's included, and have otelwatch show that person's session as theirs.
+A directory that is named but not trusted is not looked for anywhere else: that
+agent has no such directory (None), and in particular never otelwatch's own home. A
+process whose environment cannot be read gets otelwatch's default home only when it
+runs as otelwatch's own user. A configured `sources.transcripts.home` wins over any
+environment. `AgentDirs.uid` is the agent's user: every file found under these
+directories is read only when that user owns it (`tail.open_owned`).
 
 Reads /proc/PID/environ and stats directories; never writes, never runs anything.
 """
@@ -20,6 +24,7 @@ Reads /proc/PID/environ and stats directories; never writes, never runs anything
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,23 +39,27 @@ _ENVIRON_MAX = 1 << 20  # an environment is at most a few hundred KiB; read no m
 
 @dataclass(frozen=True)
 class AgentDirs:
-    claude: Path  # Claude Code's config directory (sessions/, projects/)
-    codex: Path  # Codex's home (sessions/YYYY/MM/DD/rollout-*.jsonl)
+    claude: Path | None  # Claude Code's config directory (sessions/, projects/); None: none to look in
+    codex: Path | None  # Codex's home (sessions/YYYY/MM/DD/rollout-*.jsonl); None: none to look in
+    uid: int | None = None  # the agent's user, who must own every file read there; None: unknown
 
 
-def dirs_from(env: Mapping[str, str], default_home: Path,
-              trusted: Callable[[Path], bool] | None = None) -> AgentDirs:
+def dirs_from(env: Mapping[str, str], default_home: Path | None,
+              trusted: Callable[[Path], bool] | None = None, uid: int | None = None) -> AgentDirs:
     """The agent's directories from its environment, each variable used only when
-    `trusted(path)` says so (all are, without a check). Pure but for `trusted`."""
-    def ok(value: str | None) -> Path | None:
+    `trusted(path)` says so (all are, without a check). A variable that is set but not
+    trusted leaves that directory unknown (None): never another place instead. Only an
+    unset (or relative) variable falls back: CLAUDE_CONFIG_DIR and CODEX_HOME to HOME,
+    HOME to `default_home`. Pure but for `trusted`."""
+    def pick(value: str | None, fallback: Path | None) -> Path | None:
         if not value or not os.path.isabs(value):
-            return None
+            return fallback
         path = Path(value)
         return path if trusted is None or trusted(path) else None
 
-    home = ok(env.get("HOME")) or default_home
-    return AgentDirs(claude=ok(env.get("CLAUDE_CONFIG_DIR")) or home / ".claude",
-                     codex=ok(env.get("CODEX_HOME")) or home / ".codex")
+    home = pick(env.get("HOME"), default_home)
+    return AgentDirs(claude=pick(env.get("CLAUDE_CONFIG_DIR"), home / ".claude" if home else None),
+                     codex=pick(env.get("CODEX_HOME"), home / ".codex" if home else None), uid=uid)
 
 
 class _Trust:
@@ -79,8 +88,6 @@ class AgentDirResolver:
         self._default = dirs_from({}, self.default_home)
 
     def __call__(self, pid: int) -> AgentDirs:
-        if self.configured:
-            return self._default
         cached = self._cache.get(pid)
         if cached is None:
             cached, final = self._resolve(pid)
@@ -95,20 +102,38 @@ class AgentDirResolver:
         self._cache.pop(pid, None)
 
     def _resolve(self, pid: int) -> tuple[AgentDirs, bool]:
-        """(dirs, final): not final while the environment reads empty, which is what
-        the kernel shows of a process in the middle of exec (its new memory is there,
-        its environment not yet): asked again next time, never cached."""
-        raw = _read_raw_environ(pid, self.proc_root)
-        if not raw:
-            return self._default, raw is None
-        env = _wanted(raw)
-        if not env:
-            return self._default, True
+        """(dirs, final). Not final while the environment reads empty, which is what the
+        kernel shows of a process in the middle of exec (its new memory is there, its
+        environment not yet): asked again next time, never cached."""
         try:
-            uid = os.stat(f"{self.proc_root}/{pid}").st_uid
+            uid: int | None = os.stat(f"{self.proc_root}/{pid}").st_uid
         except OSError:
-            return self._default, True
-        return dirs_from(env, self.default_home, _Trust(uid)), True
+            uid = None
+        if self.configured:
+            return dirs_from({}, self.default_home, uid=uid), True
+        if uid is None:
+            return AgentDirs(None, None, None), True  # gone, or no /proc: nothing is known of it
+        raw = _read_raw_environ(pid, self.proc_root)
+        env = _wanted(raw or b"")
+        if not env:
+            # Unreadable (or empty): otelwatch's own home only for its own user's agents.
+            home = self.default_home if uid == os.geteuid() else _passwd_home(uid)
+            dirs = dirs_from({}, home, _Trust(uid), uid=uid) if home is not None else AgentDirs(None, None, uid)
+            return dirs, raw is None or raw != b""
+        trust = _Trust(uid)
+        fallback = _passwd_home(uid) if "HOME" not in env else None
+        if fallback is not None and not trust(fallback):
+            fallback = None
+        return dirs_from(env, fallback, trust, uid=uid), True
+
+
+def _passwd_home(uid: int) -> Path | None:
+    """The home directory the user database gives `uid`; None when there is none."""
+    try:
+        home = pwd.getpwuid(uid).pw_dir
+    except (KeyError, OSError):
+        return None
+    return Path(home) if home and os.path.isabs(home) else None
 
 
 def read_environ(pid: int, proc_root: str = "/proc") -> dict[str, str]:

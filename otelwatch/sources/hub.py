@@ -21,7 +21,7 @@ from otelwatch.config import Config, Paths
 from otelwatch.events.lines import fold
 from otelwatch.model import Event, SessionSpec
 from otelwatch.probe.proctable import ProcessTable
-from otelwatch.sessions.table import SessionTable
+from otelwatch.sessions.table import SessionTable, Tracked
 from otelwatch.sources.spool import PRUNE_EVERY_S, RETENTION_S, remove_older_than
 from otelwatch.sources.tail import FileTail, open_regular
 from otelwatch.sources.tmux import PaneInfo
@@ -40,7 +40,8 @@ _TRANSCRIPT_SOURCES = frozenset({"process", "tmux", "hook"})
 class Sources:
     """The configured session sources behind one `scan()`; each is optional and guarded."""
 
-    def __init__(self, cfg: Config, paths: Paths, telemetry: TelemetrySink) -> None:
+    def __init__(self, cfg: Config, paths: Paths, telemetry: TelemetrySink, *,
+                 boot_time: float | None = None) -> None:
         from otelwatch.sources.agent_dirs import AgentDirResolver
         from otelwatch.sources.processes import ProcessMatcher
         from otelwatch.sources.registry import RegistrySource
@@ -50,8 +51,10 @@ class Sources:
 
         s = cfg.sources
         self._telemetry = telemetry
-        self.registry = RegistrySource(paths.registry_dir) if s.registry.enabled else None
-        self.spool = SpoolSource(paths.spool_dir, log=lambda message: self._warn("spool", message))
+        # boot_time: the daemon's one boot time, on which records' start ticks are placed.
+        self.registry = RegistrySource(paths.registry_dir, boot_time=boot_time) if s.registry.enabled else None
+        self.spool = SpoolSource(paths.spool_dir, log=lambda message: self._warn("spool", message),
+                                 boot_time=boot_time)
         self._spool_prefix = str(paths.spool_dir) + os.sep
         self._exec_dir = paths.state_dir / "exec"  # the exec wrapper's stderr rings
         self._pruned_at = -math.inf
@@ -203,8 +206,16 @@ class Sources:
             if path and (tracked.tail is None or str(tracked.tail.path) != path):
                 if tracked.tail is not None:
                     tracked.tail.close()  # the agent moved on to a new transcript (/clear, /resume)
-                source = "transcript" if tracked.spec.source in _TRANSCRIPT_SOURCES else "stream"
-                tracked.tail = FileTail(path, source=source)
+                transcript = tracked.spec.source in _TRANSCRIPT_SOURCES
+                source = "transcript" if transcript else "stream"
+                # Users are walls: a transcript is read only when its agent's user owns it; a
+                # registry entry's events file (the entry is otelwatch's user's word) may also
+                # be otelwatch's user's. Either way its lines are the session's own events.
+                uid = agent_uid(tracked)
+                owners = {uid} if uid is not None else set()
+                if not transcript:
+                    owners.add(os.geteuid())
+                tracked.tail = FileTail(path, source=source, owners=owners, own=True)
             if tracked.ended_at is not None:
                 continue
             if tracked.tail is not None:
@@ -240,6 +251,19 @@ class Sources:
             self._telemetry.on_probe_problem(kind, timeout)
         except Exception as exc:
             self._log("telemetry.error", {"call": "on_probe_problem", "kind": kind, "error": repr(exc)}, "error")
+
+
+def agent_uid(tracked: Tracked) -> int | None:
+    """The user of a session's process: from its latest sample, else /proc; None: unknown."""
+    sample = tracked.latest
+    if sample is not None and sample.processes and sample.processes[0].uid is not None:
+        return sample.processes[0].uid
+    if tracked.spec.pid is None:
+        return None
+    try:
+        return os.stat(f"/proc/{tracked.spec.pid}").st_uid
+    except OSError:
+        return None
 
 
 def _read_tail(path: str | None, limit: int = 4096) -> str:

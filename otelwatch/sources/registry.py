@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from otelwatch.model import Mode, Runtime, SessionSpec
+from otelwatch.probe.proctable import create_time_of, record_start_ticks
 from otelwatch.sources.trust import untrusted_file
 
 __all__ = [
@@ -42,7 +43,8 @@ class RegistryRefused(Exception):
 
 
 class RegistrySource:
-    def __init__(self, dir: Path, *, uid: int | None = None) -> None:
+    def __init__(self, dir: Path, *, uid: int | None = None, boot_time: float | None = None) -> None:
+        self.boot_time = boot_time  # the daemon's, for entries' start_ticks
         self.dir = Path(dir)
         self.uid = os.geteuid() if uid is None else uid
         self.errors = 0  # bad file versions seen (each counted once)
@@ -132,7 +134,7 @@ class RegistrySource:
             with os.fdopen(fd, "rb") as fh:
                 data = fh.read(MAX_FILE_BYTES + 1)
             obj = json.loads(data)
-            spec = replace(parse_spec(obj), registered_at=st.st_mtime)
+            spec = replace(parse_spec(obj, boot_time=self.boot_time), registered_at=st.st_mtime)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError) as exc:
@@ -145,7 +147,7 @@ class RegistrySource:
         return spec
 
 
-def parse_spec(obj: Any, source: str = "registry") -> SessionSpec:
+def parse_spec(obj: Any, source: str = "registry", boot_time: float | None = None) -> SessionSpec:
     """A SessionSpec from a registry file's JSON; ValueError naming the bad field."""
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
@@ -184,6 +186,10 @@ def parse_spec(obj: Any, source: str = "registry") -> SessionSpec:
     create_time = obj.get("create_time")
     if create_time is not None and (not isinstance(create_time, (int, float)) or isinstance(create_time, bool)):
         raise ValueError("create_time: must be a number (Unix time)")
+    ticks = record_start_ticks(obj.get("start_ticks"))
+    if ticks is not None and boot_time is not None:
+        # The writer's start ticks, on this daemon's boot time: immune to wall-clock steps.
+        create_time = create_time_of(ticks, boot_time)
     return SessionSpec(
         session_id=sid,
         pid=pid,

@@ -10,6 +10,13 @@ A record is `{"otelwatch": 1, "session_id", "pid", "agent", "time", ...}` plus
 the fields of `Event.to_json()`. Session ids are data: they are sanitised into
 file names (`safe_name`) and never reach a shell.
 
+Provenance: spool records are *observed* events (DESIGN "Trust boundaries"). They
+are read after the fact, from a file any process of otelwatch's user may append
+to, so nothing can show that the writer ran inside the session's process tree; a
+record's own claims (its pid, its ancestry) are the writer's word. The one
+exception is decided by the daemon, not here: a file that a registry entry names
+as its session's events file (the exec wrapper's) is that session's own stream.
+
 Trust: a spool record can open a turn or name a PID, so the reader takes
 records only from files that are trusted by `sources.trust` (a regular file
 of otelwatch's own user, not group- or world-writable) in a directory and a
@@ -30,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from otelwatch.events.lines import parse_object
 from otelwatch.model import Event, Mode, SessionSpec
+from otelwatch.probe.proctable import create_time_of, record_start_ticks
 from otelwatch.sources.trust import untrusted_dir, untrusted_file
 
 if TYPE_CHECKING:  # the reader's import (it pulls in logging) stays off the hook's path
@@ -60,12 +68,14 @@ def spool_path(spool_dir: Path, session_id: str) -> Path:
 
 
 def make_record(event: Event, session_id: str, *, pid: int | None = None, agent: str | None = None,
-                create_time: float | None = None) -> dict[str, Any]:
+                create_time: float | None = None, start_ticks: int | None = None) -> dict[str, Any]:
     record: dict[str, Any] = {"otelwatch": 1, "session_id": session_id}
     if pid is not None:
         record["pid"] = pid
     if create_time is not None:
         record["create_time"] = create_time
+    if start_ticks is not None:
+        record["start_ticks"] = start_ticks  # what the daemon compares (create_time: older readers)
     if agent:
         record["agent"] = agent
     record.update(event.to_json())
@@ -136,8 +146,10 @@ class SpoolSource:
     """
 
     def __init__(self, dir: Path, *, stale_after: float = 86400.0, retention: float = RETENTION_S,
-                 uid: int | None = None, log: Callable[[str], None] | None = None) -> None:
+                 uid: int | None = None, log: Callable[[str], None] | None = None,
+                 boot_time: float | None = None) -> None:
         self.dir = Path(dir)
+        self.boot_time = boot_time  # the daemon's, for records' start_ticks
         self.uid = os.geteuid() if uid is None else uid
         self._log = log or (lambda message: None)
         self.refused = ""  # why the spool (or its state directory) is not read; "" when it is
@@ -199,7 +211,7 @@ class SpoolSource:
             known = self._tails.get(name)
             if known is not None and known[1] == sig and known[0].offset >= st.st_size:
                 continue  # unchanged and read to its end
-            tail = known[0] if known is not None else FileTail(entry.path, source="hook")
+            tail = known[0] if known is not None else FileTail(entry.path, source="hook", owners=(self.uid,))
             self._tails[name] = (tail, sig)
             lines, bad = tail.poll_lines(now)
             tail.release()
@@ -237,15 +249,19 @@ class SpoolSource:
         if not isinstance(rec, dict) or rec.get("otelwatch") != 1:
             return 1
         sid = rec.get("session_id")
-        if not isinstance(sid, str) or not sid:
-            return 1
-        events.setdefault(sid, []).extend(parse_object(rec, t, "hook"))
+        if not isinstance(sid, str) or not sid or name != spool_path(self.dir, sid).name:
+            return 1  # producers write each session's records to its own file: this is not one
+        if rec.get("delivered") is not True:  # else the hook socket took its event: only its pid counts here
+            events.setdefault(sid, []).extend(parse_object(rec, t, "hook"))
         self._files_of.setdefault(name, set()).add(sid)
         pid = rec.get("pid")
         if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
             agent = rec.get("agent") if isinstance(rec.get("agent"), str) else None
             ct = rec.get("create_time")
             ct = float(ct) if isinstance(ct, (int, float)) and not isinstance(ct, bool) else None
+            ticks = record_start_ticks(rec.get("start_ticks"))
+            if ticks is not None and self.boot_time is not None:
+                ct = create_time_of(ticks, self.boot_time)  # the daemon's clock, never a stepped btime
             # When the record was written: its own time (the writer's clock) if it is
             # not later than when we saw it. A PID is bound to a process that existed then.
             written = rec.get("time")

@@ -22,13 +22,16 @@ import contextlib
 import logging
 import os
 import stat
+from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
 from otelwatch.events.lines import MAX_LINE_BYTES, parse_events
 from otelwatch.model import Event
 
-__all__ = ["DEFAULT_MAX_READ", "FileTail", "LineSplitter", "NotRegularFile", "open_regular"]
+__all__ = ["DEFAULT_MAX_READ", "FileTail", "LineSplitter", "NotOwned", "NotRegularFile", "open_owned",
+           "open_regular"]
 
 log = logging.getLogger("otelwatch.sources.tail")
 
@@ -49,6 +52,35 @@ class NotRegularFile(OSError):
     def __init__(self, path: str, kind: str) -> None:
         super().__init__(f"{path}: is a {kind}, not a regular file")
         self.kind = kind
+
+
+class NotOwned(OSError):
+    """A file owned by another user than the one whose file it must be."""
+
+    def __init__(self, path: str, uid: int, owners: Collection[int]) -> None:
+        super().__init__(f"{path}: owned by uid {uid}, not by {sorted(owners)}")
+        self.uid = uid
+
+
+def open_owned(path: str | os.PathLike[str], owners: Collection[int], buffering: int = -1) -> BinaryIO:
+    """Open one of an agent's files: never blocking (O_NONBLOCK), never through a symlink
+    as its last component (O_NOFOLLOW), then on the open descriptor (no race with a swap
+    of the path): a regular file owned by one of `owners`. Raises NotRegularFile,
+    NotOwned, or OSError as open() does (ELOOP for a symlink). An empty `owners` (the
+    agent's user is unknown) refuses everything. Owner on the descriptor is the wall
+    between users: another user's file reached through any directory or hard link of
+    someone else is refused."""
+    fd = os.open(path, _OPEN_FLAGS | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(os.fspath(path), _file_kind(st.st_mode))
+        if st.st_uid not in owners:
+            raise NotOwned(os.fspath(path), st.st_uid, owners)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def open_regular(path: str | os.PathLike[str], buffering: int = -1) -> BinaryIO:
@@ -126,9 +158,14 @@ class FileTail:
     """
 
     def __init__(self, path: str | Path, source: str = "stream", json_only: bool = True,
-                 *, max_read: int = DEFAULT_MAX_READ) -> None:
+                 *, max_read: int = DEFAULT_MAX_READ, owners: Collection[int] | None = None,
+                 own: bool = False) -> None:
         self.path = str(path)
         self.source = source
+        # With `owners`: an agent's file, opened only as `open_owned` allows (no symlink,
+        # owned by one of them). `own`: its events are the session's own (provenance).
+        self.owners = None if owners is None else frozenset(owners)
+        self.own = own
         self.json_only = json_only
         self.max_read = max_read
         self.errors = 0  # OS errors seen (each poll that failed counts once)
@@ -155,6 +192,8 @@ class FileTail:
             parsed = parse_events(line, t, self.source, json_only=self.json_only)
             if parsed is None:
                 malformed += 1
+            elif self.own:
+                events.extend(replace(e, own=True) for e in parsed)
             else:
                 events.extend(parsed)
         return events, malformed + self._take_overlong()
@@ -193,7 +232,7 @@ class FileTail:
     def _poll_lines(self, now: float) -> list[tuple[bytes, float]]:
         out: list[tuple[bytes, float]] = []
         try:
-            st = os.stat(self.path)
+            st = os.stat(self.path) if self.owners is None else os.lstat(self.path)
         except FileNotFoundError:
             # Removed or rotated away: finish what the old file still holds, then wait.
             if self._fh is not None:
@@ -216,7 +255,7 @@ class FileTail:
                 return out
         if self._fh is None:
             if not stat.S_ISREG(st.st_mode):  # refused before it is even opened
-                self._refuse(_file_kind(st.st_mode))
+                self._refuse("symlink" if stat.S_ISLNK(st.st_mode) else _file_kind(st.st_mode))
                 return out
             opened = self._open()
             if opened is None:
@@ -240,9 +279,20 @@ class FileTail:
         """Open the path without blocking; its fstat, or None (counted) when it cannot be
         read or is not a regular file (the path may have changed since the stat)."""
         try:
-            fh = open_regular(self.path, buffering=0)
+            if self.owners is None:
+                fh = open_regular(self.path, buffering=0)
+            else:
+                fh = open_owned(self.path, self.owners, buffering=0)
         except NotRegularFile as exc:
             self._refuse(exc.kind)
+            return None
+        except NotOwned as exc:
+            self.errors += 1
+            self.last_error = str(exc)
+            if "refused:owner" not in self._logged:
+                self._logged.add("refused:owner")
+                log.warning("cannot read events file %s: owned by uid %d, not by the agent's user; refused",
+                            self.path, exc.uid)
             return None
         except OSError as exc:
             self._error(exc)

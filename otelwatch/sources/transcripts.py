@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -47,6 +48,7 @@ from pathlib import Path
 
 from otelwatch.model import Activity, Event, EventKind
 from otelwatch.sources.agent_dirs import AgentDirs, dirs_from
+from otelwatch.sources.tail import open_owned
 
 __all__ = ["ClaudeSession", "TranscriptLocator", "claude_project_dirs", "fold_transcript", "status_events"]
 
@@ -94,7 +96,7 @@ class TranscriptLocator:
 
     def __init__(self, home: Path, dirs: Callable[[int], AgentDirs] | None = None) -> None:
         self.home = Path(home)
-        fixed = dirs_from({}, self.home)
+        fixed = dirs_from({}, self.home, uid=os.geteuid())
         self._dirs: Callable[[int], AgentDirs] = dirs or (lambda _pid: fixed)
         self._claims: dict[Path, int] = {}  # transcript -> pid it was handed to
         self._meta_cache: dict[Path, tuple[tuple[int, int], str | None, str | None]] = {}
@@ -131,24 +133,28 @@ class TranscriptLocator:
 
         Cheap enough for every tick: one stat, and one read of a small file only when it
         changed since the last call."""
-        path = self._dirs(pid).claude / "sessions" / f"{pid}.json"
-        try:
-            st = path.stat()
-        except OSError:
+        dirs = self._dirs(pid)
+        st = None if dirs.claude is None else _owned(dirs.claude / "sessions" / f"{pid}.json", dirs.uid)
+        if dirs.claude is None or dirs.uid is None or st is None:
+            # None, another user's, a symlink, a FIFO, a device: never read (DESIGN "Users are walls").
             self._sessions.pop(pid, None)
             return None
+        path = dirs.claude / "sessions" / f"{pid}.json"
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         cached = self._sessions.get(pid)
         if cached is not None and cached[0] == key:
             return cached[1]
-        session = _read_session_file(path, pid)
+        session = _read_session_file(path, pid, dirs.uid)
         self._sessions[pid] = (key, session)
         if len(self._sessions) > 4096:
             self._sessions.clear()
         return session
 
     def _claude(self, pid: int, cwd: str | None, started_at: float) -> tuple[str, Path] | None:
-        claude_dir = self._dirs(pid).claude
+        agent_dirs = self._dirs(pid)
+        claude_dir, uid = agent_dirs.claude, agent_dirs.uid
+        if claude_dir is None or uid is None:
+            return None
         session = self.claude_session(pid)
         sid = session.session_id if session is not None else None
         if session is not None and session.current and sid:
@@ -157,10 +163,11 @@ class TranscriptLocator:
             # the project the CLI files it under (the process may have changed directory).
             where = session.cwd or cwd
             dirs = claude_project_dirs(claude_dir, where) if where else []
-            named = next((p for d in dirs for p in [d / f"{sid}.jsonl"] if p.is_file()), None)
+            named = next((p for d in dirs for p in [d / f"{sid}.jsonl"] if _owned(p, uid)), None)
             if named is None and not dirs:
-                named = next(iter((claude_dir / "projects").glob(f"*/{_glob_escape(sid)}.jsonl")), None)
-            if named is None and dirs:
+                named = next((p for p in (claude_dir / "projects").glob(f"*/{_glob_escape(sid)}.jsonl")
+                              if _owned(p, uid)), None)
+            if named is None and dirs and not os.path.lexists(dirs[0] / f"{sid}.jsonl"):
                 named = dirs[0] / f"{sid}.jsonl"  # not written yet: the CLI creates it at the first prompt
             if named is not None and self._free(named, pid):
                 return sid, named
@@ -168,13 +175,14 @@ class TranscriptLocator:
         cwd = cwd or (session.cwd if session is not None else None)
         dirs = claude_project_dirs(claude_dir, cwd) if cwd else []
         candidates = self._recent(
-            (p for d in dirs for p in _jsonl_in(d)), pid, started_at
+            (p for d in dirs for p in _jsonl_in(d)), pid, started_at, uid
         )
         newest = candidates[0] if candidates else None
         if sid:
-            named = next((p for d in dirs for p in [d / f"{sid}.jsonl"] if p.is_file()), None)
+            named = next((p for d in dirs for p in [d / f"{sid}.jsonl"] if _owned(p, uid)), None)
             if named is None:  # cwd unknown or moved: look in every project
-                named = next(iter((claude_dir / "projects").glob(f"*/{_glob_escape(sid)}.jsonl")), None)
+                named = next((p for p in (claude_dir / "projects").glob(f"*/{_glob_escape(sid)}.jsonl")
+                              if _owned(p, uid)), None)
             # The session file can be stale (/clear): a newer free transcript wins.
             if named is not None and self._free(named, pid) and (
                 newest is None or newest[1] == named or newest[0] <= (_mtime(named) or 0.0)
@@ -187,24 +195,26 @@ class TranscriptLocator:
     # ------------------------------------------------------------------ codex
 
     def _codex(self, pid: int, cwd: str | None, started_at: float) -> tuple[str, Path] | None:
-        base = self._dirs(pid).codex / "sessions"
+        dirs = self._dirs(pid)
+        if dirs.codex is None or dirs.uid is None:
+            return None
+        base, uid = dirs.codex / "sessions", dirs.uid
         files: list[Path] = []
         for day in _days(started_at, time.time()):
             files.extend(sorted((base / day).glob("rollout-*.jsonl")))
         files.extend(base.glob("rollout-*.jsonl"))  # older, flat layout
         best: tuple[float, Path, str] | None = None
-        for mtime, path in self._recent(files, pid, started_at):
-            sid, meta_cwd = self._codex_meta(path)
+        for mtime, path in self._recent(files, pid, started_at, uid):
+            sid, meta_cwd = self._codex_meta(path, uid)
             if cwd is not None and (meta_cwd is None or os.path.normpath(meta_cwd) != os.path.normpath(cwd)):
                 continue
             best = (mtime, path, sid or path.stem)
             break
         return None if best is None else (best[2], best[1])
 
-    def _codex_meta(self, path: Path) -> tuple[str | None, str | None]:
-        try:
-            st = path.stat()
-        except OSError:
+    def _codex_meta(self, path: Path, uid: int) -> tuple[str | None, str | None]:
+        st = _owned(path, uid)
+        if st is None:
             return None, None
         key = (st.st_dev, st.st_ino)
         cached = self._meta_cache.get(path)
@@ -212,7 +222,7 @@ class TranscriptLocator:
             return cached[1], cached[2]
         sid = cwd = None
         try:
-            with open(path, "rb") as fh:
+            with open_owned(path, (uid,)) as fh:
                 first = fh.readline(1 << 20)
             obj = json.loads(first)
             payload = obj.get("payload") if isinstance(obj, dict) else None
@@ -230,11 +240,13 @@ class TranscriptLocator:
 
     # ------------------------------------------------------------------ shared
 
-    def _recent(self, paths: Iterable[Path], pid: int, started_at: float) -> list[tuple[float, Path]]:
-        """(mtime, path) of files written since the process started and free for pid, newest first."""
+    def _recent(self, paths: Iterable[Path], pid: int, started_at: float, uid: int) -> list[tuple[float, Path]]:
+        """(mtime, path) of the agent's user's own regular files written since the process
+        started and free for pid, newest first."""
         out = []
         for path in paths:
-            m = _mtime(path)
+            st = _owned(path, uid)
+            m = None if st is None else st.st_mtime
             if m is not None and m >= started_at - _SLACK and self._free(path, pid):
                 out.append((m, path))
         out.sort(key=lambda mp: mp[0], reverse=True)
@@ -278,9 +290,22 @@ def _days(start: float, now: float) -> list[str]:
     return [f"{d.year:04d}/{d.month:02d}/{d.day:02d}" for d in sorted(wanted)]
 
 
-def _read_session_file(path: Path, pid: int) -> ClaudeSession | None:
+def _owned(path: Path, uid: int | None) -> os.stat_result | None:
+    """The lstat of `path` when it is a regular file (not a symlink) owned by `uid`; else None."""
+    if uid is None:
+        return None
     try:
-        with open(path, "rb") as fh:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) and st.st_uid == uid else None
+
+
+def _read_session_file(path: Path, pid: int, uid: int) -> ClaudeSession | None:
+    try:
+        # Non-blocking, no symlink, a regular file of the agent's user (checked on the open
+        # descriptor), at most _SESSION_FILE_MAX bytes: a FIFO here never stalls the loop.
+        with open_owned(path, (uid,)) as fh:
             obj = json.loads(fh.read(_SESSION_FILE_MAX))
     except (OSError, ValueError, RecursionError):
         return None  # being rewritten, or not JSON: read again when it changes
@@ -336,23 +361,23 @@ def status_events(session: ClaudeSession, before: ClaudeSession | None, activity
         opened = activity.turn_opened_at
         if activity.turn_open and (opened is None or opened <= t):
             return [Event(time=t, type="status/idle", kind=EventKind.HEARTBEAT, turn="close",
-                          awaiting_input=False, source="session", detail="back at the input box")]
+                          awaiting_input=False, source="session", own=True, detail="back at the input box")]
         return []
     if status == "waiting":
         if not activity.awaiting_input:
             return [Event(time=t, type="status/waiting", kind=EventKind.HEARTBEAT, awaiting_input=True,
-                          source="session", detail=session.waiting_for or "")]
+                          source="session", own=True, detail=session.waiting_for or "")]
         return []
     if status != "busy":
         return []
     out: list[Event] = []
     if activity.awaiting_input:
         out.append(Event(time=t, type="status/busy", kind=EventKind.HEARTBEAT, awaiting_input=False,
-                         source="session", detail="answered"))
+                         source="session", own=True, detail="answered"))
     fresh = before is None or before.status != "busy" or before.status_at != session.status_at
     closed = max((e.time for e in activity.recent if e.turn == "close"), default=None)
     if fresh and not activity.turn_open and (closed is None or t > closed):
-        out.append(Event(time=t, type="status/busy", turn="open", awaiting_input=False, source="session",
+        out.append(Event(time=t, type="status/busy", turn="open", awaiting_input=False, source="session", own=True,
                          detail="turn started"))
     return out
 

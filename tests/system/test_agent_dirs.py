@@ -28,7 +28,8 @@ def test_dirs_from_the_environment() -> None:
     assert dirs_from(env, default) == AgentDirs(Path("/srv/claude"), Path("/srv/codex"))
     # Relative paths mean nothing to another process; untrusted ones are not followed.
     assert dirs_from({"HOME": "ann", "CLAUDE_CONFIG_DIR": ""}, default) == dirs_from({}, default)
-    assert dirs_from(env, default, trusted=lambda p: p != Path("/srv/claude")).claude == Path("/home/ann/.claude")
+    # A named directory that is not trusted is not looked for anywhere else (issue 19).
+    assert dirs_from(env, default, trusted=lambda p: p != Path("/srv/claude")).claude is None
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_a_process_is_followed_into_its_own_directories(
     proc, home, config = agent
     assert read_environ(proc.pid) == {"HOME": str(home), "CLAUDE_CONFIG_DIR": str(config)}  # no secret kept
     resolver = AgentDirResolver(tmp_path / "daemon-home")
-    assert resolver(proc.pid) == AgentDirs(config, home / ".codex")
+    assert resolver(proc.pid) == AgentDirs(config, home / ".codex", os.geteuid())
     # The transcript locator reads the CLI's session file where the CLI writes it.
     (config / "sessions" / f"{proc.pid}.json").write_text(json.dumps(
         {"pid": proc.pid, "sessionId": "s-ann", "cwd": "/work", "status": "idle", "statusUpdatedAt": 1}))
@@ -64,7 +65,8 @@ def test_a_process_is_followed_into_its_own_directories(
     # Without the resolver (as before) it looked in the daemon's home and found nothing.
     assert TranscriptLocator(tmp_path / "daemon-home").claude_session(proc.pid) is None
     # A configured home wins over every environment.
-    assert AgentDirResolver(tmp_path / "conf", configured=True)(proc.pid) == dirs_from({}, tmp_path / "conf")
+    assert AgentDirResolver(tmp_path / "conf", configured=True)(proc.pid) == dirs_from(
+        {}, tmp_path / "conf", uid=os.geteuid())
 
 
 def test_an_environment_read_mid_exec_is_read_again(tmp_path: Path) -> None:
@@ -77,10 +79,11 @@ def test_an_environment_read_mid_exec_is_read_again(tmp_path: Path) -> None:
     environ = proc_root / "42" / "environ"
     environ.write_bytes(b"")
     resolver = AgentDirResolver(tmp_path / "daemon-home", proc_root=str(proc_root))
-    assert resolver(42) == dirs_from({}, tmp_path / "daemon-home")
+    first = resolver(42)
+    assert first.claude != home / ".claude"  # nothing known of its HOME yet
     environ.write_bytes(b"PATH=/bin\0HOME=" + bytes(home) + b"\0")
     os.chown(proc_root / "42", os.geteuid(), os.getegid())
-    assert resolver(42) == AgentDirs(home / ".claude", home / ".codex")
+    assert resolver(42) == AgentDirs(home / ".claude", home / ".codex", os.geteuid())
     environ.write_bytes(b"HOME=/elsewhere\0")
     assert resolver(42).claude == home / ".claude"  # a complete read is kept for the process's life
 
@@ -94,10 +97,11 @@ def test_a_directory_another_user_owns_is_never_followed(
     proc, home, config = agent
     os.chown(config, 54321, 54321)
     resolver = AgentDirResolver(tmp_path / "daemon-home")
-    assert resolver(proc.pid) == AgentDirs(home / ".claude", home / ".codex")
+    assert resolver(proc.pid) == AgentDirs(None, home / ".codex", 0)
     resolver.forget(proc.pid)
     os.chown(home, 54321, 54321)
-    assert resolver(proc.pid) == dirs_from({}, tmp_path / "daemon-home")
+    # Never the daemon's own home instead (issue 19): nothing at all.
+    assert resolver(proc.pid) == AgentDirs(None, None, 0)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process as another user")
@@ -116,7 +120,9 @@ def test_another_users_agent_never_gets_roots_directories(tmp_path: Path) -> Non
                 break
             time.sleep(0.02)
         assert read_environ(proc.pid)["CLAUDE_CONFIG_DIR"] == str(config)
-        assert resolver(proc.pid) == dirs_from({}, tmp_path / "daemon-home")
+        got = resolver(proc.pid)
+        assert got.claude is None and got.uid == 54321, got
+        assert got.codex is None or not str(got.codex).startswith(str(tmp_path / "daemon-home"))
     finally:
         proc.kill()
         proc.wait()
@@ -126,4 +132,4 @@ def test_unreadable_or_gone_processes_fall_back_to_the_default(tmp_path: Path) -
     proc = subprocess.Popen(["true"])
     proc.wait()
     assert read_environ(proc.pid) == {}
-    assert AgentDirResolver(tmp_path)(proc.pid) == dirs_from({}, tmp_path)
+    assert AgentDirResolver(tmp_path)(proc.pid) == AgentDirs(None, None, None)

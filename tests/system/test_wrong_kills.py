@@ -29,13 +29,16 @@ from tests.support.procs import FAKE, REPO, wait_for
 pytestmark = pytest.mark.e2e
 
 RECOVERY = {"recovery": {"enabled": True, "recover_after": 1.5, "grace": 0.5, "max_per_hour": 100}}
-# Waits for a trigger file, then works (a second of CPU), then hangs: what a real
-# agent does when its turn opens and its API call never returns.
+# Waits for a trigger file, then opens its own turn (its hook, run as its own child:
+# an own event), works (a second of CPU), then hangs: what a real agent does when its
+# turn opens and its API call never returns.
 REACTS = """
-import os, sys, time
+import os, subprocess, sys, time
 trigger = sys.argv[1]
 while not os.path.exists(trigger):
     time.sleep(0.05)
+if len(sys.argv) > 2:
+    subprocess.run([sys.executable, "-m", "otelwatch", "event", sys.argv[2], "UserPromptSubmit"], timeout=10)
 end = time.time() + 1.0
 while time.time() < end:
     pass
@@ -44,7 +47,9 @@ time.sleep(120)
 
 
 def start_agent(daemon: Daemon, argv: list[str]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, cwd=str(REPO), stdout=subprocess.DEVNULL, start_new_session=True)
+    # The daemon's state directory: where the agent's hooks find its hook socket.
+    env = {**os.environ, "OTELWATCH_STATE_DIR": str(daemon.state_dir)}
+    proc = subprocess.Popen(argv, cwd=str(REPO), stdout=subprocess.DEVNULL, start_new_session=True, env=env)
     daemon.agents.append(proc)
     return proc
 
@@ -72,7 +77,7 @@ def test_an_event_alone_never_opens_the_recovery_gate(tmp_path: Path) -> None:
         posted = start_agent(daemon, [*FAKE, "sleeper", "--lifetime", "60"])
         spooled = start_agent(daemon, [*FAKE, "sleeper", "--lifetime", "60"])
         trigger = tmp_path / "go"
-        hung = start_agent(daemon, [sys.executable, "-c", REACTS, str(trigger)])
+        hung = start_agent(daemon, [sys.executable, "-c", REACTS, str(trigger), "hung"])
         for sid, proc in (("posted", posted), ("spooled", spooled), ("hung", hung)):
             daemon.register(sid, proc.pid, mode="interactive")
         for sid in ("posted", "spooled", "hung"):
@@ -80,8 +85,7 @@ def test_an_event_alone_never_opens_the_recovery_gate(tmp_path: Path) -> None:
 
         assert post(daemon, {"session_id": "posted", "type": "turn_start", "time": 0}) == 202
         record_event(daemon, "spooled", "turn_start", spooled.pid)
-        record_event(daemon, "hung", "UserPromptSubmit", hung.pid)
-        trigger.touch()
+        trigger.touch()  # "hung" opens its own turn through its hook
 
         # The two that never reacted reach stuck (every gate but the reaction holds)...
         for sid in ("posted", "spooled"):
