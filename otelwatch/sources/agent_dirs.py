@@ -77,6 +77,7 @@ class AgentDirResolver:
         self.proc_root = proc_root
         self._cache: dict[int, AgentDirs] = {}
         self._default = dirs_from({}, self.default_home)
+        self.denied: set[int] = set()  # pids whose environment we may not read (another user's)
 
     def __call__(self, pid: int) -> AgentDirs:
         if self.configured:
@@ -91,9 +92,18 @@ class AgentDirResolver:
 
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
+        self.denied.discard(pid)
 
     def _resolve(self, pid: int) -> AgentDirs:
-        env = read_environ(pid, self.proc_root)
+        try:
+            env = read_environ(pid, self.proc_root, strict=True)
+        except PermissionError:
+            if len(self.denied) >= 4096:
+                self.denied.clear()
+            self.denied.add(pid)
+            return self._default
+        except OSError:
+            env = {}
         if not env:
             return self._default
         try:
@@ -103,17 +113,22 @@ class AgentDirResolver:
         return dirs_from(env, self.default_home, _Trust(uid))
 
 
-def read_environ(pid: int, proc_root: str = "/proc") -> dict[str, str]:
-    """HOME, CLAUDE_CONFIG_DIR and CODEX_HOME from pid's initial environment; {} when
-    it cannot be read (another user's process, gone, a kernel thread)."""
+def read_environ(pid: int, proc_root: str = "/proc", *, strict: bool = False,
+                 wanted: tuple[bytes, ...] = _WANTED) -> dict[str, str]:
+    """HOME, CLAUDE_CONFIG_DIR and CODEX_HOME (or the `wanted` names) from pid's initial
+    environment; {} when it cannot be read (another user's process, gone, a kernel
+    thread), or with `strict` the OSError (PermissionError: another user's, without
+    CAP_SYS_PTRACE)."""
     try:
         with open(f"{proc_root}/{pid}/environ", "rb") as fh:
             raw = fh.read(_ENVIRON_MAX)
     except OSError:
+        if strict:
+            raise
         return {}
     out: dict[str, str] = {}
     for item in raw.split(b"\0"):
         key, sep, value = item.partition(b"=")
-        if sep and key in _WANTED:
+        if sep and key in wanted:
             out[key.decode()] = os.fsdecode(value)
     return out
