@@ -192,10 +192,14 @@ def classify(
     # for whoever stopped it to resume it: a person's decision, not a hang.
     if _stopped_root(latest):
         return verdict(State.IDLE, Reason.AWAITING_INPUT, "root process stopped (T)")
-    # Blind is not idle: a session whose turn information could not be read is judged by
-    # what its process shows, never idle for want of a turn we could not see.
-    if info.mode is Mode.INTERACTIVE and not activity.turn_open and info.turns_visible:
-        return verdict(State.IDLE, Reason.NO_OPEN_TURN)
+    if info.mode is Mode.INTERACTIVE and not activity.turn_open:
+        if info.turns_visible:
+            return verdict(State.IDLE, Reason.NO_OPEN_TURN)
+        # Blind is not idle: its turn could not be read, and its process alone proves
+        # neither idleness nor progress (measured on Claude Code's TUI: at its input box
+        # and on a turn the API never answers alike, it draws at 2-10% CPU, so CPU is no
+        # progress; a socket may be a keep-alive). Unknown, said as such.
+        return verdict(State.STALLED, Reason.ACCESS_DENIED, _blind_detail(facts))
 
     # 4. Work moved recently (or we have not watched long enough to say otherwise).
     if silence < cfg.stall_after:
@@ -267,6 +271,12 @@ def classify(
     #    of the window proves zero TCP, CPU under the threshold, and no process
     #    working: the one recoverable state.
     return verdict(State.STUCK, Reason.NO_ACTIVITY)
+
+
+def _blind_detail(facts: _Facts) -> str:
+    tcp = "TCP unreadable" if facts.tcp_max is None else f"up to {facts.tcp_max} TCP connections"
+    cpu = "" if facts.cpu_mean is None else f", CPU mean {_r(facts.cpu_mean, 1)}%"
+    return f"turn information could not be read; its processes show {tcp}{cpu}"
 
 
 def work_cpu_percent(cfg: ClassifyConfig) -> float:

@@ -496,10 +496,19 @@ def snapshot_of(tracked: Tracked, now: float) -> SessionSnapshot:
         evidence=verdict.evidence if verdict else {},
         sample_status=sample.status if sample else SampleStatus.OK,
         last_report=tracked.snapshot.last_report if tracked.snapshot else None,
-        visibility=visibility_of(tracked.turns, sample if live else None),
+        visibility=_visibility(tracked, sample if live else None),
         uid=uid,
         user=user_name(uid),
     )
+
+
+def _visibility(tracked: Tracked, sample: TreeSample | None) -> Mapping[str, str | None]:
+    """visibility.py's, keeping the last known word on sockets through a probe timeout."""
+    vis = visibility_of(tracked.turns, sample)
+    before = tracked.snapshot.visibility.get("sockets") if tracked.snapshot is not None else None
+    if vis["sockets"] is None and before is not None and sample is not None:
+        return {**vis, "sockets": before}
+    return vis
 
 
 def _replaces_process(spec: SessionSpec, current: SessionSpec) -> bool:
