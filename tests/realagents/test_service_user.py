@@ -13,8 +13,10 @@ configuration (process matching, each agent's own HOME from its environment):
 - `notranscripts`: root with `[sources.transcripts] enabled = false` (what the
   Kubernetes ConfigMap used to ship): turns "disabled", never idle.
 
-Phases: the TUI idle at its input box, then a prompt the fake API never answers
-(an open turn on one ESTABLISHED socket). Every daemon's verdict of the TUI is
+Phases: the TUI idle at its input box; a prompt the fake API never answers (an
+open turn on one ESTABLISHED socket); Esc and a prompt whose answer is a Bash tool
+call, which asks for permission (permissions.defaultMode "default"); yes, and
+the tool (a 600 s sleep) runs. Every daemon's verdict of the TUI is
 recorded every 0.25 s; the measured timelines are printed (pytest -s) for the
 before/after table.
 
@@ -154,11 +156,12 @@ def _summary(rows: list[tuple[float, dict[str, Any] | None]], t0: float) -> list
     last = None
     for t, s in rows:
         key = None if s is None else (s["state"], s["reason"], json.dumps(s.get("tcp")), s.get("open_fds"),
-                                      json.dumps(s.get("visibility")))
+                                      json.dumps(s.get("visibility")), len(s.get("children") or ()))
         if key != last:
             out.append(f"  {t - t0:6.1f}s  " + ("(not listed)" if s is None else
                        f"{s['state']}/{s['reason']} silence {s['silence_s']} tcp {s.get('tcp')} "
-                       f"fds {s.get('open_fds')} visibility {s.get('visibility')} "
+                       f"fds {s.get('open_fds')} cpu {s.get('cpu_percent')} children {len(s.get('children') or ())} "
+                       f"visibility {s.get('visibility')} "
                        f"runtime {(s.get('runtime') or {}).get('target')}"))
             last = key
     return out
@@ -179,7 +182,7 @@ def test_service_user_sees_another_users_tui_as_root_does(service_user: tuple[in
     seed_home(home, [root / "tui" / "cwd"])
     (root / "tui").mkdir(exist_ok=True)
     settings = root / "tui" / "settings.json"
-    settings.write_text("{}")
+    settings.write_text(json.dumps({"permissions": {"defaultMode": "default"}}))
     watches: dict[str, Watch] = {}
     tui: Tui | None = None
     stop = threading.Event()
@@ -211,11 +214,23 @@ def test_service_user_sees_another_users_tui_as_root_does(service_user: tuple[in
         time.sleep(STARTUP_GRACE + STALL_AFTER + 3.0)
         t_prompt = tui.type("[fake:never_answer] hang")
         # Phase 2: the API never answers: the turn is open on one ESTABLISHED socket.
-        time.sleep(STALL_AFTER + 8.0)
+        time.sleep(STALL_AFTER + 30.0)
+        t_esc = tui.keys("Escape", what="Esc")
+        time.sleep(0.5)
+        tui.keys("C-u", what="empty the input box")
+        # Phase 3: a Bash tool call waits for a person's permission.
+        tui.type("[fake:tool_bash] run it")
+        tui.wait_screen("Do you want to proceed", timeout=40)
+        t_permission = tui.mark("permission prompt on screen")
+        time.sleep(14.0)
+        # Phase 4: allowed; the tool runs (silently, for longer than stall_after).
+        t_tool = tui.keys("Enter", what="yes")
+        time.sleep(STALL_AFTER + 16.0)
         stop.set()
         recorder.join(timeout=5)
 
-        report = [f"TUI pid {pid}, prompt at {t_prompt - t0:.1f}s"]
+        report = [f"TUI pid {pid}, prompt at {t_prompt - t0:.1f}s, permission prompt at {t_permission - t0:.1f}s, "
+                  f"tool allowed at {t_tool - t0:.1f}s"]
         for w in watches.values():
             report += [f"{w.name}:", *_summary(w.rows, t0)]
         print("\n".join(report))
@@ -223,25 +238,40 @@ def test_service_user_sees_another_users_tui_as_root_does(service_user: tuple[in
         def phase(name: str, lo: float, hi: float) -> list[dict[str, Any]]:
             return [s for t, s in watches[name].rows if s is not None and lo <= t < hi]
 
-        idle_end, end = t_prompt, time.time()
-        settled = t0 + STARTUP_GRACE + 2.0
-        stalled_by = t_prompt + STALL_AFTER + 4.0
+        def settles(name: str, lo: float, hi: float, want: tuple[str, str], within: float) -> list[dict[str, Any]]:
+            """The rows of [lo, hi) from the first `want` on: it came within `within` s and then held.
+            A stalled session may read probe_timeout on a tick whose probe overran (this box's
+            load reaches 30 on 2 cores): the same state, and still never idle or active."""
+            ok = {want, (want[0], "probe_timeout")} if want[0] == "stalled" else {want}
+            rows = [(t, s) for t, s in watches[name].rows if s is not None and lo <= t < hi]
+            hit = next((i for i, (_, s) in enumerate(rows) if (s["state"], s["reason"]) == want), None)
+            assert hit is not None and rows[hit][0] <= lo + within, f"{name}: no {want} in time\n{why}"
+            after = [s for _, s in rows[hit:]]
+            assert all((s["state"], s["reason"]) in ok for s in after), f"{name}: left {want}\n{why}"
+            return after
+
         why = "\n".join(report)
-        # The reference: idle, then stalled on the network.
+        # Edges come late on this loaded 2-core box (a tick, a probe, the TUI's own redraw):
+        # each verdict must come within its bound after its cause and then hold.
+        edge = 4 * INTERVAL + 16.0  # measured up to 13 s from a typed prompt to its first sign at load ~25
+        settled = t0 + STARTUP_GRACE + 2.0
+        phases = [  # (from, to, the reference verdict, its bound)
+            (settled, t_prompt, ("idle", "no_open_turn"), edge),
+            (t_prompt, t_esc, ("stalled", "waiting_on_network"), STALL_AFTER + edge),
+            (t_permission, t_tool, ("idle", "awaiting_input"), edge),
+            (t_tool, time.time(), ("long_running", "tool_running"), STALL_AFTER + edge),
+        ]
+        # The reference and the capable service user: the same verdicts, phase by phase.
         for name in ("root", "caps"):
-            idle = phase(name, settled, idle_end)
-            assert idle and all((s["state"], s["reason"]) == ("idle", "no_open_turn") for s in idle), why
-            hung = phase(name, stalled_by, end)
-            assert hung and all((s["state"], s["reason"]) == ("stalled", "waiting_on_network") for s in hung), why
+            for lo, hi, want, within in phases:
+                settles(name, lo, hi, want, within)
+            hung = settles(name, *phases[1][:3], STALL_AFTER + edge)
             assert all(s["visibility"] == {"turns": "ok", "sockets": "ok"} for s in hung), why
             assert all(s["user"] == "root" and s["uid"] == 0 for s in hung), why
-            assert hung[-1]["tcp"].get("ESTABLISHED", 0) >= 1, why
+            assert any((s["tcp"] or {}).get("ESTABLISHED", 0) >= 1 for s in hung), why
             assert hung[-1]["runtime"]["socket"] == tui.socket, why
-        # Same verdicts, row for row in the settled parts of each phase.
-        for lo, hi in ((settled, idle_end), (stalled_by, end)):
-            assert {(s["state"], s["reason"]) for s in phase("caps", lo, hi)} == \
-                   {(s["state"], s["reason"]) for s in phase("root", lo, hi)}, why
         # Blind: never idle, numbers unknown (null, never 0), says why.
+        end = phases[-1][1]
         blind = phase("nocaps", settled, end)
         assert blind, why
         # What the process alone proves (idle and hung alike draw 2-10% CPU): unknown, so
@@ -256,8 +286,10 @@ def test_service_user_sees_another_users_tui_as_root_does(service_user: tuple[in
         # Transcripts off: turns unknown ("disabled"), sockets read; never idle.
         off = phase("notranscripts", settled, end)
         assert off and all((s["state"], s["reason"]) == ("stalled", "access_denied") for s in off), why
-        assert all(s["visibility"] == {"turns": "disabled", "sockets": "ok"} for s in off), why
-        assert phase("notranscripts", stalled_by, end)[-1]["tcp"].get("ESTABLISHED", 0) >= 1, why
+        # (sockets None only before its first readable sample: a probe timeout says nothing)
+        assert all(s["visibility"]["turns"] == "disabled" and s["visibility"]["sockets"] in ("ok", None)
+                   for s in off), why
+        assert any((s["tcp"] or {}).get("ESTABLISHED", 0) >= 1 for s in phase("notranscripts", t_prompt, t_esc)), why
     finally:
         stop.set()
         for w in watches.values():
