@@ -53,12 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--interval", type=float, default=2.0, help="refresh period for --watch")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
     st.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR in the environment)")
+    st.add_argument("--user", metavar="NAME", help="only this user's sessions (name or uid)")
 
     tp = sub.add_parser("top", help="live view of a running daemon's sessions, with drill-down")
     tp.add_argument("--url", default=None, help="daemon base URL (default: from --config or 127.0.0.1:9464)")
     tp.add_argument("--config", metavar="FILE")
     tp.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
     tp.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR in the environment)")
+    tp.add_argument("--user", metavar="NAME", help="only this user's sessions (name or uid)")
 
     dg = sub.add_parser("diag", help="sample one process tree now and print the evidence")
     dg.add_argument("pid", type=int)
@@ -129,12 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         url = args.url or f"http://{cfg.http.listen}"
         return status_main(url, watch=args.watch, interval=args.interval, as_json=args.json,
-                           color=False if args.no_color else None)
+                           color=False if args.no_color else None, user=args.user)
     if command == "top":
         from otelwatch.commands.top import default_url, top_main
 
         return top_main(args.url or default_url(cfg.http.listen), args.interval,
-                        color=False if args.no_color else None)
+                        color=False if args.no_color else None, user=args.user)
     if command == "demo":
         from otelwatch.commands.demo import demo_main
 

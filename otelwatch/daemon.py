@@ -34,7 +34,9 @@ from otelwatch.probe.backends import probe_backend
 from otelwatch.probe.proctable import ProcessTable
 from otelwatch.recovery import Recovery
 from otelwatch.sessions.lifecycle import Effects, Lifecycle, add_sample, record_step, recovery_view
+from otelwatch.sessions.memory import SessionMemory
 from otelwatch.sessions.table import SessionTable, Tracked
+from otelwatch.sessions.visibility import BLIND_TURNS, FIX, capability_gaps
 from otelwatch.sources.hub import Sources
 from otelwatch.sources.inbox import INBOX_DRAIN_PER_TICK, INBOX_MAX, INBOX_MAX_HTTP, Inbox
 from otelwatch.sources.spool import spool_path
@@ -96,6 +98,11 @@ class Watcher:
         self._subscribers: list[Subscriber] = []
         self._snapshots: tuple[SessionSnapshot, ...] = ()
         self._snap_lock = threading.Lock()
+
+        # What this daemon knew of each live session, kept across its restarts (session_memory.py).
+        self._memory = SessionMemory(self.paths.state_dir / "sessions.json")
+        self._memory_loaded = False
+        self._blind_warned: set[int | None] = set()  # owners already told their sessions are blind
 
         self._watch_since = clock()
         self._last_tick_mono: float | None = None
@@ -180,6 +187,7 @@ class Watcher:
     def start(self) -> Watcher:
         if self._thread is None:
             self._sources.check()
+            self._warn_blind_at_start()
             self._thread = threading.Thread(target=self._run, name="otelwatch-loop", daemon=True)
             self._thread.start()
         return self
@@ -193,6 +201,10 @@ class Watcher:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(max(0.0, deadline - time.monotonic()))
+        try:
+            self._memory.save(self._sessions.values(), self._clock(), force=True)
+        except Exception as exc:  # the parts below must still be shut down
+            self._log("memory.error", {"error": repr(exc)}, "error")
         for part in (self._prober, self.recovery, self.telemetry):
             try:
                 part.shutdown(max(0.1, deadline - time.monotonic()))
@@ -227,6 +239,7 @@ class Watcher:
         self._refresh_sources(table, now)
         self._drain_inbox(now)
         self._sources.poll_tails(self._sessions, now)
+        self._sources.judge_turns(self._sessions)
         self._sample(table, now)
         for tracked in self._sessions.values():
             try:
@@ -236,6 +249,10 @@ class Watcher:
                 self._log("session.error", {"session_id": tracked.key, "error": repr(exc)}, "error")
         self._act(now)
         self._publish(now)
+        self._warn_blind()
+        if not self._memory.save(self._sessions.values(), now) and self._memory.problem:
+            self._log("memory.error", {"path": str(self._memory.path), "error": self._memory.problem}, "warning")
+            self._memory.problem = ""
         self._ticks += 1
         self._last_tick_boot = boot
         self._last_tick_mono = self._monotonic()
@@ -258,6 +275,16 @@ class Watcher:
         specs, spool_events = self._sources.scan(table, now, self._sessions.agent_pids())
         specs.extend(self._explicit.values())
         self._sessions.merge(specs, table, now, registry_ok=self._sources.registry_ok)
+        if not self._memory_loaded:
+            self._memory_loaded = True
+            taken = self._memory.load(now)
+            if self._memory.problem:
+                self._log("memory.refused", {"path": str(self._memory.path), "detail": self._memory.problem},
+                          "warning")
+                self._memory.problem = ""
+            elif taken:
+                self._log("memory.loaded", {"path": str(self._memory.path), "sessions": taken})
+        self._memory.restore(self._sessions.values())
         for sid, events in spool_events.items():
             own = self._own_spool(sid)
             for event in events:
@@ -272,6 +299,32 @@ class Watcher:
         tracked = self._sessions.get(sid)
         return (tracked is not None and tracked.spec.source in ("registry", "exec")
                 and tracked.spec.events_path == str(spool_path(self.paths.spool_dir, sid)))
+    def _warn_blind_at_start(self) -> None:
+        """What this daemon cannot see of other users' sessions, said once at start with the fix."""
+        gaps = capability_gaps() if os.geteuid() != 0 else []
+        transcripts_off = not self.cfg.sources.transcripts.enabled
+        if gaps or transcripts_off:
+            why = []
+            if gaps:
+                why.append(f"running as uid {os.geteuid()} without {' and '.join(gaps)}: other users' "
+                           "agents' turns and sockets cannot be read")
+            if transcripts_off:
+                why.append("[sources.transcripts] enabled = false: Claude Code's and Codex's turns are not read")
+            self._log("daemon.blind", {"detail": "; ".join(why), "fix": FIX}, "warning")
+
+    def _warn_blind(self) -> None:
+        """Once per owner, when a session of theirs is first seen blind (visibility.py)."""
+        for snap in self._snapshots:
+            vis = snap.visibility
+            if snap.uid in self._blind_warned or not snap.live:
+                continue
+            if vis.get("turns") in BLIND_TURNS or vis.get("sockets") == "denied":
+                self._blind_warned.add(snap.uid)
+                self._log("session.blind", {
+                    "session_id": snap.session_id, "pid": snap.pid, "user": snap.user, "uid": snap.uid,
+                    "turns": vis.get("turns"), "sockets": vis.get("sockets"),
+                    "detail": "this user's sessions are partly unreadable: never shown idle, numbers that "
+                              "could not be read are null", "fix": FIX}, "warning")
 
     def _drain_inbox(self, now: float) -> None:
         self._inbox.drain(self._sessions, now)

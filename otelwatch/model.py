@@ -444,6 +444,27 @@ def _close_tool(
 class Runtime:
     kind: str  # "tmux", "exec", ...
     target: str = ""  # e.g. tmux "sess:0.1"
+    socket: str = ""  # tmux: the server's socket path (two servers may both have "sess:0.1")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "target": self.target}
+        if self.socket:
+            out["socket"] = self.socket
+            if self.kind == "tmux" and self.target:
+                out["attach"] = tmux_attach_command(self.socket, self.target)
+        return out
+
+
+def tmux_attach_command(socket: str, target: str) -> str:
+    """The command a person types to look at a pane: `tmux -S SOCKET attach -t TARGET`,
+    each argument quoted for a POSIX shell (nothing here is ever run by otelwatch)."""
+    return " ".join(_sh_quote(a) for a in ("tmux", "-S", socket, "attach", "-t", target))
+
+
+def _sh_quote(arg: str) -> str:
+    if arg and all(c.isalnum() or c in "@%+=:,./-_" for c in arg):
+        return arg
+    return "'" + arg.replace("'", "'\\''") + "'"
 
 
 @dataclass(frozen=True)
@@ -473,9 +494,12 @@ class SessionInfo:
     """What the classifier needs to know about a session besides samples and events."""
 
     mode: Mode
-    started_at: float  # wall clock when we first saw it
+    started_at: float  # wall clock: the process's start when known, else when we first saw it
     has_event_source: bool
     runtime_alive: bool | None = None
+    # False: the session keeps turn information otelwatch could not read (another user's
+    # files without the capability, transcripts disabled): never idle for want of a turn.
+    turns_visible: bool = True
 
 
 @dataclass(frozen=True)
@@ -557,7 +581,7 @@ class SessionSnapshot:
     rss_bytes: int
     open_fds: int | None
     threads: int
-    tcp: Mapping[str, int]  # TCP state -> count, non-LISTEN
+    tcp: Mapping[str, int] | None  # TCP state -> count, non-LISTEN; None: could not be read
     mode: Mode = Mode.HEADLESS
     source: str = ""
     create_time: float | None = None
@@ -574,6 +598,11 @@ class SessionSnapshot:
     # The last stalled/stuck report's evidence (processes with wait channels, TCP
     # remotes, stderr tail, summary), so /api/sessions can show it without /proc.
     last_report: Mapping[str, Any] | None = None
+    # What otelwatch could read of the session: {"turns": "ok" | "denied" | "disabled" |
+    # "none", "sockets": "ok" | "denied" | None} (sessions/visibility.py says what each means).
+    visibility: Mapping[str, str | None] = field(default_factory=dict)
+    uid: int | None = None  # the owner of the session's process
+    user: str | None = None  # its name (the uid as text when it has none)
 
     @property
     def live(self) -> bool:
@@ -598,12 +627,15 @@ class SessionSnapshot:
             "rss_bytes": self.rss_bytes,
             "open_fds": self.open_fds,
             "threads": self.threads,
-            "tcp": dict(self.tcp),
+            "tcp": None if self.tcp is None else dict(self.tcp),
             "children": [dict(c) for c in self.children],
             "events": self.events,
             "malformed": self.malformed,
             "labels": dict(self.labels),
-            "runtime": None if self.runtime is None else {"kind": self.runtime.kind, "target": self.runtime.target},
+            "runtime": None if self.runtime is None else self.runtime.to_json(),
+            "visibility": dict(self.visibility),
+            "uid": self.uid,
+            "user": self.user,
             "sample_status": self.sample_status.value,
             "evidence": dict(self.evidence),
             # Provenance shown, never written to spool records: own events are the session's own word.

@@ -122,10 +122,10 @@ def classify(
     of them is taken as the first sight of the process (a CPU rate of None there is
     no rate yet, not unreadable data): pass the whole history the caller keeps.
     `watch_since` is when the watchdog last started watching continuously
-    (daemon start, or the end of a gap in its own ticking): time before it
-    is never counted as the agent's silence, and samples before it are never
-    used as evidence of idleness. `previous` is this session's verdict of the
-    tick before: a stalled reason is kept while its evidence is still in the
+    (daemon start, or the end of a gap in its own ticking): samples before it
+    are never used as evidence of idleness (the window restarts), but silence
+    still counts from the last progress (a restart or a pause forgets nothing).
+    `previous` is this session's verdict of the tick before: a stalled reason is kept while its evidence is still in the
     window and no stronger reason holds over it (hysteresis); it never delays
     a change of state. `window` is this session's `SampleWindow`, when the caller
     keeps one: the same verdict at a per-tick cost of what changed since the last
@@ -141,14 +141,15 @@ def classify(
             window = None
     if info.has_event_source:
         progress = activity.last_progress_time
-    elif window is not None:
-        progress = window.progress_time()
     else:
-        progress = tree_progress_time(samples, work_cpu_percent(cfg))
-    # The clock of silence starts at the latest of: last progress, the start of
-    # continuous watching (our own lag is not the agent's silence), and when we
-    # first saw the session.
-    silence = max(0.0, now - max(_or(progress), watch_since, info.started_at))
+        tree = window.progress_time() if window is not None else tree_progress_time(samples, work_cpu_percent(cfg))
+        # A progress time carried over a daemon restart (the state file) counts too.
+        progress = tree if activity.last_progress_time is None else max(_or(tree), activity.last_progress_time)
+    # The clock of silence starts at the later of the last progress and the session's
+    # start (its process's start when known). A gap in our own watching (a restart, a
+    # late tick) does not reset it: it restarts the window of samples (below), which is
+    # what a stuck verdict and recovery need, and a silent agent stays silent.
+    silence = max(0.0, now - max(_or(progress), info.started_at))
     start = max(now - cfg.stall_after, watch_since)
     if window is not None:
         facts = window.facts(start, latest)
@@ -189,7 +190,13 @@ def classify(
     if _stopped_root(latest):
         return verdict(State.IDLE, Reason.AWAITING_INPUT, "root process stopped (T)")
     if info.mode is Mode.INTERACTIVE and not activity.turn_open:
-        return verdict(State.IDLE, Reason.NO_OPEN_TURN)
+        if info.turns_visible:
+            return verdict(State.IDLE, Reason.NO_OPEN_TURN)
+        # Blind is not idle: its turn could not be read, and its process alone proves
+        # neither idleness nor progress (measured on Claude Code's TUI: at its input box
+        # and on a turn the API never answers alike, it draws at 2-10% CPU, so CPU is no
+        # progress; a socket may be a keep-alive). Unknown, said as such.
+        return verdict(State.STALLED, Reason.ACCESS_DENIED, _blind_detail(facts))
 
     # 4. Work moved recently (or we have not watched long enough to say otherwise).
     if silence < cfg.stall_after:
@@ -240,11 +247,17 @@ def classify(
     reason = facts.reason(held)
     if reason is not None:
         return verdict(State.STALLED, reason, facts.detail(reason))
+    # Turn information we could not read (heartbeats, a turn, a prompt): nothing proves
+    # idleness, so never stuck and never idle.
+    if not info.turns_visible:
+        return verdict(State.STALLED, Reason.ACCESS_DENIED, "turn information could not be read")
 
     # Too little evidence to prove idleness (no pid known yet, history lost, the
     # first sight of the process still in the window, samples covering under half
     # the window): nothing says it works, but nothing proves it does not.
-    if not facts.enough(now, cfg.stall_after):
+    # Nor before the watchdog itself has watched a whole stall_after since its last gap
+    # (a restart, a late tick): the silence is real, the proof of idleness is not yet.
+    if not facts.enough(now, cfg.stall_after) or now - watch_since < cfg.stall_after:
         return verdict(
             State.STALLED,
             Reason.INSUFFICIENT_SAMPLES,
@@ -255,6 +268,12 @@ def classify(
     #    of the window proves zero TCP, CPU under the threshold, and no process
     #    working: the one recoverable state.
     return verdict(State.STUCK, Reason.NO_ACTIVITY)
+
+
+def _blind_detail(facts: _Facts) -> str:
+    tcp = "TCP unreadable" if facts.tcp_max is None else f"up to {facts.tcp_max} TCP connections"
+    cpu = "" if facts.cpu_mean is None else f", CPU mean {_r(facts.cpu_mean, 1)}%"
+    return f"turn information could not be read; its processes show {tcp}{cpu}"
 
 
 def work_cpu_percent(cfg: ClassifyConfig) -> float:
@@ -1164,7 +1183,8 @@ def next_report(
 def is_late_tick(expected: float, actual: float, interval: float) -> bool:
     """Whether a tick came so late that the watchdog was not watching (host
     suspended, daemon stopped, machine overloaded): the daemon then moves its
-    `watch_since` to `actual` so the gap never counts as an agent's silence.
+    `watch_since` to `actual` so the gap never counts as evidence of idleness
+    (the windows that gate stuck and recovery start again; silence does not).
 
     Late means more than max(2 intervals, LATE_TICK_MIN_S) after `expected`.
     Two intervals absorb one slow tick (a probe may take probe_timeout); the

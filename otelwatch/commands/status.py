@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -23,6 +24,8 @@ from typing import IO, Any
 from otelwatch.sessions.report import human_duration
 
 COLUMNS = ("SESSION", "AGENT", "PID", "STATE", "REASON", "FOR", "SILENCE", "CPU%", "RSS", "TCP", "FDS")
+# Whose sessions come first in the table: the caller's own, unless root (who sees all alike).
+_CALLER = os.getuid() if os.getuid() != 0 else None
 _COLORS = {"active": "32", "idle": "36", "long_running": "34", "stalled": "33", "stuck": "31;1",
            "exited": "90", "starting": "37"}
 
@@ -39,17 +42,41 @@ def _bytes(n: int | None) -> str:
 
 
 def _tcp(tcp: Mapping[str, int] | None) -> str:
+    if tcp is None:
+        return "?"  # could not be read (another user's sockets): unknown, never 0
     if not tcp:
         return "0"
     short = {"ESTABLISHED": "EST", "CLOSE_WAIT": "CW", "SYN_SENT": "SYN", "TIME_WAIT": "TW"}
     return ",".join(f"{n}{short.get(state, state)}" for state, n in sorted(tcp.items()) if n) or "0"
 
 
+def _fds(s: Mapping[str, Any]) -> str:
+    if s.get("open_fds") is not None:
+        return str(s.get("open_fds"))
+    return "-" if s.get("state") == "exited" else "?"  # unreadable, never 0
+
+
+def own_first(sessions: Sequence[Mapping[str, Any]], uid: int | None = None) -> list[Mapping[str, Any]]:
+    """The caller's own sessions first (a non-root caller on a shared host), order kept otherwise."""
+    uid = os.getuid() if uid is None else uid
+    if uid == 0:
+        return list(sessions)
+    return sorted(sessions, key=lambda s: s.get("uid") != uid)
+
+
+def sessions_path(user: str | None) -> str:
+    """/api/sessions, filtered to one owner (`?user=NAME` or a uid) when `user` is given."""
+    return "/api/sessions" + ("" if not user else "?" + urllib.parse.urlencode({"user": user}))
+
+
 def format_table(sessions: Sequence[Mapping[str, Any]], now: float, *, color: bool = False,
                  width: int = 24) -> str:
     rows = [COLUMNS]
     states = []
-    for s in sorted(sessions, key=lambda s: (s.get("state") == "exited", str(s.get("session_id")))):
+    def order(s: Mapping[str, Any]) -> tuple[bool, bool, str]:
+        return s.get("state") == "exited", _CALLER is not None and s.get("uid") != _CALLER, str(s.get("session_id"))
+
+    for s in sorted(sessions, key=order):
         cpu = s.get("cpu_percent")
         since = s.get("state_since")
         rows.append((
@@ -62,8 +89,8 @@ def format_table(sessions: Sequence[Mapping[str, Any]], now: float, *, color: bo
             human_duration(s.get("silence_s")) if s.get("state") != "exited" else "-",
             "-" if cpu is None else f"{cpu:.0f}",
             _bytes(s.get("rss_bytes")),
-            _tcp(s.get("tcp")),
-            str(s.get("open_fds") if s.get("open_fds") is not None else "-"),
+            "-" if s.get("state") == "exited" else _tcp(s.get("tcp")),
+            _fds(s),
         ))
         states.append(str(s.get("state", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
@@ -78,8 +105,8 @@ def format_table(sessions: Sequence[Mapping[str, Any]], now: float, *, color: bo
     return "\n".join(lines)
 
 
-def fetch_sessions(url: str, timeout: float = 3.0) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(url.rstrip("/") + "/api/sessions", timeout=timeout) as resp:
+def fetch_sessions(url: str, timeout: float = 3.0, user: str | None = None) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(url.rstrip("/") + sessions_path(user), timeout=timeout) as resp:
         data = json.load(resp)
     if not isinstance(data, list):
         raise ValueError("unexpected answer from /api/sessions")
@@ -178,7 +205,7 @@ class LiveScreen:
 
 
 def status_main(url: str, *, watch: bool = False, interval: float = 2.0, as_json: bool = False,
-                color: bool | None = None, stream: IO[str] | None = None) -> int:
+                color: bool | None = None, stream: IO[str] | None = None, user: str | None = None) -> int:
     """`otelwatch status`. A daemon never reached is an error (exit 1, likely a wrong
     URL); with --watch, one lost after it answered is shown in place and retried."""
     out = stream if stream is not None else sys.stdout
@@ -189,7 +216,7 @@ def status_main(url: str, *, watch: bool = False, interval: float = 2.0, as_json
         with screen:
             while True:
                 try:
-                    sessions = fetch_sessions(url)
+                    sessions = fetch_sessions(url, user=user)
                     reached = True
                     if as_json:
                         text = json.dumps(sessions, indent=2)

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from otelwatch.commands.status import _bytes, _tcp
+from otelwatch.commands.status import _bytes, _fds, _tcp, own_first, sessions_path
 from otelwatch.sessions.report import human_duration
 
 __all__ = ["History", "Poll", "layout", "matches", "render_detail", "render_list", "sort_sessions",
@@ -439,7 +439,7 @@ def render_detail(session: Mapping[str, Any] | None, history: History, now: floa
           f"  last event {human_duration(s.get('last_event_age_s'))} ago"
           f"  events {s.get('events', 0)}" + (f" (malformed {s['malformed']})" if s.get("malformed") else ""), "")],
         [(f"CPU {_num(s.get('cpu_percent')):.0f}% {sparkline(list(history.cpu.get(sid, ())), CPU_POINTS, unicode)}"
-          f"  RSS {_bytes(s.get('rss_bytes'))}  threads {s.get('threads') or '-'}  fds {s.get('open_fds') or '-'}"
+          f"  RSS {_bytes(s.get('rss_bytes'))}  threads {s.get('threads') or '-'}  fds {_fds(s)}"
           f"  TCP {_tcp(s.get('tcp'))}  children {len(s.get('children') or ())}  where {_where(s)}", "")],
     ]
     labels = s.get("labels") or {}
@@ -540,9 +540,10 @@ def render_detail(session: Mapping[str, Any] | None, history: History, now: floa
 class Client:
     """GETs against the daemon's API with short timeouts; errors become Poll.error."""
 
-    def __init__(self, url: str, timeout: float = 2.0) -> None:
+    def __init__(self, url: str, timeout: float = 2.0, user: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.user = user
         self._metrics_at = -math.inf
         self._metrics_off = False
 
@@ -556,11 +557,11 @@ class Client:
     def poll(self, now: float) -> Poll:
         poll = Poll(time=now)
         try:
-            status, body = self._get("/api/sessions")
+            status, body = self._get(sessions_path(self.user))
             data = json.loads(body)
             if status != 200 or not isinstance(data, list):
                 raise ValueError(f"/api/sessions answered {status}")
-            poll.sessions = [s for s in data if isinstance(s, dict)]
+            poll.sessions = [dict(s) for s in own_first([s for s in data if isinstance(s, dict)])]
         except (urllib.error.URLError, OSError, ValueError) as exc:
             poll.error = str(getattr(exc, "reason", exc))
             return poll
@@ -796,7 +797,7 @@ def default_url(listen: str) -> str:
     return f"http://{host}:{port}"
 
 
-def top_main(url: str, interval: float = 2.0, *, color: bool | None = None) -> int:
+def top_main(url: str, interval: float = 2.0, *, color: bool | None = None, user: str | None = None) -> int:
     """`otelwatch top`: runs until q, Esc or Ctrl-C; the terminal is restored on every exit."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         print("otelwatch top: needs a terminal; for pipes and files use `otelwatch status --watch` "
@@ -808,7 +809,7 @@ def top_main(url: str, interval: float = 2.0, *, color: bool | None = None) -> i
     locale.setlocale(locale.LC_ALL, "")
     want_color = (color if color is not None else True) and not os.environ.get("NO_COLOR")
     view = View(url=url.rstrip("/"), interval=interval, unicode=_unicode_ok())
-    poller = Poller(Client(url, timeout=min(3.0, max(1.0, interval))), interval).start()
+    poller = Poller(Client(url, timeout=min(3.0, max(1.0, interval)), user=user), interval).start()
 
     def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # unwinds through curses.wrapper, which restores the terminal

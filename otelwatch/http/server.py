@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from otelwatch.config import HttpConfig
 from otelwatch.http.front import Front, Reporter, Request, Response, Work, encode, error_response, json_response
@@ -134,7 +134,9 @@ class _App:
             health = watcher.health()
             return json_response(HTTPStatus.OK if health["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, health)
         if path == "/api/sessions":
-            return json_response(HTTPStatus.OK, [s.to_json() for s in watcher.sessions()])
+            user = parse_qs(urlsplit(req.target).query).get("user", [""])[-1]
+            return json_response(HTTPStatus.OK, [s.to_json() for s in watcher.sessions()
+                                                 if not user or user in (s.user, str(s.uid))])
         if path.startswith("/api/sessions/"):
             session_id = unquote(path[len("/api/sessions/"):])
             snap = watcher.session(session_id)

@@ -39,6 +39,7 @@ from otelwatch.model import (
 from otelwatch.recovery.policy import SessionView
 from otelwatch.sessions.report import build_report, session_summary
 from otelwatch.sessions.table import Tracked, snapshot_of
+from otelwatch.sessions.visibility import BLIND_TURNS
 
 __all__ = ["LAST_REPORT_KEYS", "RECOVERIES_KEPT", "Effects", "Lifecycle", "add_sample", "record_step",
            "recovery_view"]
@@ -139,12 +140,21 @@ class Lifecycle:
             # a tailed file or the spool (exec wrapper, hooks), or events fed by the API
             has_event_source=tracked.spec.events_path is not None or tracked.activity.events > 0,
             runtime_alive=tracked.spec.runtime_alive,
+            turns_visible=tracked.turns not in BLIND_TURNS,
         )
         held = self._windows.get(id(tracked))
         if held is None or held[0] is not tracked:
             held = self._windows[id(tracked)] = (tracked, SampleWindow())
         verdict = classify(self.cfg, info, tuple(tracked.samples), tracked.activity, now,
                            watch_since, previous=tracked.verdict, window=held[1])
+        if verdict.state is State.EXITED and self._short_lived_helper(tracked, now):
+            # A discovered process that lived less than startup_grace (a `claude` helper
+            # run for a moment): never a session, so no summary and no exited row.
+            tracked.ended_at = now
+            self._windows.pop(id(tracked), None)
+            self.effects.release(tracked)
+            tracked.dropped = True
+            return
         tracked.verdict = verdict
         if verdict.state is not old:
             tracked.state_since = now
@@ -162,6 +172,12 @@ class Lifecycle:
         self._maybe_report(tracked, now)
         if verdict.state is State.EXITED:
             self.end(tracked, now)
+
+    def _short_lived_helper(self, tracked: Tracked, now: float) -> bool:
+        old = tracked.verdict
+        return (tracked.spec.source in ("process", "tmux") and tracked.identity is not None
+                and (old is None or old.state is State.STARTING)
+                and now - tracked.identity.create_time < self.cfg.startup_grace + 1.0)
 
     def _maybe_report(self, tracked: Tracked, now: float) -> None:
         verdict = tracked.verdict

@@ -117,7 +117,7 @@ def build_report(snap: SessionSnapshot, sample: TreeSample | None, activity: Act
         "rss_bytes": snap.rss_bytes,
         "open_fds": snap.open_fds,
         "threads": snap.threads,
-        "tcp": dict(snap.tcp),
+        "tcp": None if snap.tcp is None else dict(snap.tcp),
         "connections": sorted({f"{c.state} {c.local} -> {c.remote}"
                                for p in (sample.processes if sample else ()) for c in p.connections})[:20],
         "root": None if root is None else {

@@ -47,6 +47,7 @@ from otelwatch.model import (
     same_process,
 )
 from otelwatch.sessions.report import children_detail
+from otelwatch.sessions.visibility import owner_uid, user_name, visibility_of
 
 if TYPE_CHECKING:
     from otelwatch.classify.rules import ReportSchedule
@@ -206,6 +207,9 @@ class Tracked:
     reacted_turn: float | None = None
     untracked: bool = False  # its registration was removed: ends once the process is gone or at once
     dropped: bool = False  # no longer listed at all (untracked while alive)
+    # Whether its turn information could be read: "ok", "denied", "disabled" or "none"
+    # (sessions/visibility.py); set by the sources each tick.
+    turns: str = "none"
 
     @property
     def latest(self) -> TreeSample | None:
@@ -326,9 +330,13 @@ class SessionTable:
                 continue
             pane = panes.get(spec.pid)
             if pane is not None:
-                runtime = Runtime("tmux", pane.target)
+                runtime = Runtime("tmux", pane.target, pane.socket)
                 if spec.runtime != runtime or spec.runtime_alive is not True:
                     tracked.spec = replace(spec, runtime=runtime, runtime_alive=True)
+            elif spec.runtime is not None and spec.runtime.socket:
+                # A pane the scans found (it names its server) and no scan finds any more: its
+                # server is gone (tmux kill-server) or the pane closed. No runtime now.
+                tracked.spec = replace(spec, runtime=None, runtime_alive=None)
             elif spec.runtime_alive is True:
                 tracked.spec = replace(spec, runtime_alive=None)
 
@@ -382,6 +390,10 @@ class SessionTable:
         tracked = Tracked(key=spec.session_id, spec=spec, started_at=now, state_since=now)
         identity, reused = _bind_identity(spec, table)
         tracked.identity = identity
+        if identity is not None and not reused:
+            # Durations and silence count from the process's own start, not from when this
+            # daemon (perhaps just restarted) first saw it.
+            tracked.started_at = min(now, identity.create_time)
         self._tracked[tracked.key] = tracked
         if reused:
             # The registered process is gone and its PID belongs to a process started
@@ -485,6 +497,9 @@ def snapshot_of(tracked: Tracked, now: float) -> SessionSnapshot:
     activity = tracked.activity
     last_event = activity.last_event_time
     live = sample is not None and sample.alive
+    uid = owner_uid(sample) if live else None
+    if uid is None and tracked.snapshot is not None:
+        uid = tracked.snapshot.uid  # an exited session keeps its owner
     return SessionSnapshot(
         session_id=tracked.key,
         agent=tracked.spec.agent,
@@ -499,7 +514,8 @@ def snapshot_of(tracked: Tracked, now: float) -> SessionSnapshot:
         rss_bytes=sample.rss_bytes if live and sample else 0,
         open_fds=sample.num_fds if live and sample else None,
         threads=sample.threads if live and sample else 0,
-        tcp=dict(sample.tcp or {}) if live and sample else {},
+        # Unreadable (another user's FDs without CAP_SYS_PTRACE) is None, never {}: 0 would lie.
+        tcp=(None if sample.tcp is None else dict(sample.tcp)) if live and sample else {},
         mode=tracked.spec.mode,
         source=tracked.spec.source,
         create_time=tracked.identity.create_time if tracked.identity else None,
@@ -514,7 +530,19 @@ def snapshot_of(tracked: Tracked, now: float) -> SessionSnapshot:
         evidence=verdict.evidence if verdict else {},
         sample_status=sample.status if sample else SampleStatus.OK,
         last_report=tracked.snapshot.last_report if tracked.snapshot else None,
+        visibility=_visibility(tracked, sample if live else None),
+        uid=uid,
+        user=user_name(uid),
     )
+
+
+def _visibility(tracked: Tracked, sample: TreeSample | None) -> Mapping[str, str | None]:
+    """visibility.py's, keeping the last known word on sockets through a probe timeout."""
+    vis = visibility_of(tracked.turns, sample)
+    before = tracked.snapshot.visibility.get("sockets") if tracked.snapshot is not None else None
+    if vis["sockets"] is None and before is not None and sample is not None:
+        return {**vis, "sockets": before}
+    return vis
 
 
 def _replaces_process(spec: SessionSpec, current: SessionSpec) -> bool:

@@ -86,6 +86,7 @@ class AgentDirResolver:
         self.proc_root = proc_root
         self._cache: dict[int, AgentDirs] = {}
         self._default = dirs_from({}, self.default_home)
+        self.denied: set[int] = set()  # pids whose environment we may not read (another user's)
 
     def __call__(self, pid: int) -> AgentDirs:
         cached = self._cache.get(pid)
@@ -100,11 +101,14 @@ class AgentDirResolver:
 
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
+        self.denied.discard(pid)
 
     def _resolve(self, pid: int) -> tuple[AgentDirs, bool]:
         """(dirs, final). Not final while the environment reads empty, which is what the
         kernel shows of a process in the middle of exec (its new memory is there, its
-        environment not yet): asked again next time, never cached."""
+        environment not yet): asked again next time, never cached. An environment we
+        may not read (another user's, without CAP_SYS_PTRACE) is remembered in `denied`:
+        that session is blind, and says so."""
         try:
             uid: int | None = os.stat(f"{self.proc_root}/{pid}").st_uid
         except OSError:
@@ -113,13 +117,21 @@ class AgentDirResolver:
             return dirs_from({}, self.default_home, uid=uid), True
         if uid is None:
             return AgentDirs(None, None, None), True  # gone, or no /proc: nothing is known of it
-        raw = _read_raw_environ(pid, self.proc_root)
-        env = _wanted(raw or b"")
+        try:
+            raw: bytes | None = read_raw_environ(pid, self.proc_root)
+        except PermissionError:
+            if len(self.denied) >= 4096:
+                self.denied.clear()
+            self.denied.add(pid)
+            raw = None
+        except OSError:
+            raw = None
+        env = _wanted(raw or b"", _WANTED)
         if not env:
             # Unreadable (or empty): otelwatch's own home only for its own user's agents.
             home = self.default_home if uid == os.geteuid() else _passwd_home(uid)
             dirs = dirs_from({}, home, _Trust(uid), uid=uid) if home is not None else AgentDirs(None, None, uid)
-            return dirs, raw is None or raw != b""
+            return dirs, raw != b""
         trust = _Trust(uid)
         fallback = _passwd_home(uid) if "HOME" not in env else None
         if fallback is not None and not trust(fallback):
@@ -136,25 +148,30 @@ def _passwd_home(uid: int) -> Path | None:
     return Path(home) if home and os.path.isabs(home) else None
 
 
-def read_environ(pid: int, proc_root: str = "/proc") -> dict[str, str]:
-    """HOME, CLAUDE_CONFIG_DIR and CODEX_HOME from pid's initial environment; {} when
-    it cannot be read (another user's process, gone, a kernel thread, mid-exec)."""
-    return _wanted(_read_raw_environ(pid, proc_root) or b"")
-
-
-def _read_raw_environ(pid: int, proc_root: str) -> bytes | None:
-    """The bytes of /proc/PID/environ (bounded), None when it cannot be opened."""
+def read_environ(pid: int, proc_root: str = "/proc", *, strict: bool = False,
+                 wanted: tuple[bytes, ...] = _WANTED) -> dict[str, str]:
+    """HOME, CLAUDE_CONFIG_DIR and CODEX_HOME (or the `wanted` names) from pid's initial
+    environment; {} when it cannot be read (another user's process, gone, a kernel
+    thread, mid-exec), or with `strict` the OSError (PermissionError: another user's,
+    without CAP_SYS_PTRACE)."""
     try:
-        with open(f"{proc_root}/{pid}/environ", "rb") as fh:
-            return fh.read(_ENVIRON_MAX)
+        return _wanted(read_raw_environ(pid, proc_root), wanted)
     except OSError:
-        return None
+        if strict:
+            raise
+        return {}
 
 
-def _wanted(raw: bytes) -> dict[str, str]:
+def read_raw_environ(pid: int, proc_root: str = "/proc") -> bytes:
+    """The bytes of /proc/PID/environ, bounded; raises OSError when it cannot be read."""
+    with open(f"{proc_root}/{pid}/environ", "rb") as fh:
+        return fh.read(_ENVIRON_MAX)
+
+
+def _wanted(raw: bytes, wanted: tuple[bytes, ...]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in raw.split(b"\0"):
         key, sep, value = item.partition(b"=")
-        if sep and key in _WANTED:
+        if sep and key in wanted:
             out[key.decode()] = os.fsdecode(value)
     return out

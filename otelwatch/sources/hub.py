@@ -35,6 +35,8 @@ __all__ = ["TRANSCRIPT_RETRY_S", "Sources"]
 TRANSCRIPT_RETRY_S = 10.0  # looking again for a transcript no session file names
 # Sessions whose own transcript is their event stream: found by name, or known from hooks.
 _TRANSCRIPT_SOURCES = frozenset({"process", "tmux", "hook"})
+# Agents whose turn information (session file, transcript) otelwatch reads.
+_TURN_KEEPERS = ("claude", "codex")
 
 
 class Sources:
@@ -132,7 +134,7 @@ class Sources:
         runtime = spec.runtime
         if runtime is None or runtime.kind != "tmux" or not runtime.target:
             return None
-        result = self._guard("tmux", lambda: self.tmux.pane_alive(runtime.target))  # type: ignore[union-attr]
+        result = self._guard("tmux", lambda: self.tmux.pane_alive(runtime.target, runtime.socket or None))  # type: ignore[union-attr]
         return None if result is None else bool(result)
 
     def _warn(self, source: str, message: str) -> None:
@@ -193,6 +195,25 @@ class Sources:
             transcript_id, path = found
             tracked.spec = replace(spec, events_path=str(path))
             sessions.adopt(transcript_id, tracked)
+
+    def judge_turns(self, sessions: SessionTable) -> None:
+        """Set each live session's `turns` visibility (visibility.py) from what was read this tick."""
+        for tracked in sessions.values():
+            if tracked.ended_at is None:
+                tracked.turns = self._turns_of(tracked)
+
+    def _turns_of(self, tracked: Tracked) -> str:
+        spec = tracked.spec
+        if tracked.activity.events > 0 or (tracked.claude is not None and tracked.claude.current):
+            return "ok"
+        if spec.source not in _TRANSCRIPT_SOURCES or not spec.agent.startswith(_TURN_KEEPERS):
+            # An explicit event stream (registry, exec, API) or an agent whose files we do not follow.
+            return "ok" if spec.events_path or spec.source in ("exec", "api") else "none"
+        if self.transcripts is None:
+            return "disabled"
+        if spec.pid is not None and self.transcripts.denied(spec.pid):
+            return "denied"
+        return "ok" if spec.events_path or tracked.claude is not None else "none"
 
     def poll_tails(self, sessions: SessionTable, now: float) -> None:
         """Read what each session's events file gained, and Claude Code's word on its turn."""

@@ -8,6 +8,15 @@ maps each agent PID to the pane whose shell it runs under, and remembers
 which agent each pane had, so a pane whose agent died is reported with
 `agent_pid=None` and `last_agent_pid` set.
 
+Panes on any server: each agent's own `TMUX` (socket path, server pid) and
+`TMUX_PANE` (pane id) from /proc/PID/environ name its server and pane, so
+another user's server or another `TMUX_TMPDIR` is found too. Such a server is
+listed every scan; when its server pid is not alive (tmux kill-server) the
+pane is no runtime. A server otelwatch may not connect to (another user's,
+without write access to its socket) but whose pid lives gives the pane by its
+id (`%N`, a target tmux accepts). Every pane carries its socket, so two servers'
+same-named sessions never collide.
+
 The runtime is re-checked, not remembered: `pane_of` answers from the last
 scan (each tick), and `recheck` asks the pane's own server again at the moment
 an agent is found dead, so an agent that took its pane (and its server) with
@@ -29,12 +38,35 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from otelwatch.probe.proctable import ProcessTable
+from otelwatch.sources.agent_dirs import read_environ
 
 __all__ = ["PaneInfo", "TmuxSource", "default_sockets"]
 
 log = logging.getLogger("otelwatch.sources.tmux")
 
-_FORMAT = "#{session_name}:#{window_index}.#{pane_index}\t#{pane_pid}\t#{pane_dead}"
+_FORMAT = "#{session_name}:#{window_index}.#{pane_index}\t#{pane_pid}\t#{pane_dead}\t#{pane_id}\t#{pid}"
+_ENV = (b"TMUX", b"TMUX_PANE")
+
+
+@dataclass(frozen=True)
+class _Listed:
+    target: str
+    pane_pid: int
+    dead: bool
+    pane_id: str = ""  # "%3"
+    server_pid: int | None = None
+
+
+def parse_tmux_env(env: dict[str, str]) -> tuple[str, int, str] | None:
+    """(socket, server pid, pane id) from an agent's TMUX and TMUX_PANE; None when absent."""
+    value, pane = env.get("TMUX", ""), env.get("TMUX_PANE", "")
+    parts = value.rsplit(",", 2)
+    if len(parts) != 3 or not parts[0].startswith("/") or not pane.startswith("%"):
+        return None
+    try:
+        return parts[0], int(parts[1]), pane
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -45,6 +77,7 @@ class PaneInfo:
     socket: str  # the tmux server's socket path
     last_agent_pid: int | None = None  # the agent seen in this pane before; set when it is gone
     pane_dead: bool = False  # the pane's own process exited (remain-on-exit keeps the pane)
+    pane_id: str = ""  # tmux's own id of the pane ("%3")
 
     @property
     def agent_gone(self) -> bool:
@@ -82,20 +115,63 @@ class TmuxSource:
         # (socket, target) -> agent pid last seen in that pane
         self._last_agent: dict[tuple[str, str], int] = {}
         self._panes: list[PaneInfo] = []
+        self._env: dict[int, tuple[float, tuple[str, int, str] | None]] = {}  # pid -> (create_time, TMUX)
+
+    def _agent_tmux(self, table: ProcessTable, pid: int) -> tuple[str, int, str] | None:
+        """The agent's own (socket, server pid, pane id), read once per process."""
+        info = table.get(pid)
+        if info is None:
+            return None
+        cached = self._env.get(pid)
+        if cached is not None and cached[0] == info.create_time:
+            return cached[1]
+        found = parse_tmux_env(read_environ(pid, wanted=_ENV))
+        self._env[pid] = (info.create_time, found)
+        return found
 
     def scan(self, table: ProcessTable, agent_pids: Collection[int]) -> list[PaneInfo]:
         """All panes now, each with the agent under it (or the one it had before)."""
         if not self.available:
             return []
-        sockets = self.sockets if self.sockets is not None else default_sockets()
-        raw: list[tuple[str, str, int, bool]] = []
-        for sock in sockets:
-            raw.extend((sock, *pane) for pane in self._list_panes(sock) or ())
-        pane_of_pid = {pane_pid: i for i, (_, _, pane_pid, _) in enumerate(raw)}
-
-        # Each agent belongs to the nearest pane process above it (or is one).
-        agent_of_pane: dict[int, tuple[int, int]] = {}  # pane index -> (depth, agent pid)
+        sockets = list(self.sockets if self.sockets is not None else default_sockets())
+        agent_pids = set(agent_pids)
+        for pid in [p for p in self._env if p not in agent_pids]:
+            del self._env[pid]
+        own: dict[int, tuple[str, int, str]] = {}  # agent pid -> its (socket, server pid, pane id)
         for pid in agent_pids:
+            found = self._agent_tmux(table, pid)
+            if found is not None and found[1] in table:  # a dead server's pane is no runtime
+                own[pid] = found
+                if found[0] not in sockets:
+                    sockets.append(found[0])
+        raw: list[tuple[str, _Listed]] = []
+        unreachable: set[str] = set()
+        for sock in sockets:
+            listed = self._list_panes(sock, strict=True)
+            if listed is None:
+                unreachable.add(sock)
+            raw.extend((sock, pane) for pane in listed or ())
+        pane_of_pid = {pane.pane_pid: i for i, (_, pane) in enumerate(raw)}
+        pane_of_id = {(sock, pane.pane_id, pane.server_pid): i for i, (sock, pane) in enumerate(raw)}
+
+        # Each agent belongs to the pane its own TMUX_PANE names, else to the nearest pane
+        # process above it (or is one).
+        agent_of_pane: dict[int, tuple[int, int]] = {}  # pane index -> (depth, agent pid)
+        extra: list[PaneInfo] = []
+        for pid in agent_pids:
+            mine = own.get(pid)
+            if mine is not None:
+                idx = pane_of_id.get((mine[0], mine[2], mine[1]))
+                if idx is not None:
+                    best = agent_of_pane.get(idx)
+                    if best is None or best[0] > 0:
+                        agent_of_pane[idx] = (0, pid)
+                    continue
+                if mine[0] in unreachable:
+                    # Its server lives but will not talk to us (another user's socket): the pane
+                    # by its id, which tmux takes as a target.
+                    extra.append(PaneInfo(mine[2], 0, pid, mine[0], pane_id=mine[2]))
+                    continue
             chain = [pid, *table.ancestors(pid)]
             for depth, p in enumerate(chain):
                 idx = pane_of_pid.get(p)
@@ -107,16 +183,18 @@ class TmuxSource:
 
         panes: list[PaneInfo] = []
         seen: set[tuple[str, str]] = set()
-        for idx, (sock, target, pane_pid, dead) in enumerate(raw):
+        for idx, (sock, pane) in enumerate(raw):
+            target, pane_pid, dead = pane.target, pane.pane_pid, pane.dead
             key = (sock, target)
             seen.add(key)
-            found = agent_of_pane.get(idx)
-            if found is not None:
-                self._last_agent[key] = found[1]
-                panes.append(PaneInfo(target, pane_pid, found[1], sock, pane_dead=dead))
+            agent = agent_of_pane.get(idx)
+            if agent is not None:
+                self._last_agent[key] = agent[1]
+                panes.append(PaneInfo(target, pane_pid, agent[1], sock, pane_dead=dead, pane_id=pane.pane_id))
             else:
-                panes.append(PaneInfo(target, pane_pid, None, sock,
-                                      last_agent_pid=self._last_agent.get(key), pane_dead=dead))
+                panes.append(PaneInfo(target, pane_pid, None, sock, last_agent_pid=self._last_agent.get(key),
+                                      pane_dead=dead, pane_id=pane.pane_id))
+        panes.extend(extra)
         for key in list(self._last_agent):
             if key not in seen:
                 del self._last_agent[key]  # the pane is gone: forget its agent
@@ -142,16 +220,16 @@ class TmuxSource:
         listed = self._list_panes(pane.socket, strict=True)
         if listed is None:
             return None
-        for target, pane_pid, dead in listed:
-            if target == pane.target and pane_pid == pane.pane_pid:
-                return dead or pane_pid != agent_pid
+        for p in listed:
+            if p.target == pane.target and p.pane_pid == pane.pane_pid:
+                return p.dead or p.pane_pid != agent_pid
         return False
 
-    def _list_panes(self, sock: str, strict: bool = False) -> list[tuple[str, int, bool]] | None:
-        """(target, pane pid, dead) of every pane of the server at `sock`; [] when there is
-        none (or no server), and with `strict`, None when that could not be told."""
+    def _list_panes(self, sock: str, strict: bool = False) -> list[_Listed] | None:
+        """Every pane of the server at `sock`; [] when there is none (or no server), and
+        with `strict`, None when that could not be told (no answer, or not ours to ask)."""
         argv = [self.tmux, "-S", sock, "list-panes", "-a", "-F", _FORMAT]
-        failed: list[tuple[str, int, bool]] | None = None if strict else []
+        failed: list[_Listed] | None = None if strict else []
         try:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
                                   timeout=self.timeout, check=False)
@@ -170,6 +248,8 @@ class TmuxSource:
         if proc.returncode != 0:
             # A stale socket of a server that is gone is normal, not an error.
             msg = proc.stderr.decode("utf-8", "replace")
+            if "Permission denied" in msg or "access not allowed" in msg:
+                return failed  # a live server we may not ask (another user's): not "no server"
             if "no server running" not in msg and "error connecting" not in msg:
                 self.errors += 1
                 return failed
@@ -177,10 +257,12 @@ class TmuxSource:
         out = []
         for line in proc.stdout.decode("utf-8", "replace").splitlines():
             parts = line.split("\t")
-            if len(parts) != 3:
+            if len(parts) not in (3, 5):
                 continue
             try:
-                out.append((parts[0], int(parts[1]), parts[2].strip() == "1"))
+                server = int(parts[4]) if len(parts) == 5 and parts[4].strip().isdigit() else None
+                out.append(_Listed(parts[0], int(parts[1]), parts[2].strip() == "1",
+                                   parts[3] if len(parts) == 5 else "", server))
             except ValueError:
                 continue
         return out

@@ -101,6 +101,7 @@ class TranscriptLocator:
         self._claims: dict[Path, int] = {}  # transcript -> pid it was handed to
         self._meta_cache: dict[Path, tuple[tuple[int, int], str | None, str | None]] = {}
         self._sessions: dict[int, tuple[tuple[int, int, int, int], ClaudeSession | None]] = {}
+        self._denied: set[int] = set()  # pids whose files we may not read
 
     def find(self, agent: str, pid: int, cwd: str | None, started_at: float) -> tuple[str, Path] | None:
         """(session_id, transcript path) for the process, or None when none is known yet.
@@ -122,6 +123,7 @@ class TranscriptLocator:
         for path in [p for p, owner in self._claims.items() if owner == pid]:
             del self._claims[path]
         self._sessions.pop(pid, None)
+        self._denied.discard(pid)
         forget = getattr(self._dirs, "forget", None)
         if forget is not None:
             forget(pid)
@@ -134,12 +136,21 @@ class TranscriptLocator:
         Cheap enough for every tick: one stat, and one read of a small file only when it
         changed since the last call."""
         dirs = self._dirs(pid)
-        st = None if dirs.claude is None else _owned(dirs.claude / "sessions" / f"{pid}.json", dirs.uid)
-        if dirs.claude is None or dirs.uid is None or st is None:
-            # None, another user's, a symlink, a FIFO, a device: never read (DESIGN "Users are walls").
+        if dirs.claude is None or dirs.uid is None:
             self._sessions.pop(pid, None)
             return None
         path = dirs.claude / "sessions" / f"{pid}.json"
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            self._sessions.pop(pid, None)
+            self._note_denied(pid, exc)  # there, but not ours to read: blind, not idle
+            return None
+        self._denied.discard(pid)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != dirs.uid:
+            # Another user's, a symlink, a FIFO, a device: never read (DESIGN "Users are walls").
+            self._sessions.pop(pid, None)
+            return None
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         cached = self._sessions.get(pid)
         if cached is not None and cached[0] == key:
@@ -194,11 +205,30 @@ class TranscriptLocator:
 
     # ------------------------------------------------------------------ codex
 
+    def denied(self, pid: int) -> bool:
+        """Whether `pid`'s turn information is there but not ours to read: its environment
+        (another user's process, without CAP_SYS_PTRACE) or its agent's directories
+        (another user's, without CAP_DAC_READ_SEARCH)."""
+        return pid in self._denied or pid in getattr(self._dirs, "denied", ())
+
+    def _note_denied(self, pid: int, exc: OSError) -> None:
+        if isinstance(exc, PermissionError):
+            if len(self._denied) >= 4096:
+                self._denied.clear()
+            self._denied.add(pid)
+        else:
+            self._denied.discard(pid)
+
     def _codex(self, pid: int, cwd: str | None, started_at: float) -> tuple[str, Path] | None:
         dirs = self._dirs(pid)
         if dirs.codex is None or dirs.uid is None:
             return None
         base, uid = dirs.codex / "sessions", dirs.uid
+        try:
+            base.stat()
+            self._denied.discard(pid)
+        except OSError as exc:
+            self._note_denied(pid, exc)
         files: list[Path] = []
         for day in _days(started_at, time.time()):
             files.extend(sorted((base / day).glob("rollout-*.jsonl")))

@@ -116,8 +116,8 @@ def render_sessions(snapshots: Sequence[SessionSnapshot], ended: set[str] | froz
         if snap.open_fds is not None:
             fds.append(f"{{{base}}} {fmt(snap.open_fds)}\n")
         threads.append(f"{{{base}}} {fmt(snap.threads)}\n")
-        counts = dict.fromkeys(ALWAYS_TCP_STATES, 0)
-        counts.update(snap.tcp)
+        counts = {} if snap.tcp is None else dict.fromkeys(ALWAYS_TCP_STATES, 0)  # unknown: no series
+        counts.update(snap.tcp or {})
         for tcp_state in sorted(counts):
             tcp.append(f'{{{base},tcp_state="{_label(tcp_state)}"}} {fmt(counts[tcp_state])}\n')
     rows: dict[str, list[str]] = {

@@ -57,8 +57,9 @@ def snapshot_attributes(snap: SessionSnapshot) -> dict[str, Any]:
         "threads": int(snap.threads),
         "children": len(snap.children),
         "sample_status": snap.sample_status.value,
-        "tcp.total": int(sum(snap.tcp.values())),
     }
+    if snap.tcp is not None:  # unknown (unreadable) is left out, never 0
+        attrs["tcp.total"] = int(sum(snap.tcp.values()))
     if snap.pid is not None:
         attrs["process.pid"] = snap.pid
     if snap.cpu_percent is not None:
@@ -67,7 +68,7 @@ def snapshot_attributes(snap: SessionSnapshot) -> dict[str, Any]:
         attrs["open_fds"] = int(snap.open_fds)
     if snap.last_event_age_s is not None:
         attrs["last_event_age_s"] = round(float(snap.last_event_age_s), 3)
-    for tcp_state, count in snap.tcp.items():
+    for tcp_state, count in (snap.tcp or {}).items():
         attrs[f"tcp.{tcp_state}"] = int(count)
     return attrs
 

@@ -226,8 +226,9 @@ def _observe_session(obs: dict[str, list[Observation]], snap: SessionSnapshot) -
     if snap.open_fds is not None:
         obs[SESSION_FDS].append(Observation(int(snap.open_fds), base))
     obs[SESSION_THREADS].append(Observation(int(snap.threads), base))
-    tcp = dict.fromkeys(ALWAYS_TCP_STATES, 0)
-    tcp.update(snap.tcp)
+    # Unknown TCP (another user's FDs, unreadable) has no series, like unknown FDs: never 0.
+    tcp = {} if snap.tcp is None else dict.fromkeys(ALWAYS_TCP_STATES, 0)
+    tcp.update(snap.tcp or {})
     tcp_states = tuple(sorted(tcp))
     for tcp_state in tcp_states:
         obs[SESSION_TCP].append(Observation(int(tcp[tcp_state]), {**base, A_TCP_STATE: tcp_state}))

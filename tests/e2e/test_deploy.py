@@ -70,9 +70,12 @@ def test_system_unit_keys() -> None:
     assert one(unit, "Service", "Restart") == "on-failure"
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
     assert one(unit, "Service", "NoNewPrivileges") == "yes"
+    # A dedicated user with exactly the two read capabilities (issue #20); CAP_KILL only in a
+    # drop-in, with recovery on.
+    assert one(unit, "Service", "User") == "otelwatch"
     caps = one(unit, "Service", "CapabilityBoundingSet").split()
-    assert {"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_KILL"} <= set(caps)
-    assert "CAP_SYS_ADMIN" not in caps
+    assert sorted(caps) == ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"]
+    assert sorted(one(unit, "Service", "AmbientCapabilities").split()) == caps
 
 
 def test_system_unit_hardening_keeps_what_otelwatch_needs() -> None:
@@ -86,7 +89,7 @@ def test_system_unit_hardening_keeps_what_otelwatch_needs() -> None:
     assert service.get("ProcSubset", ["all"])[0] == "all"
     families = service["RestrictAddressFamilies"][0].split()
     assert {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"} <= set(families)
-    assert "User" not in service  # root, narrowed by CapabilityBoundingSet
+    assert service["User"] == ["otelwatch"]  # not root: two ambient read capabilities
 
 
 def test_every_risky_option_is_explained() -> None:
@@ -268,7 +271,7 @@ def bind_mounts() -> list[tuple[str, Path, str]]:
     for name, svc in compose()["services"].items():
         for vol in svc.get("volumes", []):
             source, target = vol.split(":")[:2]
-            if source in declared:
+            if source in declared or source in ("/home", "/root"):  # named volumes; the host's homes
                 continue
             out.append((name, (COMPOSE_DIR / source).resolve(), target))
     return out
@@ -387,3 +390,25 @@ def test_traces_reach_tempo() -> None:
     assert host == "tempo" and host in compose()["services"]
     grpc = tempo["distributor"]["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
     assert int(grpc.rsplit(":", 1)[1]) == port
+
+
+def test_sysusers_snippet_creates_the_units_user() -> None:
+    unit = parse_unit(SYSTEMD / "otelwatch.service")
+    lines = [ln.split() for ln in (SYSTEMD / "otelwatch.sysusers").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert [ln[:2] for ln in lines] == [["u", one(unit, "Service", "User")]]
+
+
+def test_containers_see_the_hosts_homes_and_keep_transcripts_on() -> None:
+    """Issue #20: with transcripts off (or homes unmounted) every interactive agent is blind."""
+    ds = k8s("DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    (container,) = pod["containers"]
+    mounted = {host_paths[m["name"]]: m for m in container["volumeMounts"] if m["name"] in host_paths}
+    for home in ("/home", "/root"):
+        assert mounted[home]["mountPath"] == home and mounted[home]["readOnly"] is True
+    assert parse_config(tomllib.loads(k8s("ConfigMap")["data"]["otelwatch.toml"])).sources.transcripts.enabled
+    volumes = compose()["services"]["otelwatch"]["volumes"]
+    assert "/home:/home:ro" in volumes and "/root:/root:ro" in volumes
+    assert load_config(COMPOSE_DIR / "otelwatch.toml").sources.transcripts.enabled

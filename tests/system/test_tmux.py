@@ -192,7 +192,9 @@ def test_daemon_names_the_pane_and_rechecks_it(tmp_path: Path, monkeypatch: pyte
         named = wait_for(lambda: (m := ours()) and len(m) == 2 and all(s.runtime for s in m.values()) and m)
         assert {p: (s.runtime.kind, s.runtime.target) for p, s in named.items()} == {  # type: ignore[union-attr]
             in_shell: ("tmux", "work:0.0"), solo: ("tmux", "solo:0.0")}
-        assert named[in_shell].to_json()["runtime"] == {"kind": "tmux", "target": "work:0.0"}  # type: ignore[index]
+        assert named[in_shell].to_json()["runtime"] == {  # type: ignore[index]
+            "kind": "tmux", "target": "work:0.0", "socket": shell.sock,
+            "attach": f"tmux -S {shell.sock} attach -t work:0.0"}
         for pid in (in_shell, solo):
             os.kill(pid, signal.SIGKILL)
         ended = wait_for(lambda: (m := ours()) and all(s.state.value == "exited" for s in m.values()) and m)

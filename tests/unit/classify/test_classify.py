@@ -467,12 +467,12 @@ CASES = [
         info=info(started_at=NOW - 300),
     ),
     Case(
-        "after a two-hour suspend the gap is not silence",
-        State.ACTIVE,
-        Reason.RECENT_PROGRESS,
+        "after a two-hour suspend the gap is still silence, but no proof of idleness",
+        State.STALLED,
+        Reason.INSUFFICIENT_SAMPLES,
         [*history(600, now=NOW - 7200), *history(60)],
         watch_since=NOW - 60,
-        check=lambda e: e["silence_s"] == 60.0,
+        check=lambda e: e["silence_s"] == 1200.0,  # since the session's start, not since watch_since
     ),
 ]
 
@@ -510,10 +510,11 @@ def test_every_state_and_reason_is_reached() -> None:
     assert expected <= reached, expected - reached
 
 
-def test_silence_counts_from_the_latest_of_progress_watch_and_start() -> None:
+def test_silence_counts_from_the_later_of_progress_and_start() -> None:
     a = acts(ev(NOW - 1000))
     assert classify(CFG, info(), history(), a, NOW, WATCH).silence_s == 1000.0
-    assert classify(CFG, info(), history(), a, NOW, NOW - 200).silence_s == 200.0
+    # A gap in our own watching (restart, late tick) does not reset it (issue #20).
+    assert classify(CFG, info(), history(), a, NOW, NOW - 200).silence_s == 1000.0
     assert classify(CFG, info(started_at=NOW - 100), history(), a, NOW, WATCH).silence_s == 100.0
     # An event stamped in the future (clock skew) is not negative silence.
     assert classify(CFG, info(), history(), acts(ev(NOW + 50)), NOW, WATCH).silence_s == 0.0
@@ -521,15 +522,17 @@ def test_silence_counts_from_the_latest_of_progress_watch_and_start() -> None:
 
 def test_suspend_gap_then_stuck_once_watched_for_stall_after() -> None:
     """The watch window restarts after a gap; it turns stuck only once the
-    watchdog has itself watched a whole stall_after of silence."""
+    watchdog has itself watched a whole stall_after, and the silence it reports
+    is the agent's whole silence (the gap included: issue #20)."""
     resumed = NOW - 290
     samples = [*history(600, now=resumed - 7200), *history(290)]
     a = acts(ev(resumed - 9000))
-    assert classify(CFG, info(), samples, a, NOW, resumed).state is State.ACTIVE
+    v = classify(CFG, info(), samples, a, NOW, resumed)
+    assert (v.state, v.reason) == (State.STALLED, Reason.INSUFFICIENT_SAMPLES)
     later = [*samples, *history(20, now=NOW + 20)[1:]]
     v = classify(CFG, info(), later, a, NOW + 20, resumed)
     assert (v.state, v.reason) == (State.STUCK, Reason.NO_ACTIVITY)
-    assert v.silence_s == pytest.approx(310.0)
+    assert v.silence_s == pytest.approx(9310.0)
 
 
 def test_old_tool_age_does_not_count_unwatched_time() -> None:

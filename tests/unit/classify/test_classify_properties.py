@@ -12,6 +12,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -167,12 +168,13 @@ def test_classifier_invariants(
     assert v.reason in REASONS_BY_STATE[v.state]
     json.dumps(v.evidence)
 
-    # Silence never counts time before watch_since (nor before we saw the session).
+    # Silence counts from the last progress, never before the session's start; a gap in
+    # our own watching (watch_since) does not reset it (issue #20).
     progress = activity.last_progress_time if session.has_event_source else None
     if session.has_event_source:
-        expected = NOW - max(progress if progress is not None else -math.inf, watch_since, session.started_at)
+        expected = NOW - max(progress if progress is not None else -math.inf, session.started_at)
         assert math.isclose(v.silence_s, max(0.0, expected), abs_tol=1e-6)
-    assert 0.0 <= v.silence_s <= max(0.0, NOW - max(watch_since, session.started_at)) + 1e-6
+    assert 0.0 <= v.silence_s <= max(0.0, NOW - session.started_at) + 1e-6
 
     # Nobody's idle session is ever called stalled or stuck.
     if session.mode is Mode.INTERACTIVE and not activity.turn_open and v.state is not State.EXITED:
@@ -188,6 +190,7 @@ def test_classifier_invariants(
     assert samples[-1].alive
     assert samples[-1].processes[0].status not in ("T", "t")  # stopped by a person: idle
     assert NOW - session.started_at >= cfg.startup_grace
+    assert NOW - watch_since >= cfg.stall_after  # watched a whole stall_after since any gap
     assert v.silence_s >= cfg.stall_after
     if session.has_event_source and activity.last_progress_time is not None:
         assert NOW - activity.last_progress_time >= cfg.stall_after
@@ -288,14 +291,15 @@ def test_fresh_heartbeat_is_never_stuck(hb_age: float, retry: bool, tool: bool) 
 
 @SETTINGS
 @given(gap_end=st.floats(NOW - 299.0, NOW, allow_nan=False), progress_age=st.floats(300, 50_000, allow_nan=False))
-def test_time_before_watch_since_is_never_silence(gap_end: float, progress_age: float) -> None:
-    """However old the last progress, a watch that resumed under stall_after ago
-    keeps the session active: the gap was ours, not the agent's."""
+def test_time_before_watch_since_is_silence_but_never_proof(gap_end: float, progress_age: float) -> None:
+    """However recent the resumed watch, a session with no progress is never active
+    after it (its silence is the agent's, gap included: issue #20), and never stuck
+    before the watchdog has watched a whole stall_after again."""
     samples = [s for s in _idle_history(200) if s.time >= gap_end or s.time < gap_end - 3600]
     activity = acts(ev(NOW - 6000, turn="open"), ev(NOW - progress_age))
     v = classify(IDLE_CFG, info(started_at=NOW - 60_000), samples, activity, NOW, gap_end)
-    assert v.state is State.ACTIVE
-    assert v.silence_s == NOW - gap_end
+    assert (v.state, v.reason) == (State.STALLED, Reason.INSUFFICIENT_SAMPLES)
+    assert v.silence_s == pytest.approx(min(progress_age, 6000.0))  # the turn's start is progress too
 
 
 def test_root_pid_is_the_tree_root() -> None:
