@@ -7,9 +7,12 @@ module, the OpenTelemetry SDK or psutil at its top level.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
+
+TYPE_CHECKING = False  # typing and argparse cost milliseconds: `otelwatch hook` needs neither
+if TYPE_CHECKING:
+    import argparse
 
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1  # e.g. the process does not exist, the daemon is unreachable
@@ -17,6 +20,8 @@ EXIT_USAGE = 2  # bad arguments or bad config
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     from otelwatch import __version__
 
     p = argparse.ArgumentParser(
@@ -78,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if list(sys.argv[1:] if argv is None else argv) == ["hook", "claude"]:
+        # What agents run on every tool call: straight to the hook, no argparse (bench/bench_hook.py).
+        from otelwatch.commands.hook import hook_main
+
+        return hook_main("claude", sys.stdin.buffer)
     args = _parser().parse_args(argv)
     command = args.command
     if command is None:

@@ -53,13 +53,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+from otelwatch import hookpath
 from otelwatch.model import Mode, SessionSpec
 from otelwatch.proctable import ProcessTable
 
 __all__ = ["AGENT_NAMES", "BUILTIN", "Builtin", "ProcessMatcher", "Program", "headless", "program_of"]
 
 # Names whose agent label differs (used by the exec wrapper and hooks too).
-AGENT_NAMES = {"claude": "claude-code"}
+AGENT_NAMES = hookpath.AGENT_NAMES  # one table: the hook names its agent the same way
 
 
 @dataclass(frozen=True)
