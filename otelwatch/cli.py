@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     hook = sub.add_parser("hook", help="record an agent hook payload read from stdin")
     hook.add_argument("agent", choices=("claude",), help="whose hook format stdin holds")
 
+    hk = sub.add_parser("hooks", help="add otelwatch's hooks to an agent's settings, or take them out")
+    hk.add_argument("action", choices=("install", "uninstall"))
+    hk.add_argument("agent", choices=("claude",))
+    hk.add_argument("--settings", metavar="PATH",
+                    help="settings file (default: $CLAUDE_CONFIG_DIR/settings.json or ~/.claude/settings.json)")
+    hk.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
+
     ev = sub.add_parser("event", help="record one event for a session")
     ev.add_argument("session_id")
     ev.add_argument("type", help="event type, e.g. progress, heartbeat, PreToolUse, Stop")
@@ -102,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from otelwatch.commands.hook import event_main
 
         return event_main(args.session_id, args.type, tool=args.tool, agent=args.agent, pid=args.pid)
+    if command == "hooks":
+        from otelwatch.commands.hooks_install import hooks_main
+
+        return hooks_main(args.action, args.agent, settings=args.settings, dry_run=args.dry_run)
     if command == "diag":
         from otelwatch.commands.diag import diag_main
 
