@@ -14,6 +14,8 @@ TYPE_CHECKING = False  # typing and argparse cost milliseconds: `otelwatch hook`
 if TYPE_CHECKING:
     import argparse
 
+_DEFAULT_CONFIG_HELP = "$XDG_CONFIG_HOME/otelwatch/config.toml, then /etc/otelwatch/config.toml, when present"
+
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1  # e.g. the process does not exist, the daemon is unreachable
 EXIT_USAGE = 2  # bad arguments or bad config
@@ -32,7 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon")
-    run.add_argument("--config", metavar="FILE", help="TOML config (default: built-in defaults)")
+    run.add_argument("--config", metavar="FILE", help=f"TOML config (default: {_DEFAULT_CONFIG_HELP})")
+    run.add_argument("--listen", metavar="ADDR", help="HOST:PORT for /metrics and the API (default: http.listen, "
+                     "127.0.0.1:9464)")
+    run.add_argument("--log-format", choices=("auto", "json", "text"), default="auto",
+                     help="text: a start summary and readable lines; json: JSON lines (default: text on a "
+                          "terminal, json otherwise)")
 
     ex = sub.add_parser("exec", help="run an agent under otelwatch: otelwatch exec -- CMD ...")
     ex.add_argument("--session-id", help="session id (default: generated)")
@@ -59,16 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--pid", type=int, help="the agent's PID (default: the parent of the caller)")
 
     st = sub.add_parser("status", help="show sessions of a running daemon")
-    st.add_argument("--url", default=None, help="daemon base URL (default: from --config or 127.0.0.1:9464)")
-    st.add_argument("--config", metavar="FILE")
+    st.add_argument("--url", default=None, help="daemon base URL (default: the config's http.listen)")
+    st.add_argument("--config", metavar="FILE", help=f"default: {_DEFAULT_CONFIG_HELP}")
     st.add_argument("--watch", action="store_true", help="refresh every interval until Ctrl-C")
     st.add_argument("--interval", type=float, default=2.0, help="refresh period for --watch")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
     st.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR in the environment)")
 
     tp = sub.add_parser("top", help="live view of a running daemon's sessions, with drill-down")
-    tp.add_argument("--url", default=None, help="daemon base URL (default: from --config or 127.0.0.1:9464)")
-    tp.add_argument("--config", metavar="FILE")
+    tp.add_argument("--url", default=None, help="daemon base URL (default: the config's http.listen)")
+    tp.add_argument("--config", metavar="FILE", help=f"default: {_DEFAULT_CONFIG_HELP}")
     tp.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
     tp.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR in the environment)")
 
@@ -122,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return check_config_main(args.file)
 
-    from otelwatch.config import Config, ConfigError, load_config
+    import os
+
+    from otelwatch.config import Config, ConfigError, find_config, load_config, with_listen
 
     config_path = getattr(args, "config", None)  # demo has no --config
     try:
@@ -133,8 +142,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if command == "run":
         from otelwatch.commands.run import run_daemon
+    if config_path is None and command in ("run", "status", "top", "exec"):
+        # One config for the daemon and the commands that talk to it: a port said once.
+        found = find_config(os.environ)
+        config_path = str(found) if found is not None else None
 
-        return run_daemon(cfg)
+        return run_daemon(cfg, config_file=config_path, log_format=args.log_format,
+                          listen_given=bool(args.listen))
+        if command == "run" and args.listen:
+            cfg = with_listen(cfg, args.listen)
     if command == "exec":
         from otelwatch.commands.exec import exec_main
 
@@ -146,9 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         return exec_main(cmd, cfg, session_id=args.session_id, agent=args.agent, mode=args.mode)
     if command == "status":
-        from otelwatch.commands.status import status_main
+        from otelwatch.commands.status import default_url, status_main
 
-        url = args.url or f"http://{cfg.http.listen}"
+        url = args.url or default_url(cfg.http.listen)
         return status_main(url, watch=args.watch, interval=args.interval, as_json=args.json,
                            color=False if args.no_color else None)
     if command == "top":

@@ -3,8 +3,9 @@
 Every key has a default. Unknown keys and bad values raise `ConfigError` naming
 the dotted key and the reason. Durations are seconds (numbers) or strings such
 as "90s", "5m", "1h30m". This module does no I/O except reading the file named
-to `load_config`, and never looks at the environment except through the
-`environ` argument of `default_paths`.
+to `load_config` and looking for the default one (`find_config`), and never looks
+at the environment except through the `environ` arguments of `default_paths` and
+`find_config`.
 """
 
 from __future__ import annotations
@@ -545,4 +546,34 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{os.fspath(path)}: not valid TOML: {exc}") from None
     return parse_config(data)
+
+SYSTEM_CONFIG = Path("/etc/otelwatch/config.toml")
+
+
+def config_candidates(environ: Mapping[str, str]) -> list[Path]:
+    """Where `run`, `status` and `top` look for a config file when none is named:
+    `$XDG_CONFIG_HOME/otelwatch/config.toml` (a relative XDG_CONFIG_HOME is ignored,
+    as the XDG spec says; default ~/.config), then /etc/otelwatch/config.toml."""
+    xdg = environ.get("XDG_CONFIG_HOME", "")
+    home = environ.get("HOME") or str(Path.home())
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path(home) / ".config"
+    return [base / "otelwatch" / "config.toml", SYSTEM_CONFIG]
+
+
+def find_config(environ: Mapping[str, str]) -> Path | None:
+    """The first config file of `config_candidates` that exists (None: defaults)."""
+    for path in config_candidates(environ):
+        if os.path.lexists(path):  # present but unreadable is said by load_config, not skipped
+            return path
+    return None
+
+
+def with_listen(cfg: Config, listen: str) -> Config:
+    """`cfg` listening on `listen` (`otelwatch run --listen`), validated like http.listen."""
+    http = replace(cfg.http, listen=_listen(listen, "--listen"))
+    if not http.allow_remote and not _is_loopback(http.host):
+        raise ConfigError("--listen", f"{http.host!r} is not a loopback address: POST /api/events would be open "
+                          "to the network; set http.allow_remote = true in the config file to accept that")
+    return replace(cfg, http=http)
+
 

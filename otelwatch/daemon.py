@@ -32,6 +32,7 @@ from otelwatch.config import Config, Paths, default_paths
 from otelwatch.fdmemo import STEADY_STATES
 from otelwatch.lifecycle import Effects, Lifecycle, add_sample, record_step, recovery_view
 from otelwatch.model import Event, Mode, ProcessIdentity, SessionSnapshot, SessionSpec
+from otelwatch.names import refresh_names
 from otelwatch.proctable import ProcessTable
 from otelwatch.recovery import Recovery
 from otelwatch.sessions import SessionTable, Tracked
@@ -217,6 +218,7 @@ class Watcher:
         self._drain_inbox(now)
         self._sources.poll_tails(self._sessions, now)
         self._sample(table, now)
+        refresh_names(self._sessions.values(), table, now, self._prober.cwd)
         for tracked in self._sessions.values():
             try:
                 self._lifecycle.classify(tracked, now, self._watch_since)

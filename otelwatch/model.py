@@ -541,6 +541,10 @@ class SessionSnapshot:
     # The last stalled/stuck report's evidence (processes with wait channels, TCP
     # remotes, stderr tail, summary), so /api/sessions can show it without /proc.
     last_report: Mapping[str, Any] | None = None
+    # Names a person recognises (names.py); never metric labels.
+    name: str | None = None  # the agent's own name for the session (Claude Code's `name`)
+    cwd: str | None = None  # the agent's working directory
+    user: str | None = None  # the owner of its process
 
     @property
     def live(self) -> bool:
@@ -550,6 +554,9 @@ class SessionSnapshot:
         return {
             "session_id": self.session_id,
             "agent": self.agent,
+            "name": self.name,
+            "cwd": self.cwd,
+            "user": self.user,
             "pid": self.pid,
             "create_time": self.create_time,
             "mode": self.mode.value,

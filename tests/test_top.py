@@ -71,7 +71,8 @@ def test_columns_fit_80_by_priority_and_all_show_when_wide() -> None:
     cells = [row_cells(r, history) for r in rows]
     narrow = [COLUMNS[i].name for i, _ in layout(cells, 80)]
     assert sum(w for _, w in layout(cells, 80)) + len(narrow) - 1 <= 80
-    assert narrow[:4] == ["SESSION", "STATE/REASON", "SILENT", "CPU%"] and "WHERE" not in narrow
+    assert narrow == ["SESSION", "NAME", "STATE/REASON", "SILENT", "CPU%"] and "WHERE" not in narrow
+    assert dict(layout(cells, 80))[0] == len("a-rather-long-session-id-0123456789")  # the id is not cut
     wide = [COLUMNS[i].name for i, _ in layout(cells, 200)]
     assert wide == [c.name for c in COLUMNS]
     assert len(_text(render_list(View(url="http://x", interval=1, sessions=rows, poll=Poll(0.0, rows)),
