@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="settings file (default: $CLAUDE_CONFIG_DIR/settings.json or ~/.claude/settings.json)")
     hk.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
 
+    nt = sub.add_parser("notify", help="notifications: `notify test` sends a sample through every channel")
+    nt.add_argument("action", choices=("test",))
+    nt.add_argument("--config", metavar="FILE")
+
     ev = sub.add_parser("event", help="record one event for a session")
     ev.add_argument("session_id")
     ev.add_argument("type", help="event type, e.g. progress, heartbeat, PreToolUse, Stop")
@@ -120,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from otelwatch.commands.hooks_install import hooks_main
 
         return hooks_main(args.action, args.agent, settings=args.settings, dry_run=args.dry_run)
+    if command == "notify":
+        from otelwatch.commands.notify_test import notify_test_main
+
+        return notify_test_main(args.config)
     if command == "diag":
         from otelwatch.commands.diag import diag_main
 

@@ -97,6 +97,7 @@ NOTIFY_STATES = ("idle", "active", "long_running", "stalled", "stuck")
 @dataclass(frozen=True)
 class NotifyConfig:
     # argv, report JSON on stdin; placeholders {session_id} {state} {reason} {agent} {event}
+    # {name} {cwd} {user} {phase} {incident}
     command: tuple[str, ...] = ()
     webhook: str = ""  # POST JSON (Slack/Discord-compatible `text` + the full report)
     headers: Mapping[str, str] = field(default_factory=dict)  # webhook headers; "${VAR}" reads the environment
@@ -107,6 +108,11 @@ class NotifyConfig:
     agents: tuple[str, ...] = ()  # empty: every agent
     recovery: bool = True  # recovery requested/completed
     session_end: bool = False  # the summary line when a session ends
+    users: tuple[str, ...] = ()  # owners of the agent's process (user names); empty: every user
+    cwd: tuple[str, ...] = ()  # working directories: a path prefix or a glob ("/home/*/work/*"); empty: all
+    states: tuple[str, ...] = ()  # exactly these states (instead of min_state); empty: min_state decides
+    settle: float = 60.0  # a new incident's first message waits at most this long for a settled reason
+    all_clear: bool = True  # one message when an incident that was notified ends
 
 
 @dataclass(frozen=True)
@@ -383,13 +389,29 @@ def _string_map(value: object, key: str) -> dict[str, str]:
 
 def _notify_command(value: object, key: str) -> tuple[str, ...]:
     argv = _string_list(value, key)
-    allowed = ("session_id", "state", "reason", "agent", "event")
+    allowed = ("session_id", "state", "reason", "agent", "event", "name", "cwd", "user", "phase", "incident")
     for i, arg in enumerate(argv):
         unknown = [n for n in re.findall(r"\{([^{}]*)\}", arg) if n not in allowed]
         if unknown:
             names = ", ".join("{" + n + "}" for n in allowed)
             raise ConfigError(f"{key}[{i}]", f"unknown placeholder {{{unknown[0]}}}: use {names}")
     return argv
+
+
+def _cwd_patterns(value: object, key: str) -> tuple[str, ...]:
+    patterns = _string_list(value, key)
+    for i, pattern in enumerate(patterns):
+        if not pattern.startswith(("/", "*", "?", "[")):
+            raise ConfigError(f"{key}[{i}]", f"expected an absolute path or a glob, got {pattern!r}")
+    return patterns
+
+
+def _choices_list(value: object, key: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    items = _string_list(value, key)
+    for i, item in enumerate(items):
+        if item not in choices:
+            raise ConfigError(f"{key}[{i}]", f"expected one of {', '.join(map(repr, choices))}, got {item!r}")
+    return items
 
 
 def _url(value: object, key: str) -> str:
@@ -448,6 +470,11 @@ _VALIDATORS: dict[str, Any] = {
     "notify.agents": _string_list,
     "notify.recovery": _bool,
     "notify.session_end": _bool,
+    "notify.users": _string_list,
+    "notify.cwd": lambda v, k: _cwd_patterns(v, k),
+    "notify.states": lambda v, k: _choices_list(v, k, NOTIFY_STATES),
+    "notify.settle": _duration_in(0.0, 3600.0, positive=False),
+    "notify.all_clear": _bool,
     "recovery.enabled": _bool,
     "recovery.dry_run": _bool,
     "recovery.recover_after": _duration_in(0.1, _WEEK),
@@ -515,6 +542,9 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if not cfg.http.allow_remote and not _is_loopback(host):
         raise ConfigError("http.listen", f"{host!r} is not a loopback address: POST /api/events would be open "
                           "to the network; set http.allow_remote = true to accept that")
+    notify = data.get("notify")
+    if isinstance(notify, Mapping) and notify.get("states") and "min_state" in notify:
+        raise ConfigError("notify.states", "set notify.states or notify.min_state, not both")
     r = cfg.recovery
     if r.action == "command" and not r.command:
         raise ConfigError("recovery.command", 'must be set when recovery.action = "command"')

@@ -94,8 +94,8 @@ def fit_columns(widths: Sequence[int], keep: Sequence[int], width: int | None) -
 
 def format_table(sessions: Sequence[Mapping[str, Any]], now: float, *, color: bool = False,
                  width: int | None = None) -> str:
-    """The sessions, most severe first; at most `width` columns wide (None: every column),
-    dropping columns by KEEP. Session ids are never cut."""
+    """The sessions, most severe first; at most `width` columns wide (None: every column,
+    every directory in full), dropping columns by KEEP. Session ids are never cut."""
     rows = [COLUMNS]
     states = []
     for s in sorted(sessions, key=severity_key):
@@ -116,7 +116,7 @@ def format_table(sessions: Sequence[Mapping[str, Any]], now: float, *, color: bo
             _bytes(s.get("rss_bytes")),
             _tcp(s.get("tcp")),
             str(s.get("open_fds") if s.get("open_fds") is not None else "-"),
-            short_dir(s.get("cwd")),
+            short_dir(s.get("cwd")) if width is not None else safe(s.get("cwd") or "-"),
         ))
         states.append(str(s.get("state", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]

@@ -472,8 +472,8 @@ def render_detail(session: Mapping[str, Any] | None, history: History, now: floa
     report = s.get("last_report") if isinstance(s.get("last_report"), Mapping) else None
     since = s.get("state_since")
     lines: list[Line] = [
-        [(sid, "bold"), (f"  {s.get('agent')}  pid {s.get('pid')}  {s.get('mode', '')}  via {s.get('source', '?')}",
-                         "")],
+        [(safe(sid), "bold"), (safe(f"  {s.get('agent')}  pid {s.get('pid')}  {s.get('mode', '')}  "
+                                    f"via {s.get('source', '?')}"), "")],
         [(f"{state}/{s.get('reason')}", f"state:{state}"),
          (f"  for {human_duration(now - since) if isinstance(since, (int, float)) else '?'}"
           f"  silent {human_duration(s.get('silence_s'))}"
@@ -715,6 +715,7 @@ class _Painter:
             for text, style in line:
                 if x >= width:
                     break
+                text = safe(text)  # whatever a line holds, no control character reaches the terminal
                 with contextlib.suppress(curses.error):  # the bottom-right cell always "fails"
                     self.scr.addnstr(y, x, text, width - x, self.attr(style))
                 x += len(text)
