@@ -569,5 +569,8 @@ def attach(watcher: Any, cfg: NotifyConfig | None = None, *, environ: Mapping[st
     telemetry = getattr(watcher, "telemetry", None)
     notifier = Notifier(cfg, count_failure=getattr(telemetry, "count_export_failure", None),
                         log=getattr(telemetry, "log", None), environ=environ, retry_base=retry_base)
+    for problem in preflight(cfg, os.environ if environ is None else environ):
+        # Said at start, not at the first incident (check-config refuses it outright).
+        notifier._safe_log("notify_misconfigured", {"problem": problem}, "warning")
     watcher.subscribe(notifier.submit)
     return notifier
