@@ -202,20 +202,21 @@ class Column:
     right: bool = False
 
 
-# In display order. At 80 columns the owner, the agent and the runtime pane are the first to go.
+# In display order. At 80 columns the agent, the owner and the process numbers go first;
+# where the session runs (its pane, else its directory) stays as long as it can.
 COLUMNS = (
     Column("SESSION", 0, 10, 48),
     Column("NAME", 2, 4, 20),
-    Column("STATE/REASON", 0, 12, 26),
+    Column("STATE/REASON", 0, 12, 36),  # never cut when it fits: the longest is 34
     Column("SILENT", 1, 6, 7, right=True),
     Column("CPU%", 3, 4, 5, right=True),
-    Column("TREND", 4, CPU_POINTS, CPU_POINTS),
-    Column("RSS", 5, 6, 7, right=True),
-    Column("TCP", 6, 3, 12),
-    Column("CH", 7, 2, 3, right=True),
-    Column("AGENT", 8, 5, 16),
+    Column("TREND", 6, CPU_POINTS, CPU_POINTS),
+    Column("RSS", 7, 6, 7, right=True),
+    Column("TCP", 4, 3, 12),
+    Column("CH", 8, 2, 3, right=True),
+    Column("AGENT", 10, 5, 16),
     Column("USER", 9, 4, 12),
-    Column("WHERE", 10, 6, 32),
+    Column("WHERE", 5, 6, 32),
 )
 STATE_COLUMN = 2
 
@@ -340,9 +341,9 @@ def _status_line(view: View, width: int | None = None) -> Line:
     poll = view.poll
     if view.editing is not None:
         hint = "filter (agent:X state:X user:X or words; Enter keeps, Esc cancels): "
-        if width is not None and len(hint) + len(view.editing) + 1 > width:
-            hint = "filter (Enter keeps, Esc cancels): "
         was = f"  (was: {view.filter})" if view.filter else ""
+        if width is not None and len(hint) + len(view.editing) + 1 + len(was) > width:
+            hint = "filter (Enter applies, Esc keeps the old): "
         return [(hint, "bold"), (view.editing + "_", ""), (was, "dim")]
     if poll is not None and poll.error is not None:
         seen = "never reached" if view.last_ok is None else \
@@ -372,13 +373,13 @@ def _status_line(view: View, width: int | None = None) -> Line:
     if view.paused and size(parts) + size(marks) > width:
         marks[-1] = ("  PAUSED", "error")
     room = max(0, width - size(marks))
-    if size(parts) > room:  # "3 stalled" becomes "3 sta", and then the counts are cut
-        parts = [(f"{counts[state]} {state[:3]} ", f"state:{state}") for state in SEVERITY if counts.get(state)] \
-            or [("none ", "dim")]
-    out: Line = []
+    out: Line = []  # the most severe counts that fit, then "..." for the rest
     used = 0
-    for text, style in parts:
-        if used + len(text) > room:
+    for n, (text, style) in enumerate(parts):
+        last = n == len(parts) - 1
+        if used + len(text) > (room if last else room - 4):
+            out.append(("...", "dim"))
+            used += 3
             break
         out.append((text, style))
         used += len(text)
