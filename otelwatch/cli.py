@@ -142,23 +142,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from otelwatch.config import Config, ConfigError, find_config, load_config, with_listen
 
     config_path = getattr(args, "config", None)  # demo has no --config
+    if config_path is None and command in ("run", "status", "top", "exec"):
+        # One config for the daemon and the commands that talk to it: a port said once.
+        found = find_config(os.environ)
+        config_path = str(found) if found is not None else None
     try:
         cfg = load_config(config_path) if config_path else Config()
+        if command == "run" and args.listen:
+            cfg = with_listen(cfg, args.listen)
     except ConfigError as exc:
         print(f"otelwatch: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
     if command == "run":
         from otelwatch.commands.run import run_daemon
-    if config_path is None and command in ("run", "status", "top", "exec"):
-        # One config for the daemon and the commands that talk to it: a port said once.
-        found = find_config(os.environ)
-        config_path = str(found) if found is not None else None
 
         return run_daemon(cfg, config_file=config_path, log_format=args.log_format,
                           listen_given=bool(args.listen))
-        if command == "run" and args.listen:
-            cfg = with_listen(cfg, args.listen)
     if command == "exec":
         from otelwatch.commands.exec import exec_main
 

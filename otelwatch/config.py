@@ -560,23 +560,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def load_config(path: str | os.PathLike[str] | None) -> Config:
-    """The config in `path` (None: all defaults). Raises ConfigError naming the problem."""
-    if path is None:
-        return Config()
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError("", f"config file {os.fspath(path)!r} does not exist") from None
-    except PermissionError:
-        raise ConfigError("", f"config file {os.fspath(path)!r} is not readable (permission denied)") from None
-    except IsADirectoryError:
-        raise ConfigError("", f"config file {os.fspath(path)!r} is a directory") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("", f"{os.fspath(path)}: not valid TOML: {exc}") from None
-    return parse_config(data)
-
 SYSTEM_CONFIG = Path("/etc/otelwatch/config.toml")
 
 
@@ -606,4 +589,21 @@ def with_listen(cfg: Config, listen: str) -> Config:
                           "to the network; set http.allow_remote = true in the config file to accept that")
     return replace(cfg, http=http)
 
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """The config in `path` (None: all defaults). Raises ConfigError naming the problem."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {os.fspath(path)!r} does not exist") from None
+    except PermissionError:
+        raise ConfigError("", f"config file {os.fspath(path)!r} is not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"config file {os.fspath(path)!r} is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{os.fspath(path)}: not valid TOML: {exc}") from None
+    return parse_config(data)
 
