@@ -243,10 +243,11 @@ def visibility(path: Path, environ: Mapping[str, str]) -> list[str]:
     others = [(pid, uid) for pid, uid in running_daemons() if pid != os.getpid()]
     if others:
         listing = ", ".join(f"pid {pid} as {_user(uid)}" for pid, uid in others[:5])
-        notes.append(f"warning: the running otelwatch daemon ({listing}) does not use {state}: hook events "
-                     f"reach only a daemon of user {who} with that state directory (state_dir, "
-                     f"OTELWATCH_STATE_DIR and XDG_STATE_HOME change it). Run `otelwatch run` as {who} "
-                     f"without them, or give the hooks the same OTELWATCH_STATE_DIR")
+        them = "daemon does" if len(others) == 1 else "daemons do"
+        notes.append(f"warning: the running otelwatch {them} not use {state} ({listing}): hook events reach "
+                     f"only a daemon of user {who} with that state directory (state_dir, OTELWATCH_STATE_DIR and "
+                     f"XDG_STATE_HOME change it). Run `otelwatch run` as {who} without them, or give the hooks "
+                     f"the same OTELWATCH_STATE_DIR")
     else:
         notes.append(f"note: no otelwatch daemon is running with state directory {state}; events wait "
                      f"there (spooled) until `otelwatch run` starts as {who}")
