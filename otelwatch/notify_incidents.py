@@ -172,7 +172,8 @@ class Threads:
                 out += self._resolve(incident, full, "no longer tracked", now)
             if self.cfg.session_end and passes:
                 out.append(full)
-            self.context.forget(sid)
+            self.context.forget(sid)  # memory stays bounded by the live sessions
+            self._count.pop(sid, None)
         return out
 
     def due(self, now: float) -> list[dict[str, Any]]:
