@@ -80,16 +80,20 @@ def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464", backend: s
         watcher = Watcher(cfg, telemetry=telemetry)
         reports: deque[str] = deque(maxlen=6)
         recovery: deque[str] = deque(maxlen=1)
+        decided: dict[str, str] = {}  # session -> the evidence its recovery was decided on
 
         def on_report(report: Mapping[str, Any]) -> None:
             event = str(report.get("event", ""))
             if event in ("session.stalled", "session.stuck"):
                 reports.append(f"{time.strftime('%H:%M:%S')} {report['session_id']}: "
                                f"{report['state']}/{report['reason']}: {report.get('summary', '')}")
+            elif event.startswith("recovery.") and report.get("step") == "requested":
+                decided[str(report.get("session_id"))] = str(report.get("detail") or "")
             elif event.startswith("recovery.") and report.get("step") == "completed":
                 # Kept apart from the reports (which scroll by): what would have been done.
-                recovery.append(f"{time.strftime('%H:%M:%S')} {report['session_id']}: "
-                                + dry_run_words(report, cfg.recovery.grace))
+                sid = str(report.get("session_id"))
+                recovery.append(f"{time.strftime('%H:%M:%S')} {sid}: "
+                                + dry_run_words(report, cfg.recovery.grace, decided.get(sid, "")))
 
         watcher.subscribe(on_report)
         try:
@@ -138,9 +142,10 @@ def demo_main(duration: float = 60.0, listen: str = "127.0.0.1:9464", backend: s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def dry_run_words(report: Mapping[str, Any], grace: float) -> str:
+def dry_run_words(report: Mapping[str, Any], grace: float, decided_on: str = "") -> str:
     """A dry-run recovery as a sentence: the signal, to which process group and pids,
-    after which gates; a real recovery's outcome as it came."""
+    after which gates (and the evidence the decision was taken on, from the
+    `requested` step); a real recovery's outcome as it came."""
     detail = str(report.get("detail") or "")
     if report.get("status") != "dry_run":
         return f"recovery {report.get('status')}" + (f" ({detail})" if detail else "")
@@ -152,8 +157,11 @@ def dry_run_words(report: Mapping[str, Any], grace: float) -> str:
     elif not plan:
         plan = "would have acted"
     held = [g.split("=", 1)[0] for g in gates.split("; ") if g.split("=", 1)[-1].startswith("ok")]
-    return f"nothing signalled: {plan}" + (f"; after all {len(held)} gates held ({', '.join(held)})"
-                                           if held else "")
+    evidence = re.sub(r",? ?pids \[[\d, ]*\]", "", decided_on).strip(", ")
+    why = f"after all {len(held)} recovery gates held" if held else ""
+    if evidence:
+        why = f"{why} ({evidence})" if why else f"on {evidence}"
+    return f"nothing signalled: {plan}" + (f"; {why}" if why else "")
 
 
 def _load() -> str:
@@ -200,43 +208,39 @@ def _wrap(text: str, width: int | None, indent: str = "    ") -> list[str]:
 
 
 def _frame(watcher: Any, cfg: Any, expected: Mapping[str, str], reports: deque[str], recovery: deque[str],
-           url: str, color: bool,
-           deadline: float, started: float, final: bool = False) -> str:
+           url: str, color: bool, deadline: float, started: float, final: bool = False) -> str:
     """One screen of the demo: the table, how many verdicts arrived (and why the others
-    have not), the latest reports; fitted to the terminal (wrapped, never cut)."""
+    have not), what the dry run would have done, the latest reports; fitted to the
+    terminal (wrapped, never cut). The last frame ends with the outcome, so that is
+    what stays on screen."""
     rows = [s.to_json() for s in watcher.sessions()]
     width = table_width(sys.stdout)
     height = shutil.get_terminal_size().lines if width is not None and not final else None
-    out = format_table(rows, time.time(), color=color, width=width).split("\n")
+    table = format_table(rows, time.time(), color=color, width=width).split("\n")
     by_id = {r["session_id"]: r for r in rows}
     got = {sid: f"{r['state']}/{r['reason']}" for sid, r in by_id.items()}
     missing = [sid for sid, want in expected.items() if not got.get(sid, "").startswith(want)]
     left = max(0, int(deadline - time.monotonic()))
-    out.append("")
-    out += _wrap(f"{len(expected) - len(missing)}/{len(expected)} show what they should, {left} s left; "
-                 f"otelwatch top --url {url}", width)
+    count = f"{len(expected) - len(missing)}/{len(expected)} show what they should, {left} s left"
+    verdicts = ["", *_wrap(f"{count}; otelwatch top --url {url}", width)]
     elapsed = time.monotonic() - started
     ticks = int(watcher.health().get("ticks", 0))
     if missing and (final or elapsed > 25):  # by then each should show its verdict: say why not
         for sid in missing:
             why = why_not(expected[sid], by_id.get(sid), cfg, ticks=ticks, elapsed=elapsed)
-            out += _wrap(f"  {sid} is not {expected[sid]}: {why}", width)
+            verdicts += _wrap(f"  {sid} is not {expected[sid]}: {why}", width)
     if final:
-        out.append("")
         for sid, want in expected.items():
-            if sid in missing:
-                out += _wrap(f"  -- {sid}: expected {want}, got {got.get(sid, 'not seen')}", width)
-            else:
-                out.append(f"  ok {sid}: {got[sid]}")
-    if recovery:
-        out += ["", "recovery (dry run):", *_wrap("  " + recovery[-1], width)]
-    if reports:
-        shown: list[str] = []
-        for line in reversed(reports):  # the newest that fit the window
-            lines = _wrap("  " + line, width)
-            if height is not None and len(out) + len(shown) + len(lines) + 2 > height - 1:
-                break
-            shown = lines + shown
-        if shown:
-            out += ["", "latest reports:", *shown]
-    return "\n".join(out)
+            verdicts += (_wrap(f"  -- {sid}: expected {want}, got {got.get(sid, 'not seen')}", width)
+                         if sid in missing else [f"  ok {sid}: {got[sid]}"])
+    dry = ["", "recovery (dry run):", *_wrap("  " + recovery[-1], width)] if recovery else []
+    out = [*table, *dry] if final else [*table, *verdicts, *dry]
+    shown: list[str] = []
+    for line in reversed(list(reports)[-3:] if final else reports):  # the newest that fit the window
+        lines = _wrap("  " + line, width)
+        if height is not None and len(out) + len(shown) + len(lines) + 2 > height - 1:
+            break
+        shown = lines + shown
+    if shown:
+        out += ["", "latest reports:", *shown]
+    return "\n".join([*out, *verdicts] if final else out)
