@@ -270,18 +270,23 @@ def test_check_config_resolves_the_command_and_every_variable(tmp_path: Path) ->
 @pytest.mark.e2e
 def test_a_whole_incident_through_the_daemon_to_a_webhook(tmp_path: Path, receiver: Hooks) -> None:
     """A real hung agent under `otelwatch run`: its incident opens (settled), repeats on the
-    backoff and gets one all-clear when the agent makes progress; the next one ends by exit."""
+    backoff and gets one all-clear when the agent makes progress; the next one ends by exit.
+    A second agent, found only once it has been silent for longer than stall_after (where the
+    daemon may say insufficient_samples before it says stuck), opens with a settled verdict."""
     d = start_daemon(tmp_path, merge(NOTIFY_FAST, {"notify": {"webhook": receiver.url, "settle": 5,
                                                                "timeout": 2, "retries": 1}}))
     try:
         t0 = time.monotonic()
         proc, events = d.agent("hung")
         d.register("hung-1", proc.pid, agent="fake-hung", events_path=str(events))
+        late, late_events = d.agent("hung")  # registered only after it is already silent
 
         def mine() -> list[dict[str, Any]]:
             return [p[2] for p in receiver.posts if p[2]["report"].get("session_id") == "hung-1"]
 
         wait_for(lambda: len(mine()) >= 3, timeout=20, interval=0.05)  # open, then two repeats
+        assert time.monotonic() - t0 > 2 + 1  # the late agent has been silent for over stall_after
+        d.register("fresh-1", late.pid, agent="fake-hung", events_path=str(late_events))
         with open(events, "a") as fh:  # the agent moves again: one assistant line
             fh.write(json.dumps({"type": "assistant", "message": {"content": [{"type": "text", "text": "ok"}]}})
                      + "\n")
@@ -290,7 +295,12 @@ def test_a_whole_incident_through_the_daemon_to_a_webhook(tmp_path: Path, receiv
         os.killpg(proc.pid, 9)
         wait_for(lambda: any(m["incident"].get("resolution") == "exited" for m in mine()), timeout=15,
                  interval=0.05)
+        wait_for(lambda: any(p[2]["report"].get("session_id") == "fresh-1" for p in receiver.posts), timeout=20,
+                 interval=0.05)
         log = [(round(p[0] - t0, 2), p[2]) for p in receiver.posts if p[2]["report"].get("session_id") == "hung-1"]
+        fresh = [p[2] for p in receiver.posts if p[2]["report"].get("session_id") == "fresh-1"]
+        fresh_reports = [(r["state"], r["reason"]) for r in d.log_events()
+                         if r.get("event") in ("session_stalled", "session_stuck") and r.get("session_id") == "fresh-1"]
     finally:
         d.cleanup()
     print("\nwebhook receiver log:")
@@ -306,8 +316,13 @@ def test_a_whole_incident_through_the_daemon_to_a_webhook(tmp_path: Path, receiv
     reports = [r for r in d.log_events() if r.get("event") in ("session_stalled", "session_stuck")
                and r.get("session_id") == "hung-1"]
     unsettled = [r for r in reports if r.get("reason") == "insufficient_samples"]
+    print("daemon's reports: " + ", ".join(f"{r['state']}/{r['reason']} (repeat {r['repeat']})" for r in reports))
     # Every report but the unsettled ones became a message of its incident, none twice.
     assert len([b for _, b in log if b["incident"]["phase"] in ("open", "repeat", "update")]) == \
         len(reports) - len(unsettled)
+    print(f"fresh hang: the daemon reported {fresh_reports}; the webhook got "
+          f"{[(b['incident']['phase'], b['report']['state'], b['report']['reason']) for b in fresh]}")
+    assert fresh[0]["incident"]["phase"] == "open" and fresh[0]["report"]["reason"] != "insufficient_samples"
+    assert all(b["report"]["reason"] != "insufficient_samples" for b in fresh)
     second = [b["incident"]["phase"] for _, b in log if b["incident"]["id"] == "hung-1#2"]
     assert second[0] == "open" and second[-1] == "resolved" and second.count("resolved") == 1
