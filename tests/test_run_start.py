@@ -233,3 +233,34 @@ def test_a_port_in_use_says_how_to_choose_another(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
     assert f"--listen 127.0.0.1:{port + 1}" in out.stderr and "http.listen in" in out.stderr, out.stderr
+
+
+def test_summary_says_what_it_cannot_see_and_redacts_channels(tmp_path: Path) -> None:
+    from otelwatch.commands.startup import render_line, start_summary
+    from otelwatch.config import default_paths, parse_config
+
+    cfg = parse_config({"probe": {"backend": "psutil"},
+                        "notify": {"webhook": "https://hooks.example.com/services/T0/B0/SECRET"}})
+    mounts = tmp_path / "mounts"
+    mounts.write_text("proc /proc proc rw,nosuid,nodev,noexec,relatime,hidepid=invisible 0 0\n")
+    sessions = [{"session_id": "a", "agent": "claude-code", "state": "stalled", "reason": "access_denied",
+                 "sample_status": "access_denied", "user": "bob"},
+                {"session_id": "b", "agent": "codex", "state": "stuck", "user": "me", "open_fds": 3},
+                {"session_id": "c", "agent": "claude-code", "state": "exited", "user": "me"}]
+    text = start_summary(cfg, default_paths(cfg, {"HOME": str(tmp_path)}), sessions=sessions,
+                         url="http://127.0.0.1:9464", config_file=None, notify_on=True, me="me", pid=1,
+                         version="x", ticked=True, tmux_found=False, proc_mounts=str(mounts))
+    assert "2 found: 1 claude-code, 1 codex; 1 stalled, 1 stuck" in text  # the exited one is not counted
+    assert "1 session(s) of bob: run otelwatch as root, or grant it CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE" in text
+    assert "tmux (not installed: panes not mapped)" in text and "wait channels" in text
+    assert "webhook https://hooks.example.com/..." in text and "SECRET" not in text
+    from otelwatch.commands.startup import _proc_hidepid
+
+    assert _proc_hidepid(str(mounts)) == "hidepid=invisible"  # said to a user who is not root
+    assert ("hidepid=invisible" in text) == (os.geteuid() != 0)
+    # The readable log lines: a report names the session as a person knows it, control characters shown as ?.
+    line = render_line(json.dumps({"time": "t", "level": "warning", "event": "session_stuck", "state": "stuck",
+                                   "reason": "no_activity", "who": '"work-0b" claude-code pid 7 in /w\x1b[2J',
+                                   "summary": "sleeping"}))
+    assert "WARN  STUCK no_activity: \"work-0b\" claude-code pid 7 in /w?[2J: sleeping" in line
+    assert render_line(json.dumps({"event": "daemon.started"})) == ""  # the summary said it

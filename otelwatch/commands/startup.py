@@ -63,9 +63,25 @@ def blind_sessions(sessions: Sequence[Mapping[str, Any]], me: str | None) -> lis
         or (s.get("open_fds") is None and me is not None and s.get("user") not in (None, me)))]
 
 
+def _proc_hidepid(mounts: str) -> str | None:
+    """The hidepid= option of the /proc mount when it hides other users' processes."""
+    try:
+        with open(mounts, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read(1 << 20).splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 4 and parts[1] == "/proc" and parts[2] == "proc":
+            hide = next((o for o in parts[3].split(",") if o.startswith("hidepid=")), None)
+            if hide and hide.split("=", 1)[1] not in ("0", "off"):
+                return hide
+    return None
+
+
 def start_summary(cfg: Config, paths: Paths, *, sessions: Sequence[Mapping[str, Any]], url: str,
                   config_file: str | None, notify_on: bool, me: str, pid: int, version: str,
-                  ticked: bool, tmux_found: bool | None = None) -> str:
+                  ticked: bool, tmux_found: bool | None = None, proc_mounts: str = "/proc/mounts") -> str:
     """The few lines a person reads when the daemon starts on a terminal."""
     rows: list[tuple[str, str]] = []
     live = [s for s in sessions if s.get("state") != "exited"]
@@ -126,6 +142,13 @@ def start_summary(cfg: Config, paths: Paths, *, sessions: Sequence[Mapping[str, 
     elif os.geteuid() != 0 and s.processes.enabled:
         rows.append(("cannot see", f"other users' agents in full (running as {me}); to watch them too: "
                                    f"{FIX_BLIND}"))
+    hidden = _proc_hidepid(proc_mounts)
+    if hidden and os.geteuid() != 0:
+        rows.append(("cannot see", f"other users' processes at all (/proc is mounted with {hidden}): add "
+                                   f"{me} to the group named by gid= of that mount, or run as root"))
+    if cfg.probe.backend == "psutil" or not os.path.isdir("/proc/self"):
+        rows.append(("cannot see", "wait channels and per-process sockets (the portable psutil probe; "
+                                   "README, Platforms)"))
 
     source = f"config {config_file}" if config_file else "built-in defaults (no config file found)"
     head = f"otelwatch {version} watching as {me} (pid {pid}), {source}"
