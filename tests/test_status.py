@@ -242,6 +242,10 @@ def test_columns_give_way_by_priority_at_80() -> None:
         "SESSION", "STATE", "REASON", "SILENCE"]
     assert format_table(rows, time.time(), width=100).splitlines()[0].split() == [
         "SESSION", "NAME", "STATE", "REASON", "SILENCE", "CPU%", "TCP"]
+    # Nobody has a name: that empty column gives way first (CPU%, TCP and FOR show instead).
+    nameless = format_table(MIXED, time.time(), width=80).splitlines()[0].split()
+    assert "NAME" not in nameless and {"SILENCE", "CPU%"} <= set(nameless), nameless
+    assert "NAME" in format_table(MIXED, time.time(), width=None).splitlines()[0].split()
     # Too narrow even for the essentials: they stay whole (the terminal wraps), nothing else shows.
     assert format_table(rows, time.time(), width=10).splitlines()[0].split() == ["SESSION", "STATE", "REASON"]
 

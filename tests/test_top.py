@@ -71,7 +71,9 @@ def test_columns_fit_80_by_priority_and_all_show_when_wide() -> None:
     cells = [row_cells(r, history) for r in rows]
     narrow = [COLUMNS[i].name for i, _ in layout(cells, 80)]
     assert sum(w for _, w in layout(cells, 80)) + len(narrow) - 1 <= 80
-    assert narrow == ["SESSION", "NAME", "STATE/REASON", "SILENT", "CPU%"] and "WHERE" not in narrow
+    assert narrow == ["SESSION", "STATE/REASON", "SILENT", "CPU%", "TCP"] and "WHERE" not in narrow  # no names
+    named = [row_cells({**rows[0], "name": "work-0b"}, history)]
+    assert [COLUMNS[i].name for i, _ in layout(named, 80)] == ["SESSION", "NAME", "STATE/REASON", "SILENT"]
     assert dict(layout(cells, 80))[0] == len("a-rather-long-session-id-0123456789")  # the id is not cut
     wide = [COLUMNS[i].name for i, _ in layout(cells, 200)]
     assert wide == [c.name for c in COLUMNS]

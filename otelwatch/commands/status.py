@@ -30,6 +30,7 @@ COLUMNS = ("SESSION", "NAME", "AGENT", "PID", "USER", "STATE", "REASON", "FOR", 
            "TCP", "FDS", "DIR")
 KEEP = {"SESSION": 0, "STATE": 0, "REASON": 0, "SILENCE": 1, "NAME": 2, "CPU%": 3, "TCP": 4, "FOR": 5,
         "AGENT": 6, "PID": 7, "FDS": 8, "RSS": 9, "USER": 10, "DIR": 11}
+EMPTY_KEEP = 99  # the keep number of a column whose every cell is "-"
 SEVERITY = ("stuck", "stalled", "long_running", "active", "idle", "starting", "exited")
 DIR_MAX = 40
 _COLORS = {"active": "32", "idle": "36", "long_running": "34", "stalled": "33", "stuck": "31;1",
@@ -120,7 +121,10 @@ def format_table(sessions: Sequence[Mapping[str, Any]], now: float, *, color: bo
         ))
         states.append(str(s.get("state", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    shown = fit_columns(widths, [KEEP[c] for c in COLUMNS], width)
+    # A column with nothing to say (no session has a name, say) is the first to give way.
+    empty = [len(rows) > 1 and all(r[i] == "-" for r in rows[1:]) for i in range(len(COLUMNS))]
+    keep = [EMPTY_KEEP if empty[i] and KEEP[c] else KEEP[c] for i, c in enumerate(COLUMNS)]
+    shown = fit_columns(widths, keep, width)
     lines = []
     for n, row in enumerate(rows):
         line = "  ".join(row[i].ljust(widths[i]) for i in shown).rstrip()

@@ -256,10 +256,13 @@ def layout(rows: Sequence[Sequence[str]], width: int, columns: Sequence[Column] 
     def total() -> int:
         return sum(widths.values()) + len(widths) - 1
 
-    for i in sorted(range(len(columns)), key=lambda i: (-columns[i].priority, -i)):
+    # A column with nothing to say (no session has a name, say) is the first to give way.
+    priority = [99 if col.priority and rows and all(r[i] == "-" for r in rows) else col.priority
+                for i, col in enumerate(columns)]
+    for i in sorted(range(len(columns)), key=lambda i: (-priority[i], -i)):
         if total() <= width:
             break
-        if columns[i].priority > 0:
+        if priority[i] > 0:
             del widths[i]
     if total() > width:  # only the essentials left: squeeze them
         widths[STATE_COLUMN] = max(columns[STATE_COLUMN].min_width, widths[STATE_COLUMN] - (total() - width))
