@@ -3,8 +3,9 @@
 Every key has a default. Unknown keys and bad values raise `ConfigError` naming
 the dotted key and the reason. Durations are seconds (numbers) or strings such
 as "90s", "5m", "1h30m". This module does no I/O except reading the file named
-to `load_config`, and never looks at the environment except through the
-`environ` argument of `default_paths`.
+to `load_config` and looking for the default one (`find_config`), and never looks
+at the environment except through the `environ` arguments of `default_paths` and
+`find_config`.
 """
 
 from __future__ import annotations
@@ -183,13 +184,29 @@ def _string_map(value: object, key: str) -> dict[str, str]:
 
 def _notify_command(value: object, key: str) -> tuple[str, ...]:
     argv = _string_list(value, key)
-    allowed = ("session_id", "state", "reason", "agent", "event")
+    allowed = ("session_id", "state", "reason", "agent", "event", "name", "cwd", "user", "phase", "incident")
     for i, arg in enumerate(argv):
         unknown = [n for n in re.findall(r"\{([^{}]*)\}", arg) if n not in allowed]
         if unknown:
             names = ", ".join("{" + n + "}" for n in allowed)
             raise ConfigError(f"{key}[{i}]", f"unknown placeholder {{{unknown[0]}}}: use {names}")
     return argv
+
+
+def _cwd_patterns(value: object, key: str) -> tuple[str, ...]:
+    patterns = _string_list(value, key)
+    for i, pattern in enumerate(patterns):
+        if not pattern.startswith(("/", "*", "?", "[")):
+            raise ConfigError(f"{key}[{i}]", f"expected an absolute path or a glob, got {pattern!r}")
+    return patterns
+
+
+def _choices_list(value: object, key: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    items = _string_list(value, key)
+    for i, item in enumerate(items):
+        if item not in choices:
+            raise ConfigError(f"{key}[{i}]", f"expected one of {', '.join(map(repr, choices))}, got {item!r}")
+    return items
 
 
 def _url(value: object, key: str) -> str:
@@ -320,6 +337,7 @@ NOTIFY_STATES = ("idle", "active", "long_running", "stalled", "stuck")
 class NotifyConfig(_Checked):
     _section = "notify."
     # argv, report JSON on stdin; placeholders {session_id} {state} {reason} {agent} {event}
+    # {name} {cwd} {user} {phase} {incident}
     command: tuple[str, ...] = _f((), _notify_command)
     webhook: str = _f("", _url)  # POST JSON (Slack/Discord-compatible `text` + the full report)
     headers: Mapping[str, str] = _f({}, _string_map)  # webhook headers; "${VAR}" reads the environment
@@ -330,6 +348,14 @@ class NotifyConfig(_Checked):
     agents: tuple[str, ...] = _f((), _string_list)  # empty: every agent
     recovery: bool = _f(True, _bool)  # recovery requested/completed
     session_end: bool = _f(False, _bool)  # the summary line when a session ends
+    users: tuple[str, ...] = _f((), _string_list)  # owners of the agent's process (user names); empty: every user
+    # working directories: a path prefix or a glob ("/home/*/work/*"); empty: all
+    cwd: tuple[str, ...] = _f((), _cwd_patterns)
+    # exactly these states (instead of min_state); empty: min_state decides
+    states: tuple[str, ...] = _f((), lambda v, k: _choices_list(v, k, NOTIFY_STATES))
+    # a new incident's first message waits at most this long for a settled reason
+    settle: float = _f(60.0, _duration_in(0.0, 3600.0, positive=False))
+    all_clear: bool = _f(True, _bool)  # one message when an incident that was notified ends
 
 
 @dataclass(frozen=True)
@@ -489,6 +515,17 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every key a config file may set, as dotted names (`classify.stall_after`)."""
+    out: list[str] = []
+    for f in fields(cls):
+        if "check" in f.metadata:
+            out.append(prefix + f.name)
+        elif callable(f.default_factory):
+            out.extend(config_keys(type(f.default_factory()), prefix + f.name + "."))
+    return out
+
+
 def parse_config(data: Mapping[str, Any]) -> Config:
     """A validated `Config` from already-parsed TOML data."""
     cfg: Config = _build(Config, data, "")
@@ -507,6 +544,9 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if not cfg.http.allow_remote and not _is_loopback(host):
         raise ConfigError("http.listen", f"{host!r} is not a loopback address: POST /api/events would be open "
                           "to the network; set http.allow_remote = true to accept that")
+    notify = data.get("notify")
+    if isinstance(notify, Mapping) and notify.get("states") and "min_state" in notify:
+        raise ConfigError("notify.states", "set notify.states or notify.min_state, not both")
     r = cfg.recovery
     if r.action == "command" and not r.command:
         raise ConfigError("recovery.command", 'must be set when recovery.action = "command"')
@@ -520,6 +560,36 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+SYSTEM_CONFIG = Path("/etc/otelwatch/config.toml")
+
+
+def config_candidates(environ: Mapping[str, str]) -> list[Path]:
+    """Where `run`, `status` and `top` look for a config file when none is named:
+    `$XDG_CONFIG_HOME/otelwatch/config.toml` (a relative XDG_CONFIG_HOME is ignored,
+    as the XDG spec says; default ~/.config), then /etc/otelwatch/config.toml."""
+    xdg = environ.get("XDG_CONFIG_HOME", "")
+    home = environ.get("HOME") or str(Path.home())
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path(home) / ".config"
+    return [base / "otelwatch" / "config.toml", SYSTEM_CONFIG]
+
+
+def find_config(environ: Mapping[str, str]) -> Path | None:
+    """The first config file of `config_candidates` that exists (None: defaults)."""
+    for path in config_candidates(environ):
+        if os.path.lexists(path):  # present but unreadable is said by load_config, not skipped
+            return path
+    return None
+
+
+def with_listen(cfg: Config, listen: str) -> Config:
+    """`cfg` listening on `listen` (`otelwatch run --listen`), validated like http.listen."""
+    http = replace(cfg.http, listen=_listen(listen, "--listen"))
+    if not http.allow_remote and not _is_loopback(http.host):
+        raise ConfigError("--listen", f"{http.host!r} is not a loopback address: POST /api/events would be open "
+                          "to the network; set http.allow_remote = true in the config file to accept that")
+    return replace(cfg, http=http)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

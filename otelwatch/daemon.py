@@ -35,6 +35,7 @@ from otelwatch.probe.proctable import ProcessTable
 from otelwatch.recovery import Recovery
 from otelwatch.sessions.lifecycle import Effects, Lifecycle, add_sample, record_step, recovery_view
 from otelwatch.sessions.memory import SessionMemory
+from otelwatch.sessions.names import refresh_names
 from otelwatch.sessions.table import SessionTable, Tracked
 from otelwatch.sessions.visibility import BLIND_TURNS, FIX, capability_gaps
 from otelwatch.sources.hub import Sources
@@ -241,6 +242,7 @@ class Watcher:
         self._sources.poll_tails(self._sessions, now)
         self._sources.judge_turns(self._sessions)
         self._sample(table, now)
+        refresh_names(self._sessions.values(), table, now, self._prober.cwd)
         for tracked in self._sessions.values():
             try:
                 self._lifecycle.classify(tracked, now, self._watch_since)

@@ -603,6 +603,9 @@ class SessionSnapshot:
     visibility: Mapping[str, str | None] = field(default_factory=dict)
     uid: int | None = None  # the owner of the session's process
     user: str | None = None  # its name (the uid as text when it has none)
+    # Names a person recognises (names.py); never metric labels.
+    name: str | None = None  # the agent's own name for the session (Claude Code's `name`)
+    cwd: str | None = None  # the agent's working directory
 
     @property
     def live(self) -> bool:
@@ -612,6 +615,9 @@ class SessionSnapshot:
         return {
             "session_id": self.session_id,
             "agent": self.agent,
+            "name": self.name,
+            "cwd": self.cwd,
+            "user": self.user,
             "pid": self.pid,
             "create_time": self.create_time,
             "mode": self.mode.value,
@@ -635,7 +641,6 @@ class SessionSnapshot:
             "runtime": None if self.runtime is None else self.runtime.to_json(),
             "visibility": dict(self.visibility),
             "uid": self.uid,
-            "user": self.user,
             "sample_status": self.sample_status.value,
             "evidence": dict(self.evidence),
             # Provenance shown, never written to spool records: own events are the session's own word.

@@ -4,9 +4,10 @@ Agents run these on every tool call, so they must never slow or break the
 agent: they append one record to the session's spool file (see
 `sources.spool`) and exit 0 whatever happens, printing nothing on stdout
 (Claude Code reads hook stdout) and at most one line on stderr. They do not
-talk to the daemon and work when it is not running. Imports stay minimal
-(no psutil, no OpenTelemetry, no logging): the whole command is budgeted at
-well under 100 ms including interpreter start.
+talk to the daemon and work when it is not running. Everything they run is in
+`otelwatch.sources.hookpath` (standard library only): no model, config, psutil,
+OpenTelemetry or logging, so the command costs little more than the
+interpreter's own start (bench/bench_hook.py measures it).
 
 Reading stdin is bounded by time (`STDIN_TIMEOUT_S` for the whole read) and by
 memory (the first `MAX_PAYLOAD_BYTES` and the last 64 KiB are kept; the rest is
@@ -14,8 +15,8 @@ read and dropped, so the agent's write completes instead of failing with EPIPE).
 A payload that is complete JSON ends the read even if the writer never closes
 the pipe.
 
-The payload parsing (`payload_to_event`) lives in `sources.payloads`, shared with
-the daemon's `POST /api/events`; it is re-exported here.
+The payload rules (`hookpath.payload_fields`) are shared with the daemon's
+`POST /api/events` (`sources.payloads.payload_to_event`, re-exported here lazily).
 """
 
 from __future__ import annotations
@@ -25,18 +26,31 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, BinaryIO
 
-from otelwatch.model import Event
-from otelwatch.sources.payloads import payload_to_event
+from otelwatch.sources import hookpath
+from otelwatch.sources.hookpath import SHELLS, TYPE_CHECKING, agent_pid
 
-__all__ = ["MAX_PAYLOAD_BYTES", "STDIN_TIMEOUT_S", "agent_pid", "event_main", "hook_main", "payload_to_event"]
+if TYPE_CHECKING:  # as in hookpath: no typing import at run time
+    from typing import Any, BinaryIO
+
+    from otelwatch.sources.payloads import payload_to_event
+
+__all__ = ["MAX_PAYLOAD_BYTES", "SHELLS", "STDIN_TIMEOUT_S", "agent_pid", "event_main", "hook_main",
+           "payload_to_event"]
 
 MAX_PAYLOAD_BYTES = 4 << 20  # a PostToolUse payload carries the tool's output; we need the head
 STDIN_TIMEOUT_S = 2.0  # the whole stdin read: a writer that never closes must not hold the agent
 _CHUNK_BYTES = 1 << 20
 _TAIL_BYTES = 64 << 10  # of a truncated payload, the head and this much of the end are searched
-SHELLS = frozenset({"sh", "bash", "dash", "zsh", "fish", "ksh", "mksh", "busybox"})
+
+
+def __getattr__(name: str) -> Any:
+    if name == "payload_to_event":  # the daemon's parser: imports the model, so only on demand
+        from otelwatch.sources.payloads import payload_to_event
+
+        return payload_to_event
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def hook_main(agent: str, stdin: BinaryIO) -> int:
     """`otelwatch hook AGENT`: record the hook payload on stdin. Always returns 0."""
@@ -47,8 +61,8 @@ def hook_main(agent: str, stdin: BinaryIO) -> int:
         if not isinstance(sid, str) or not sid:
             _warn("hook payload has no session_id; nothing recorded")
             return 0
-        event = payload_to_event(payload, time.time(), "hook")
-        _record(sid, event, agent, None, payload)
+        t, fields = hookpath.payload_fields(payload, time.time())
+        _record(sid, hookpath.event_json(t, fields, "hook"), agent, None, payload)
     except Exception as exc:  # a hook must never fail the agent
         _warn(f"hook not recorded: {exc}")
     return 0
@@ -62,10 +76,10 @@ def event_main(session_id: str, type: str, *, tool: str | None = None, agent: st
             _warn("empty session id; nothing recorded")
             return 0
         simple = {"session_id": session_id, "type": type, "tool": tool}
-        event = payload_to_event(simple, time.time(), "event")
+        t, fields = hookpath.payload_fields(simple, time.time())
         # An event naming a PID is observed whatever runs it (DESIGN "Trust boundaries"):
         # only without --pid is it offered to the daemon's hook socket.
-        _record(session_id, event, agent, pid, simple if pid is None else None)
+        _record(session_id, hookpath.event_json(t, fields, "event"), agent, pid, simple if pid is None else None)
     except Exception as exc:
         _warn(f"event not recorded: {exc}")
     return 0
@@ -74,75 +88,32 @@ def event_main(session_id: str, type: str, *, tool: str | None = None, agent: st
 # --------------------------------------------------------------------------- internals
 
 
-# What of a payload the hook socket carries (the daemon parses it as POST does); a tool's
-# output is left out, so that every message stays small.
-_SOCKET_KEYS = ("session_id", "hook_event_name", "tool_name", "tool_use_id", "notification_type", "message",
-                "reason", "type", "tool", "tool_id")
-
-
-def _record(session_id: str, event: Event, agent: str | None, pid: int | None,
+def _record(session_id: str, event: Mapping[str, Any], agent: str | None, pid: int | None,
             payload: Mapping[str, Any] | None = None) -> None:
     """Deliver the event: over the daemon's hook socket when `payload` is given and a
-    daemon answers (own when the daemon finds us inside the session's process tree),
-    and to the spool in every case: there the record carries the session's PID (and,
-    when the socket took the event, `delivered`, so that it is not counted twice);
-    alone it is an observed event."""
-    from otelwatch.config import Config, default_paths
-    from otelwatch.sources.processes import AGENT_NAMES
-    from otelwatch.sources.spool import append_records, make_record
-
-    paths = default_paths(Config(), os.environ)
+    daemon answers (own when the daemon finds us inside the session's process tree,
+    sources/hook_socket.py), and to the spool in every case: there the record carries
+    the session's PID (and, when the socket took the event, `delivered`, so that it is
+    not counted twice); alone it is an observed event."""
     delivered = False
     if payload is not None:
-        from otelwatch.sources.hook_socket import send, socket_paths
-
-        message = {k: (v[:500] if isinstance(v, str) else v) for k in _SOCKET_KEYS
-                   if isinstance(v := payload.get(k), (str, int, float)) and not isinstance(v, bool)}
-        message["session_id"] = session_id
-        delivered = send(socket_paths(paths.state_dir, dict(os.environ)), message)
-    from otelwatch.probe.proctable import read_proc
-
+        sockets = hookpath.socket_paths(hookpath.state_dir(os.environ), os.environ)
+        delivered = hookpath.send(sockets, hookpath.socket_message(session_id, payload))
     create_time = ticks = None
     if pid is None:
         pid, create_time = agent_pid()
     if pid is not None:
         # Bind the pid to the process holding it now, so that the record can never be
-        # taken for a later process that reuses the PID. Its start in clock ticks since
-        # boot is what the daemon compares: unlike create_time (computed with this
-        # moment's btime) it does not move when the wall clock steps.
-        info = read_proc(pid)
-        if info is not None and (create_time is None or abs(info.create_time - create_time) < 1.5):
-            create_time, ticks = round(info.create_time, 2), info.start_ticks
-    agent = AGENT_NAMES.get(agent, agent) if agent else None
-    record = make_record(event, session_id, pid=pid, agent=agent, create_time=create_time, start_ticks=ticks)
+        # taken for a later process that reuses the PID.
+        ident = hookpath.pid_identity(pid)
+        if ident is not None and (create_time is None or abs(ident[0] - create_time) < 1.5):
+            create_time, ticks = ident
+    agent = hookpath.AGENT_NAMES.get(agent, agent) if agent else None
+    record = hookpath.make_record(event, session_id, pid=pid, agent=agent, create_time=create_time,
+                                  start_ticks=ticks)
     if delivered:
         record["delivered"] = True
-    append_records(paths.spool_dir, session_id, [record])
-
-
-def agent_pid(start: int | None = None) -> tuple[int | None, float | None]:
-    """(pid, create_time) of the first non-shell ancestor, starting at our parent.
-
-    One /proc/PID/stat read per step: psutil would cost more to import than the
-    whole hook may take.
-    """
-    from otelwatch.probe.proctable import read_boot_time, read_proc
-
-    pid = os.getppid() if start is None else start
-    try:
-        boot = read_boot_time()
-        for _ in range(16):
-            info = read_proc(pid, boot_time=boot)
-            if info is None:
-                break
-            if info.comm not in SHELLS or info.ppid <= 1:
-                return pid, round(info.create_time, 2)
-            pid = info.ppid
-        else:
-            return None, None
-    except OSError:
-        pass
-    return (pid if pid > 1 else None), None
+    hookpath.append_records(hookpath.spool_dir(os.environ), session_id, [record])
 
 
 def _decode_payload(data: bytes, tail: bytes, truncated: bool) -> Mapping[str, Any]:

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,8 @@ def start_hook_sockets(cfg: Config, paths: Paths, watcher: Watcher) -> list[Any]
     """The hook sockets (`sources.hook_socket`): in the state directory, and for a root
     daemon on the default state directory also /run/otelwatch/hook.sock, where other
     users' hooks look. One that cannot be bound is logged; hooks then use the spool."""
-    from otelwatch.sources.hook_socket import SOCKET_NAME, HookSocket
+    from otelwatch.sources.hook_socket import HookSocket
+    from otelwatch.sources.hookpath import SOCKET_NAME
 
     where = [paths.state_dir / SOCKET_NAME]
     if os.geteuid() == 0 and not cfg.state_dir and not os.environ.get("OTELWATCH_STATE_DIR"):
@@ -84,16 +86,25 @@ def start_hook_sockets(cfg: Config, paths: Paths, watcher: Watcher) -> list[Any]
     return out
 
 
-def run_daemon(cfg: Config) -> int:
-    """`otelwatch run`: serve until SIGTERM/SIGINT. Returns the process exit code."""
+def run_daemon(cfg: Config, *, config_file: str | None = None, log_format: str = "json",
+               listen_given: bool = False) -> int:
+    """`otelwatch run`: serve until SIGTERM/SIGINT. Returns the process exit code.
+
+    `log_format`: "json" (JSON lines on stderr), "text" (a start summary, then one
+    readable line per log line), or "auto" (text when stderr is a terminal)."""
+    from otelwatch.commands.startup import TextLog, listen_failed
+    from otelwatch.commands.startup import log_format as pick_format
     from otelwatch.http.server import HttpServer
     from otelwatch.sources.registry import RegistryRefused
     from otelwatch.telemetry import Telemetry
 
     paths = default_paths(cfg)
+    text = pick_format(log_format, sys.stderr) == "text"
     try:
         with state_dir_lock(paths):
-            telemetry = Telemetry(cfg)  # the watcher shuts it down
+            # the watcher shuts it down
+            log_stream: Any = TextLog(sys.stderr) if text else None  # a text stream like IO[str]
+            telemetry = Telemetry(cfg, log_stream=log_stream)
             watcher = Watcher(cfg, paths=paths, telemetry=telemetry)
             try:
                 watcher.start()  # refuses an unsafe registry directory before anything listens
@@ -115,7 +126,7 @@ def run_daemon(cfg: Config) -> int:
                     telemetry.prometheus_exposition if telemetry.prometheus_enabled else None,
                 ).start()
             except OSError as exc:
-                print(f"otelwatch: cannot listen on {cfg.http.listen}: {exc.strerror or exc}", file=sys.stderr)
+                print(listen_failed(cfg.http.listen, exc, config_file, listen_given), file=sys.stderr)
                 watcher.stop()
                 if notifier is not None:
                     notifier.shutdown(0.5)
@@ -135,7 +146,11 @@ def run_daemon(cfg: Config) -> int:
             package_log.setLevel(logging.INFO)
             package_log.propagate = False  # not a second, plain-text copy on stderr
             watcher._log("daemon.started", {"listen": server.url, "state_dir": str(paths.state_dir),
-                                            "registry_dir": str(paths.registry_dir), "pid": os.getpid()})
+                                            "registry_dir": str(paths.registry_dir), "pid": os.getpid(),
+                                            "config": config_file})
+            if isinstance(log_stream, TextLog):
+                _print_summary(cfg, paths, watcher, server.url, config_file, notifier is not None, stop)
+                log_stream.release()
             while not stop.wait(0.5):
                 pass
             watcher._log("daemon.stopping", {})
@@ -156,3 +171,23 @@ def run_daemon(cfg: Config) -> int:
     except PermissionError as exc:
         print(f"otelwatch: cannot use state directory {paths.state_dir}: {exc}", file=sys.stderr)
         return 1
+
+
+def _print_summary(cfg: Config, paths: Paths, watcher: Watcher, url: str, config_file: str | None,
+                   notify_on: bool, stop: threading.Event) -> None:
+    """The start summary on stderr, once the first tick has counted the sessions (or
+    after a bounded wait: a slow first tick must not keep the summary back for long)."""
+    import shutil
+
+    from otelwatch import __version__
+    from otelwatch.commands.startup import start_summary
+    from otelwatch.sessions.names import user_name
+
+    deadline = time.monotonic() + min(10.0, 2 * cfg.interval + cfg.probe_timeout)
+    while watcher.health().get("ticks", 0) < 1 and time.monotonic() < deadline and not stop.wait(0.05):
+        pass
+    ticked = watcher.health().get("ticks", 0) >= 1
+    print(start_summary(cfg, paths, sessions=[s.to_json() for s in watcher.sessions()], url=url,
+                        config_file=config_file, notify_on=notify_on, me=user_name(os.geteuid()),
+                        pid=os.getpid(), version=__version__, ticked=ticked,
+                        tmux_found=shutil.which("tmux") is not None), file=sys.stderr, flush=True)

@@ -8,7 +8,9 @@ pipeable. Reads only the daemon's HTTP API; never touches /proc.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -23,11 +25,31 @@ from typing import IO, Any
 
 from otelwatch.sessions.report import human_duration
 
-COLUMNS = ("SESSION", "AGENT", "PID", "STATE", "REASON", "FOR", "SILENCE", "CPU%", "RSS", "TCP", "FDS")
+# In display order, each with its keep priority: at a narrow width the highest number
+# goes first. SESSION (never cut: ids are copied from here), STATE and REASON stay.
+COLUMNS = ("SESSION", "NAME", "AGENT", "PID", "USER", "STATE", "REASON", "FOR", "SILENCE", "CPU%", "RSS",
+           "TCP", "FDS", "DIR")
+KEEP = {"SESSION": 0, "STATE": 0, "REASON": 0, "SILENCE": 1, "NAME": 2, "CPU%": 3, "TCP": 4, "FOR": 5,
+        "AGENT": 6, "PID": 7, "FDS": 8, "RSS": 9, "USER": 10, "DIR": 11}
+EMPTY_KEEP = 99  # the keep number of a column whose every cell is "-"
+SEVERITY = ("stuck", "stalled", "long_running", "active", "idle", "starting", "exited")
+DIR_MAX = 40
 # Whose sessions come first in the table: the caller's own, unless root (who sees all alike).
 _CALLER = os.getuid() if os.getuid() != 0 else None
 _COLORS = {"active": "32", "idle": "36", "long_running": "34", "stalled": "33", "stuck": "31;1",
            "exited": "90", "starting": "37"}
+
+
+def _finite(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
+
+
+def severity_key(s: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Most severe first (stuck, stalled, long_running, active, idle, starting, exited),
+    longest silence first within a state, then by id: the order of `status` and `top`."""
+    state = str(s.get("state"))
+    rank = SEVERITY.index(state) if state in SEVERITY else len(SEVERITY)
+    return (rank, -_finite(s.get("silence_s")), str(s.get("session_id")))
 
 
 def _bytes(n: int | None) -> str:
@@ -69,40 +91,92 @@ def sessions_path(user: str | None) -> str:
     return "/api/sessions" + ("" if not user else "?" + urllib.parse.urlencode({"user": user}))
 
 
+def safe(value: Any) -> str:
+    """A value from the API as one line of printable text (nothing a terminal would obey)."""
+    text = str(value)
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
+def short_dir(path: Any, limit: int = DIR_MAX) -> str:
+    """A working directory shortened from the left (its last parts say the most)."""
+    text = safe(path) if path else "-"
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
+
+
+def fit_columns(widths: Sequence[int], keep: Sequence[int], width: int | None) -> list[int]:
+    """Indexes of the columns that fit in `width` (two spaces between columns), dropping
+    the highest `keep` number first; columns with keep 0 are never dropped."""
+    shown = list(range(len(widths)))
+    if width is None:
+        return shown
+    for i in sorted(shown, key=lambda i: (-keep[i], -i)):
+        if sum(widths[j] for j in shown) + 2 * (len(shown) - 1) <= width:
+            break
+        if keep[i] > 0:
+            shown.remove(i)
+    return shown
+
+
 def format_table(sessions: Sequence[Mapping[str, Any]], now: float, *, color: bool = False,
-                 width: int = 24) -> str:
+                 width: int | None = None) -> str:
+    """The sessions, most severe first; at most `width` columns wide (None: every column,
+    every directory in full), dropping columns by KEEP. Session ids are never cut."""
     rows = [COLUMNS]
     states = []
-    def order(s: Mapping[str, Any]) -> tuple[bool, bool, str]:
-        return s.get("state") == "exited", _CALLER is not None and s.get("uid") != _CALLER, str(s.get("session_id"))
+    def order(s: Mapping[str, Any]) -> tuple[bool, Any]:
+        return _CALLER is not None and s.get("uid") != _CALLER, severity_key(s)
 
     for s in sorted(sessions, key=order):
         cpu = s.get("cpu_percent")
         since = s.get("state_since")
+        exited = s.get("state") == "exited"
         rows.append((
-            str(s.get("session_id", ""))[:width],
-            str(s.get("agent", ""))[:14],
+            safe(s.get("session_id", "")),
+            safe(s.get("name") or "-")[:32],
+            safe(s.get("agent", ""))[:14],
             str(s.get("pid") or "-"),
-            str(s.get("state", "")),
-            str(s.get("reason", "")),
+            safe(s.get("user") or "-")[:16],
+            safe(s.get("state", "")),
+            safe(s.get("reason", "")),
             human_duration(now - since) if isinstance(since, (int, float)) else "-",
-            human_duration(s.get("silence_s")) if s.get("state") != "exited" else "-",
-            "-" if cpu is None else f"{cpu:.0f}",
+            human_duration(s.get("silence_s")) if not exited else "-",
+            "-" if not isinstance(cpu, (int, float)) else f"{cpu:.0f}",
             _bytes(s.get("rss_bytes")),
             "-" if s.get("state") == "exited" else _tcp(s.get("tcp")),
             _fds(s),
+            short_dir(s.get("cwd")) if width is not None else safe(s.get("cwd") or "-"),
         ))
         states.append(str(s.get("state", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    # A column with nothing to say (no session has a name, say) is the first to give way.
+    empty = [len(rows) > 1 and all(r[i] == "-" for r in rows[1:]) for i in range(len(COLUMNS))]
+    keep = [EMPTY_KEEP if empty[i] and KEEP[c] else KEEP[c] for i, c in enumerate(COLUMNS)]
+    shown = fit_columns(widths, keep, width)
     lines = []
     for n, row in enumerate(rows):
-        line = "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
+        line = "  ".join(row[i].ljust(widths[i]) for i in shown).rstrip()
         if color and n > 0 and states[n - 1] in _COLORS:
             line = f"\x1b[{_COLORS[states[n - 1]]}m{line}\x1b[0m"
         lines.append(line)
     if len(rows) == 1:
         lines.append("(no sessions)")
     return "\n".join(lines)
+
+
+def table_width(stream: IO[str]) -> int | None:
+    """The width a table may take on `stream`: the terminal's (less the last column,
+    which some terminals wrap on), or None for a pipe or a file (every column)."""
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()):
+        return None
+    return max(20, shutil.get_terminal_size().columns - 1)
+
+
+def default_url(listen: str) -> str:
+    """The daemon's URL from its `http.listen`; a wildcard bind is reached on loopback."""
+    host, _, port = listen.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
+    return f"http://{host}:{port}"
 
 
 def fetch_sessions(url: str, timeout: float = 3.0, user: str | None = None) -> list[dict[str, Any]]:
@@ -221,7 +295,7 @@ def status_main(url: str, *, watch: bool = False, interval: float = 2.0, as_json
                     if as_json:
                         text = json.dumps(sessions, indent=2)
                     else:
-                        text = format_table(sessions, time.time(), color=color)
+                        text = format_table(sessions, time.time(), color=color, width=table_width(out))
                         if watch and screen.tty:
                             text += (f"\n\n{url}  every {interval:g} s  {time.strftime('%H:%M:%S')}"
                                      "  (Ctrl-C to stop; `otelwatch top` for a live view with details)")
@@ -242,4 +316,12 @@ def status_main(url: str, *, watch: bool = False, interval: float = 2.0, as_json
                     return 0
                 time.sleep(interval)
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # `status | head`: the reader has what it wanted. Point stdout at /dev/null so
+        # the interpreter's last flush at exit fails silently too, and end quietly.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+            os.close(devnull)
         return 0

@@ -34,13 +34,23 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from otelwatch.commands.status import _bytes, _fds, _tcp, own_first, sessions_path
+from otelwatch.commands.status import (
+    SEVERITY,
+    _bytes,
+    _fds,
+    _tcp,
+    default_url,
+    own_first,
+    safe,
+    sessions_path,
+    severity_key,
+    short_dir,
+)
 from otelwatch.sessions.report import human_duration
 
-__all__ = ["History", "Poll", "layout", "matches", "render_detail", "render_list", "sort_sessions",
+__all__ = ["History", "Poll", "default_url", "layout", "matches", "render_detail", "render_list", "sort_sessions",
            "sparkline", "top_main"]
 
-SEVERITY = ("stuck", "stalled", "long_running", "active", "idle", "starting", "exited")
 SORTS = ("severity", "silence", "cpu", "rss", "agent", "session")
 CPU_POINTS = 8  # sparkline width: 8 polls
 TRANSITIONS_KEPT = 30
@@ -50,10 +60,6 @@ SPARK_ASCII = "_.-:=+*#"
 
 Segment = tuple[str, str]  # (text, style); styles: "", "bold", "dim", "error", "header", "state:<name>"
 Line = list[Segment]
-
-
-def _rank(state: str) -> int:
-    return SEVERITY.index(state) if state in SEVERITY else len(SEVERITY)
 
 
 def _num(value: Any) -> float:
@@ -134,8 +140,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 def sort_sessions(sessions: Iterable[Mapping[str, Any]], key: str = "severity") -> list[Mapping[str, Any]]:
     """Most severe first (stuck, stalled, long_running, active, idle, starting, exited),
     longest silence first within a state; other keys put the largest first."""
-    def sev(s: Mapping[str, Any]) -> tuple[Any, ...]:
-        return (_rank(str(s.get("state"))), -_num(s.get("silence_s")), str(s.get("session_id")))
+    sev = severity_key  # the same order as `otelwatch status`
 
     keys: dict[str, Callable[[Mapping[str, Any]], tuple[Any, ...]]] = {
         "severity": sev,
@@ -150,15 +155,19 @@ def sort_sessions(sessions: Iterable[Mapping[str, Any]], key: str = "severity") 
 
 def matches(session: Mapping[str, Any], text: str) -> bool:
     """Filter terms, all must hold: `agent:X` (substring of the agent), `state:X` (state
-    starts with X), or a bare word found in the agent, state, reason or session id."""
+    starts with X), `user:X` (the owner is X), or a bare word found in the agent,
+    state, reason, session id, name, working directory or owner."""
     for term in text.lower().split():
         agent, state = str(session.get("agent", "")).lower(), str(session.get("state", "")).lower()
         if term.startswith("agent:"):
             ok = term[6:] in agent
         elif term.startswith("state:"):
             ok = state.startswith(term[6:])
+        elif term.startswith("user:"):
+            ok = str(session.get("user") or "").lower() == term[5:]
         else:
-            ok = any(term in str(session.get(k, "")).lower() for k in ("agent", "state", "reason", "session_id"))
+            ok = any(term in str(session.get(k) or "").lower()
+                     for k in ("agent", "state", "reason", "session_id", "name", "cwd", "user"))
         if not ok:
             return False
     return True
@@ -178,11 +187,21 @@ def sparkline(values: Sequence[float | None], width: int = CPU_POINTS, unicode: 
 
 
 def _where(s: Mapping[str, Any]) -> str:
+    """Where the session runs, shortest first: its pane, else its working directory, else its pid."""
     runtime = s.get("runtime")
     if isinstance(runtime, Mapping) and runtime.get("target"):
-        return f"{runtime.get('kind')} {runtime.get('target')}"
-    # The API has no cwd (it would need /proc at scrape time): the pid is what we have.
+        return safe(f"{runtime.get('kind')} {runtime.get('target')}")
+    if s.get("cwd"):
+        return short_dir(s.get("cwd"), 32)
     return f"pid {s.get('pid')}" if s.get("pid") else "-"
+
+
+def attach_command(s: Mapping[str, Any]) -> str | None:
+    """The command that reaches the session's pane, when its runtime says it."""
+    runtime = s.get("runtime")
+    if isinstance(runtime, Mapping) and runtime.get("attach"):
+        return safe(runtime.get("attach"))
+    return None
 
 
 @dataclass(frozen=True)
@@ -194,19 +213,23 @@ class Column:
     right: bool = False
 
 
-# In display order. At 80 columns the agent and the runtime pane are the first to go.
+# In display order. At 80 columns the agent, the owner and the process numbers go first;
+# where the session runs (its pane, else its directory) stays as long as it can.
 COLUMNS = (
-    Column("SESSION", 0, 10, 32),
-    Column("STATE/REASON", 0, 12, 26),
+    Column("SESSION", 0, 10, 48),
+    Column("NAME", 2, 4, 20),
+    Column("STATE/REASON", 0, 12, 36),  # never cut when it fits: the longest is 34
     Column("SILENT", 1, 6, 7, right=True),
-    Column("CPU%", 2, 4, 5, right=True),
-    Column("TREND", 3, CPU_POINTS, CPU_POINTS),
-    Column("RSS", 4, 6, 7, right=True),
-    Column("TCP", 5, 3, 12),
-    Column("CH", 6, 2, 3, right=True),
-    Column("AGENT", 7, 5, 16),
-    Column("WHERE", 8, 6, 24),
+    Column("CPU%", 3, 4, 5, right=True),
+    Column("TREND", 6, CPU_POINTS, CPU_POINTS),
+    Column("RSS", 7, 6, 7, right=True),
+    Column("TCP", 4, 3, 12),
+    Column("CH", 8, 2, 3, right=True),
+    Column("AGENT", 10, 5, 16),
+    Column("USER", 9, 4, 12),
+    Column("WHERE", 5, 6, 32),
 )
+STATE_COLUMN = 2
 
 
 def row_cells(s: Mapping[str, Any], history: History, unicode: bool = True) -> list[str]:
@@ -214,15 +237,17 @@ def row_cells(s: Mapping[str, Any], history: History, unicode: bool = True) -> l
     cpu = s.get("cpu_percent")
     exited = s.get("state") == "exited"
     return [
-        sid,
-        f"{s.get('state', '?')}/{s.get('reason', '?')}",
+        safe(sid),
+        safe(s.get("name") or "-"),
+        safe(f"{s.get('state', '?')}/{s.get('reason', '?')}"),
         "-" if exited else human_duration(s.get("silence_s")),
         "-" if not isinstance(cpu, (int, float)) else f"{cpu:.0f}",
         sparkline(list(history.cpu.get(sid, ())), CPU_POINTS, unicode),
         _bytes(s.get("rss_bytes")),
         "-" if exited else _tcp(s.get("tcp")),
         str(len(s.get("children") or ())),
-        str(s.get("agent", "")),
+        safe(s.get("agent", "")),
+        safe(s.get("user") or "-"),
         _where(s),
     ]
 
@@ -230,28 +255,29 @@ def row_cells(s: Mapping[str, Any], history: History, unicode: bool = True) -> l
 def layout(rows: Sequence[Sequence[str]], width: int, columns: Sequence[Column] = COLUMNS) -> list[tuple[int, int]]:
     """(column index, width) of the columns that fit in `width`, in display order.
 
-    Each column wants its widest cell (within its bounds); the session id gives way
-    first, then whole columns go by priority; leftover space goes back to the id."""
+    Each column wants its widest cell (within its bounds); whole columns go by priority
+    before a session id is cut (ids are what people copy), and only when the essentials
+    alone are too wide are the reason and then the id shortened."""
     want = []
     for i, col in enumerate(columns):
         widest = max([len(col.name), *(len(r[i]) for r in rows)])
         want.append(max(col.min_width, min(col.max_width, widest)))
     widths = dict(enumerate(want))
-    session_full = widths[0]
-    widths[0] = min(widths[0], max(columns[0].min_width, 14))
 
     def total() -> int:
         return sum(widths.values()) + len(widths) - 1
 
-    for i in sorted(range(len(columns)), key=lambda i: (-columns[i].priority, -i)):
+    # A column with nothing to say (no session has a name, say) is the first to give way.
+    priority = [99 if col.priority and rows and all(r[i] == "-" for r in rows) else col.priority
+                for i, col in enumerate(columns)]
+    for i in sorted(range(len(columns)), key=lambda i: (-priority[i], -i)):
         if total() <= width:
             break
-        if columns[i].priority > 0:
+        if priority[i] > 0:
             del widths[i]
     if total() > width:  # only the essentials left: squeeze them
-        widths[1] = max(columns[1].min_width, widths[1] - (total() - width))
+        widths[STATE_COLUMN] = max(columns[STATE_COLUMN].min_width, widths[STATE_COLUMN] - (total() - width))
         widths[0] = max(columns[0].min_width, widths[0] - max(0, total() - width))
-    widths[0] += max(0, min(session_full - widths[0], width - total()))
     return sorted(widths.items())
 
 
@@ -322,11 +348,17 @@ def _header(view: View, now: float) -> Line:
     return line
 
 
-def _status_line(view: View) -> Line:
-    """Counts per state and the view's settings; or the problem, when there is one."""
+def _status_line(view: View, width: int | None = None) -> Line:
+    """Counts per state and the view's settings; or the problem, when there is one.
+    At a narrow `width` the `filter:` and `PAUSED` marks stay: the sort setting goes
+    first, then the counts are shortened."""
     poll = view.poll
     if view.editing is not None:
-        return [("filter (agent:X state:X or words; Enter keeps, Esc cancels): ", "bold"), (view.editing + "_", "")]
+        hint = "filter (agent:X state:X user:X or words; Enter keeps, Esc cancels): "
+        was = f"  (was: {view.filter})" if view.filter else ""
+        if width is not None and len(hint) + len(view.editing) + 1 + len(was) > width:
+            hint = "filter (Enter applies, Esc keeps the old): "
+        return [(hint, "bold"), (view.editing + "_", ""), (was, "dim")]
     if poll is not None and poll.error is not None:
         seen = "never reached" if view.last_ok is None else \
             "data below from " + time.strftime("%H:%M:%S", time.localtime(view.last_ok))
@@ -340,12 +372,35 @@ def _status_line(view: View) -> Line:
     parts: Line = [(f"{counts[state]} {state}  ", f"state:{state}") for state in SEVERITY if counts.get(state)]
     if not parts:
         parts = [("no sessions  ", "dim")]
-    parts.append((f"sort: {view.sort}", "dim"))
+    marks: Line = []
     if view.filter:
-        parts.append((f"  filter: {view.filter}", "bold"))
+        marks.append((f"  filter: {view.filter}", "bold"))
     if view.paused:
-        parts.append(("  PAUSED (p resumes)", "error"))
-    return parts
+        marks.append(("  PAUSED (p resumes)", "error"))
+    sort: Line = [(f"sort: {view.sort}", "dim")]
+
+    def size(line: Line) -> int:
+        return sum(len(t) for t, _ in line)
+
+    if width is None or size(parts) + size(sort) + size(marks) <= width:
+        return parts + sort + marks
+    if view.paused and size(parts) + size(marks) > width:
+        marks[-1] = ("  PAUSED", "error")
+    room = max(0, width - size(marks))
+    out: Line = []  # the most severe counts that fit, then "..." for the rest
+    used = 0
+    for n, (text, style) in enumerate(parts):
+        last = n == len(parts) - 1
+        if used + len(text) > (room if last else room - 4):
+            out.append(("...", "dim"))
+            used += 3
+            break
+        out.append((text, style))
+        used += len(text)
+    if marks and size(marks) > width:  # a long filter: its start shows, cut at the edge
+        text, style = marks[0]
+        marks[0] = (text[:max(0, width - used - size(marks[1:]) - 1)] + "~", style)
+    return out + marks
 
 
 def wrap(lines: Sequence[Line], width: int, indent: int = 4) -> list[Line]:
@@ -379,7 +434,7 @@ def render_list(view: View, width: int, height: int, now: float) -> list[Line]:
     rows = view.rows()
     cells = [row_cells(s, view.history, view.unicode) for s in rows]
     cols = layout([*cells], width)
-    lines: list[Line] = [_header(view, now), _status_line(view)]
+    lines: list[Line] = [_header(view, now), _status_line(view, width)]
     lines.append([(" ".join(_fit(COLUMNS[i].name, w, COLUMNS[i].right) for i, w in cols), "header")])
     body = max(1, height - 4)
     ids = [str(s.get("session_id")) for s in rows]
@@ -394,7 +449,8 @@ def render_list(view: View, width: int, height: int, now: float) -> list[Line]:
         for k, (i, w) in enumerate(cols):
             if k:
                 segments.append((" ", ""))
-            segments.append((_fit(row[i], w, COLUMNS[i].right), f"state:{s.get('state')}" if i == 1 else ""))
+            segments.append((_fit(row[i], w, COLUMNS[i].right),
+                             f"state:{s.get('state')}" if i == STATE_COLUMN else ""))
         if n == index:
             segments = [(text, "selected" if not style else f"selected {style}") for text, style in segments]
             segments.append((" " * max(0, width - sum(len(t) for t, _ in segments)), "selected"))
@@ -431,8 +487,8 @@ def render_detail(session: Mapping[str, Any] | None, history: History, now: floa
     report = s.get("last_report") if isinstance(s.get("last_report"), Mapping) else None
     since = s.get("state_since")
     lines: list[Line] = [
-        [(sid, "bold"), (f"  {s.get('agent')}  pid {s.get('pid')}  {s.get('mode', '')}  via {s.get('source', '?')}",
-                         "")],
+        [(safe(sid), "bold"), (safe(f"  {s.get('agent')}  pid {s.get('pid')}  {s.get('mode', '')}  "
+                                    f"via {s.get('source', '?')}"), "")],
         [(f"{state}/{s.get('reason')}", f"state:{state}"),
          (f"  for {human_duration(now - since) if isinstance(since, (int, float)) else '?'}"
           f"  silent {human_duration(s.get('silence_s'))}"
@@ -442,6 +498,15 @@ def render_detail(session: Mapping[str, Any] | None, history: History, now: floa
           f"  RSS {_bytes(s.get('rss_bytes'))}  threads {s.get('threads') or '-'}  fds {_fds(s)}"
           f"  TCP {_tcp(s.get('tcp'))}  children {len(s.get('children') or ())}  where {_where(s)}", "")],
     ]
+    names = [f'name "{safe(s["name"])}"' if s.get("name") else "no name of its own",
+             f"user {safe(s.get('user') or '?')}", f"dir {safe(s.get('cwd') or '?')}"]
+    lines.insert(1, [("  ".join(names), "")])
+    attach = attach_command(s)
+    runtime = s.get("runtime") if isinstance(s.get("runtime"), Mapping) else None
+    if attach:
+        lines.insert(2, [("attach: ", "bold"), (attach, "")])
+    elif runtime and runtime.get("target"):
+        lines.insert(2, [(f"pane: {safe(runtime.get('kind'))} {safe(runtime.get('target'))}", "")])
     labels = s.get("labels") or {}
     if labels:
         lines.append([("labels " + " ".join(f"{k}={v}" for k, v in sorted(labels.items())), "dim")])
@@ -666,6 +731,7 @@ class _Painter:
             for text, style in line:
                 if x >= width:
                     break
+                text = safe(text)  # whatever a line holds, no control character reaches the terminal
                 with contextlib.suppress(curses.error):  # the bottom-right cell always "fails"
                     self.scr.addnstr(y, x, text, width - x, self.attr(style))
                 x += len(text)
@@ -736,7 +802,9 @@ def _handle_key(view: View, key: Any, rows: list[Mapping[str, Any]], page: int, 
     elif key in ("\n", "\r", curses.KEY_ENTER, curses.KEY_RIGHT, "l") and ids:
         view.detail, view.detail_top = ids[max(0, min(index, len(ids) - 1))], 0
     elif key in ("/", "f"):
-        view.editing = view.filter
+        # A fresh filter each time: the one in force stays until Enter replaces it (an
+        # empty one clears it) and comes back on Esc; the prompt shows it as "was:".
+        view.editing = ""
     elif key == "s":
         view.sort = SORTS[(SORTS.index(view.sort) + 1) % len(SORTS)]
     if ids:
@@ -767,7 +835,7 @@ def _loop(scr: Any, view: View, poller: Poller, color: bool) -> None:
                 session = next((s for s in view.sessions if str(s.get("session_id")) == view.detail), None)
                 body = wrap(render_detail(session, view.history, now, view.unicode), width)
                 view.detail_top = max(0, min(view.detail_top, len(body) - (height - 3)))
-                lines = [_header(view, now), _status_line(view)]
+                lines = [_header(view, now), _status_line(view, width)]
                 lines += body[view.detail_top:view.detail_top + max(0, height - 3)]
                 while len(lines) < height - 1:
                     lines.append([])
@@ -788,13 +856,6 @@ def _loop(scr: Any, view: View, poller: Poller, color: bool) -> None:
         if not _handle_key(view, key, view.rows(), max(1, height - 5), poller):
             return
         dirty = True
-
-
-def default_url(listen: str) -> str:
-    """The daemon's URL from its `http.listen`; a wildcard bind is reached on loopback."""
-    host, _, port = listen.rpartition(":")
-    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
-    return f"http://{host}:{port}"
 
 
 def top_main(url: str, interval: float = 2.0, *, color: bool | None = None, user: str | None = None) -> int:

@@ -27,9 +27,11 @@ from datetime import datetime
 from typing import Any
 
 from otelwatch.model import Activity, Event, EventKind
+from otelwatch.sources.hookpath import hook_fields
 
 __all__ = [
     "MAX_LINE_BYTES",
+    "event_of",
     "fold",
     "hook_event",
     "parse_events",
@@ -53,8 +55,6 @@ _ROLLOUT_TOOL_CLOSE = frozenset({"function_call_output", "custom_tool_call_outpu
 # after API errors and at exit, without a timestamp of their own.
 _CLAUDE_BOOKKEEPING = frozenset({"last-prompt", "atis-latch", "cost-state"})
 # Claude Code Notification types that mean a person is being waited on.
-_WAITING_NOTIFICATIONS = frozenset({"permission_prompt", "idle_prompt", "elicitation_dialog"})
-_WAITING_PHRASES = ("needs your permission", "waiting for your input", "needs your approval")
 # Codex announces a stream retry as "Reconnecting... 2/5" (and older releases as "stream
 # error: ...; retrying 2/5 in 400ms…"): the retry's number, the most it makes, the delay.
 _CODEX_RETRY = re.compile(
@@ -151,37 +151,15 @@ def fold(activity: Activity, events: Iterable[Event]) -> Activity:
 
 
 def hook_event(payload: Mapping[str, Any], t: float, source: str) -> Event:
-    """The event of a Claude Code hook payload (`hook_event_name` plus its fields).
+    """The event of a Claude Code hook payload (`hook_event_name` plus its fields): see
+    `hookpath.hook_fields`, which the hook command uses without building an Event."""
+    return event_of(t, hook_fields(payload), source)
 
-    UserPromptSubmit opens a turn, Stop closes it; PreToolUse opens a tool call
-    that PostToolUse / PostToolUseFailure close (by tool_use_id when given).
-    SubagentStop ends a subagent, not the main turn. Notification and
-    PermissionRequest are heartbeats; when they mean a person is asked
-    something they set awaiting_input.
-    """
-    name = str(payload.get("hook_event_name"))[:64]
-    tool = _opt(payload.get("tool_name"))
-    tool_id = _opt(payload.get("tool_use_id"))
-    if name == "UserPromptSubmit":
-        return Event(time=t, type=name, turn="open", awaiting_input=False, source=source)
-    if name == "PreToolUse":
-        return Event(time=t, type=name, tool=tool, tool_id=tool_id, tool_call="open", source=source)
-    if name in ("PostToolUse", "PostToolUseFailure"):
-        return Event(time=t, type=name, tool=tool, tool_id=tool_id, tool_call="close", source=source)
-    if name in ("Stop", "SessionEnd"):
-        return Event(time=t, type=name, turn="close", source=source, detail=_str(payload.get("reason")))
-    if name == "PermissionRequest":
-        return Event(time=t, type=name, kind=HEARTBEAT, tool=tool, awaiting_input=True, source=source)
-    if name == "Notification":
-        ntype = _str(payload.get("notification_type"))
-        message = _str(payload.get("message"))
-        waiting = ntype in _WAITING_NOTIFICATIONS or (
-            not ntype and any(p in message.lower() for p in _WAITING_PHRASES)
-        )
-        return Event(time=t, type=name, kind=HEARTBEAT, awaiting_input=True if waiting else None,
-                     source=source, detail=ntype or _short(message))
-    # SessionStart, SubagentStop, PreCompact, PostCompact and future hooks: work moved.
-    return Event(time=t, type=name, tool=tool, tool_id=tool_id, source=source)
+
+def event_of(t: float, fields: Mapping[str, Any], source: str) -> Event:
+    """An Event from `hookpath` keyword arguments (whose kind is the EventKind's value)."""
+    kind = _KINDS[fields["kind"]] if "kind" in fields else PROGRESS
+    return Event(time=t, source=source, **{**fields, "kind": kind})
 
 
 # --------------------------------------------------------------------------- Claude Code

@@ -33,6 +33,51 @@ def human_duration(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+def runtime_json(snap: SessionSnapshot) -> dict[str, Any] | None:
+    """The session's runtime as /api/sessions shows it (kind, target and whatever else it carries)."""
+    runtime = snap.runtime
+    if runtime is None:
+        return None
+    out: dict[str, Any] = {"kind": runtime.kind, "target": runtime.target}
+    for key in ("socket", "attach"):  # where the runtime knows them (a tmux pane's server, its attach command)
+        value = getattr(runtime, key, None)
+        if isinstance(value, str) and value:
+            out[key] = value
+    return out
+
+
+def who(session: Mapping[str, Any]) -> str:
+    """The session as a person knows it, from its /api/sessions fields: its own name (or
+    its id), agent and pid, owner, working directory and pane with the attach command.
+
+    e.g. '"work-0b" claude-code pid 20892 of alice in /home/alice/app, tmux work:0.1
+    (attach: tmux -S /tmp/tmux-1000/default attach -t work:0.1)'."""
+    name = session.get("name")
+    head = f'"{name}"' if name else str(session.get("session_id") or "?")
+    parts = [head, str(session.get("agent") or "unknown agent")]
+    if session.get("pid"):
+        parts.append(f"pid {session.get('pid')}")
+    if session.get("user"):
+        parts.append(f"of {session.get('user')}")
+    if session.get("cwd"):
+        parts.append(f"in {session.get('cwd')}")
+    text = " ".join(parts)
+    runtime = session.get("runtime")
+    if isinstance(runtime, Mapping) and runtime.get("target"):
+        text += f", {runtime.get('kind') or 'runtime'} {runtime.get('target')}"
+        if runtime.get("attach"):
+            text += f" (attach: {runtime.get('attach')})"
+    return text
+
+
+def _names(snap: SessionSnapshot) -> dict[str, Any]:
+    """The names a report carries (never metric labels), and the phrase built from them."""
+    fields: dict[str, Any] = {"name": snap.name, "cwd": snap.cwd, "user": snap.user,
+                              "runtime": runtime_json(snap)}
+    fields["who"] = who({"session_id": snap.session_id, "agent": snap.agent, "pid": snap.pid, **fields})
+    return fields
+
+
 def describe(verdict: Verdict, sample: TreeSample | None, wchans: Mapping[int, str] | None = None) -> str:
     """One sentence: what the root process is doing, on what, for how long.
 
@@ -108,6 +153,7 @@ def build_report(snap: SessionSnapshot, sample: TreeSample | None, activity: Act
         "session_id": snap.session_id,
         "agent": snap.agent,
         "pid": snap.pid,
+        **_names(snap),
         "state": snap.state.value,
         "reason": snap.reason.value,
         "summary": describe(verdict, sample, wchans),
@@ -146,6 +192,7 @@ def session_summary(snap: SessionSnapshot, *, ended_at: float, longest_silence_s
         "session_id": snap.session_id,
         "agent": snap.agent,
         "pid": snap.pid,
+        **_names(snap),
         "duration_s": round(max(0.0, ended_at - snap.started_at), 1),
         "final_state": snap.state.value,
         "final_reason": snap.reason.value,

@@ -205,6 +205,12 @@ class Tracked:
     # output) showed work: until then a turn-based session is not recoverable, since
     # an event alone (a forged or stray turn start) must never open the recovery gate.
     reacted_turn: float | None = None
+    # Names a person recognises (names.py): the agent's own name for the session, its
+    # working directory, its owner; shown, never metric labels.
+    name: str | None = None
+    cwd: str | None = None
+    user: str | None = None
+    names_read_at: float = 0.0
     untracked: bool = False  # its registration was removed: ends once the process is gone or at once
     dropped: bool = False  # no longer listed at all (untracked while alive)
     # Whether its turn information could be read: "ok", "denied", "disabled" or "none"
@@ -532,7 +538,9 @@ def snapshot_of(tracked: Tracked, now: float) -> SessionSnapshot:
         last_report=tracked.snapshot.last_report if tracked.snapshot else None,
         visibility=_visibility(tracked, sample if live else None),
         uid=uid,
-        user=user_name(uid),
+        user=tracked.user or user_name(uid),
+        name=tracked.name,
+        cwd=tracked.cwd,
     )
 
 

@@ -45,13 +45,12 @@ from typing import Any
 
 from otelwatch.model import ProcessIdentity
 from otelwatch.probe.proctable import read_proc
+from otelwatch.sources.hookpath import MAX_MESSAGE, send, socket_paths
 
 __all__ = ["CONN_TIMEOUT_S", "MAX_MESSAGE", "HookSocket", "ancestry", "send", "socket_paths"]
 
-MAX_MESSAGE = 64 << 10
 CONN_TIMEOUT_S = 0.5
 MAX_DEPTH = 64
-SOCKET_NAME = "hook.sock"
 
 
 def ancestry(pid: int, boot_time: float, proc_root: str = "/proc") -> list[tuple[ProcessIdentity, str]]:
@@ -74,44 +73,6 @@ def ancestry(pid: int, boot_time: float, proc_root: str = "/proc") -> list[tuple
     if again is None or again.identity != first.identity:
         return []  # the peer is gone: nothing can be said of what it was
     return out
-
-
-def socket_paths(state_dir: Path, environ: dict[str, str] | None = None) -> list[Path]:
-    """Where a hook looks for the daemon: OTELWATCH_HOOK_SOCKET, its user's state
-    directory, then the system daemon's (/run/otelwatch)."""
-    env = os.environ if environ is None else environ
-    out = []
-    if env.get("OTELWATCH_HOOK_SOCKET"):
-        out.append(Path(env["OTELWATCH_HOOK_SOCKET"]))
-    out.append(Path(state_dir) / SOCKET_NAME)
-    out.append(Path("/run/otelwatch") / SOCKET_NAME)
-    return out
-
-
-def send(paths: list[Path], message: dict[str, Any], timeout: float = 1.0) -> bool:
-    """Deliver one message to the first daemon socket that answers `ok`; False when none did."""
-    data = json.dumps(message, separators=(",", ":")).encode("utf-8", "replace")
-    if len(data) > MAX_MESSAGE:
-        return False
-    me = os.geteuid()
-    for path in paths:
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in (me, 0):
-            continue  # only a daemon of our own user or root hears our events
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(timeout)
-                sock.connect(str(path))
-                sock.sendall(data)
-                sock.shutdown(socket.SHUT_WR)
-                if sock.recv(16).startswith(b"ok"):
-                    return True
-        except OSError:
-            continue
-    return False
 
 
 class HookSocket:

@@ -55,11 +55,12 @@ from functools import cached_property
 
 from otelwatch.model import Mode, SessionSpec
 from otelwatch.probe.proctable import ProcessTable
+from otelwatch.sources import hookpath
 
 __all__ = ["AGENT_NAMES", "BUILTIN", "Builtin", "ProcessMatcher", "Program", "headless", "program_of"]
 
 # Names whose agent label differs (used by the exec wrapper and hooks too).
-AGENT_NAMES = {"claude": "claude-code"}
+AGENT_NAMES = hookpath.AGENT_NAMES  # one table: the hook names its agent the same way
 
 
 @dataclass(frozen=True)

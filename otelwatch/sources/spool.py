@@ -38,29 +38,15 @@ from typing import TYPE_CHECKING, Any
 from otelwatch.events.lines import parse_object
 from otelwatch.model import Event, Mode, SessionSpec
 from otelwatch.probe.proctable import create_time_of, record_start_ticks
+from otelwatch.sources.hookpath import MAX_RECORD_BYTES, safe_name
+from otelwatch.sources.hookpath import append_records as _append_records
+from otelwatch.sources.hookpath import make_record as _make_record
 from otelwatch.sources.trust import untrusted_dir, untrusted_file
 
 if TYPE_CHECKING:  # the reader's import (it pulls in logging) stays off the hook's path
     from otelwatch.sources.tail import FileTail
 
 __all__ = ["MAX_RECORD_BYTES", "SpoolSource", "append_records", "make_record", "safe_name", "spool_path"]
-
-MAX_RECORD_BYTES = 4096  # one record; longer details are cut so the append stays one small write
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-
-
-def safe_name(session_id: str) -> str:
-    """A file-name stem for a session id: no separators, no leading dot, bounded length.
-
-    Ids that needed changing get a hash suffix so two ids cannot share a file.
-    """
-    clean = "".join(c if c in _SAFE else "_" for c in session_id[:120]).replace("..", "_").lstrip(".")
-    if clean == session_id and clean:
-        return clean
-    import zlib  # only for ids that need it
-
-    digest = f"{zlib.crc32(session_id.encode('utf-8', 'surrogatepass')):08x}"
-    return f"{clean or 'session'}-{digest}"
 
 
 def spool_path(spool_dir: Path, session_id: str) -> Path:
@@ -69,46 +55,13 @@ def spool_path(spool_dir: Path, session_id: str) -> Path:
 
 def make_record(event: Event, session_id: str, *, pid: int | None = None, agent: str | None = None,
                 create_time: float | None = None, start_ticks: int | None = None) -> dict[str, Any]:
-    record: dict[str, Any] = {"otelwatch": 1, "session_id": session_id}
-    if pid is not None:
-        record["pid"] = pid
-    if create_time is not None:
-        record["create_time"] = create_time
-    if start_ticks is not None:
-        record["start_ticks"] = start_ticks  # what the daemon compares (create_time: older readers)
-    if agent:
-        record["agent"] = agent
-    record.update(event.to_json())
-    return record
+    return _make_record(event.to_json(), session_id, pid=pid, agent=agent, create_time=create_time,
+                        start_ticks=start_ticks)
 
 
 def append_records(spool_dir: Path, session_id: str, records: Iterable[Mapping[str, Any]]) -> Path:
-    """Append records to the session's spool file in one write. Raises OSError."""
-    lines = [_encode(rec) for rec in records]
-    path = spool_path(spool_dir, session_id)
-    if not lines:
-        return path
-    data = memoryview(b"".join(lines))
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except FileNotFoundError:
-        os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        while data:  # short only on a full disk: finish the line rather than leave half
-            data = data[os.write(fd, data):]
-    finally:
-        os.close(fd)
-    return path
-
-
-def _encode(rec: Mapping[str, Any]) -> bytes:
-    # "replace": a payload's JSON may hold lone surrogates ("\ud800"), which UTF-8 cannot carry.
-    line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
-    if len(line) > MAX_RECORD_BYTES:
-        rec = {k: v for k, v in rec.items() if k != "detail"}
-        line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
-    return line + b"\n"
+    """Append records to the session's spool file in one write (`hookpath.append_records`). Raises OSError."""
+    return Path(_append_records(spool_dir, session_id, records))
 
 
 RETENTION_S = 7 * 86400.0  # files of sessions untouched this long are removed

@@ -72,6 +72,7 @@ class ClaudeSession:
     status_at: float | None = None  # when the status was set (the CLI's own clock, seconds)
     waiting_for: str | None = None
     kind: str | None = None  # "interactive", ...
+    name: str | None = None  # the session's own name (`/rename`, or one the CLI gave it)
 
     @property
     def current(self) -> bool:
@@ -352,6 +353,7 @@ def _read_session_file(path: Path, pid: int, uid: int) -> ClaudeSession | None:
         status_at=float(at) / 1000.0 if isinstance(at, (int, float)) and not isinstance(at, bool) else None,
         waiting_for=_text(obj.get("waitingFor"), 120),
         kind=_text(obj.get("kind"), 32),
+        name=_text(obj.get("name"), 120),
     )
 
 

@@ -1,15 +1,17 @@
 """Notifications to a person: the `[notify]` section.
 
-Owns choosing which of the Watcher's reports a person hears about (stalled and
-stuck reports, which the classifier has already backed off; recovery steps;
-optionally state changes below stalled and session ends) and delivering them
-to a command (argv, the report as JSON on stdin) and/or a webhook (JSON with a
-Slack/Discord-compatible `text`/`content` summary plus the full report).
+Owns delivering what a person hears about to a command (argv, the notification
+as JSON on stdin) and/or a webhook (JSON with a Slack/Discord-compatible
+`text`/`content` summary, the full report and its `incident`). Which reports
+become notifications, as one thread per incident (open, repeats on the report
+backoff, one all-clear) with a held first message until its reason settles,
+is `notify_incidents.Threads`.
 
 `Notifier.submit` is a Watcher subscriber and runs on the loop thread, so it
-only filters and enqueues. Delivery runs on one worker thread per channel with
-a bounded queue: a hung command or a webhook that never answers delays other
-notifications of that channel, never a tick. Overflow is dropped and counted.
+only selects and enqueues; a timer thread releases held first messages.
+Delivery runs on one worker thread per channel with a bounded queue: a hung
+command or a webhook that never answers delays other notifications of that
+channel, never a tick. Overflow is dropped and counted.
 
 It must never run a shell, never add a rate of its own (volume follows the
 report backoff exactly), and never log a header value or the webhook URL's
@@ -36,8 +38,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from otelwatch.config import NOTIFY_STATES, ConfigError, NotifyConfig
+from otelwatch.telemetry.notify_incidents import Context, Threads, message_text, where, who
 
-__all__ = ["Notifier", "attach", "expand_argv", "expand_headers", "retry_delays", "selected", "summary_text"]
+__all__ = ["Notifier", "attach", "expand_argv", "expand_headers", "preflight", "retry_delays", "selected",
+           "summary_text"]
 
 SIGNAL = "notify"  # the `signal` attribute of otelwatch.export.failures
 QUEUE_SIZE = 64  # per channel; a person reads far fewer than this between two deliveries
@@ -45,7 +49,7 @@ SEVERITY = {state: rank for rank, state in enumerate(NOTIFY_STATES)}  # idle < .
 REPORT_EVENTS = frozenset({"session.stalled", "session.stuck"})
 RECOVERY_EVENTS = frozenset({"recovery.requested", "recovery.completed"})
 DISCORD_MAX = 2000  # Discord rejects a `content` longer than this
-_PLACEHOLDER = re.compile(r"\{(session_id|state|reason|agent|event)\}")
+_PLACEHOLDER = re.compile(r"\{(session_id|state|reason|agent|event|name|cwd|user|phase|incident)\}")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _STOP = object()
 
@@ -56,7 +60,8 @@ Log = Callable[[str, Mapping[str, Any], str], None]
 
 
 def selected(cfg: NotifyConfig, report: Mapping[str, Any]) -> bool:
-    """Whether `report` (one Watcher subscriber call) goes to a person.
+    """Whether `report`, taken alone, passes `min_state`, `reasons`, `agents` (the per-report
+    part of `Threads`, which also threads incidents and filters by user and directory).
 
     Stalled/stuck reports pass `min_state`, `reasons` and `agents`. A state change
     (`session.state`) is sent only for a state below stalled that `min_state` lets
@@ -83,7 +88,8 @@ def selected(cfg: NotifyConfig, report: Mapping[str, Any]) -> bool:
 
 
 def placeholders(report: Mapping[str, Any]) -> dict[str, str]:
-    """Values of {session_id} {state} {reason} {agent} {event} for one report.
+    """Values of {session_id} {state} {reason} {agent} {event} {name} {cwd} {user} {phase}
+    {incident} for one notification ('' where it has none).
 
     A session end gives its final state and reason; a recovery step gives its
     status when completed (e.g. `terminated`, `dry_run`), else the step name."""
@@ -93,12 +99,19 @@ def placeholders(report: Mapping[str, Any]) -> dict[str, str]:
         state, reason = report.get("final_state"), report.get("final_reason")
     elif event.startswith("recovery."):
         state = report.get("status") or report.get("step")
+    thread = report.get("incident")
+    incident: Mapping[str, Any] = thread if isinstance(thread, Mapping) else {}
     return {
         "session_id": str(report.get("session_id") or ""),
         "agent": str(report.get("agent") or ""),
         "event": event,
         "state": str(state or ""),
         "reason": str(reason or ""),
+        "name": str(report.get("name") or ""),
+        "cwd": str(report.get("cwd") or ""),
+        "user": str(report.get("user") or ""),
+        "phase": str(incident.get("phase") or ""),
+        "incident": str(incident.get("id") or ""),
     }
 
 
@@ -129,41 +142,78 @@ def expand_headers(headers: Mapping[str, str], environ: Mapping[str, str]) -> di
     return out
 
 
+def preflight(cfg: NotifyConfig, environ: Mapping[str, str]) -> list[str]:
+    """What would make a configured channel fail at its first incident, found now:
+    `notify.command`'s program not found on PATH (or not executable), and every
+    `${VAR}` in `notify.headers` that is not set. One "key: reason" line each."""
+    problems: list[str] = []
+    if cfg.command:
+        program = cfg.command[0]
+        if "/" in program:
+            if not os.path.isfile(program):
+                problems.append(f"notify.command[0]: {program!r} does not exist")
+            elif not os.access(program, os.X_OK):
+                problems.append(f"notify.command[0]: {program!r} is not executable")
+        else:
+            import shutil
+
+            path = environ.get("PATH", os.defpath)
+            if shutil.which(program, path=path) is None:
+                problems.append(f"notify.command[0]: {program!r} not found on PATH ({path})")
+    for name, value in cfg.headers.items():
+        for var in _ENV_REF.findall(value):
+            if var not in environ:
+                problems.append(f"notify.headers.{name}: environment variable {var} is not set")
+    return problems
+
+
 def retry_delays(retries: int, base: float = 1.0, cap: float = 30.0) -> list[float]:
     """Waits before each retry: base, 2x, 4x ... capped."""
     return [min(cap, base * (2.0 ** i)) for i in range(max(0, retries))]
 
 
 def summary_text(report: Mapping[str, Any], host: str = "") -> str:
-    """One line a person reads in a chat channel or a phone notification."""
+    """What a person reads in a chat channel or a phone notification: the headline, then
+    (when known) where the session is: directory, pane and the command to attach to it.
+    A notification of an incident (`incident` in it) says its phase and thread."""
+    if isinstance(report.get("incident"), Mapping):
+        return message_text(report, host)
+    line = _headline(report, host)
+    tail = where(report)
+    return f"{line}\n{tail}" if tail else line
+
+
+def _headline(report: Mapping[str, Any], host: str) -> str:
     event = str(report.get("event", ""))
-    sid = report.get("session_id", "?")
-    agent = report.get("agent") or "unknown agent"
-    where = f" on {host}" if host else ""
+    name = who(report)  # "work-0b" (claude-code, alice), or s1 (claude-code) without a name
+    at = f" on {host}" if host else ""
     if event in REPORT_EVENTS:
         nth = int(report.get("repeat") or 0)
         again = f" (repeat {nth})" if nth else ""
-        return (f"otelwatch{where}: {sid} ({agent}) is {report.get('state')}/{report.get('reason')}"
+        return (f"otelwatch{at}: {name} is {report.get('state')}/{report.get('reason')}"
                 f"{again}: {report.get('summary', '')}")
     if event.startswith("recovery."):
         step = report.get("step", event.split(".", 1)[1])
         status = f": {report['status']}" if report.get("status") else ""
         detail = f" ({report['detail']})" if report.get("detail") else ""
-        return f"otelwatch{where}: recovery of {sid} ({agent}, pid {report.get('pid')}) {step}{status}{detail}"
+        return f"otelwatch{at}: recovery of {name} {step}{status}{detail}"
     if event == "session.end":
-        return (f"otelwatch{where}: {sid} ({agent}) ended after {report.get('duration_s')} s, final state "
+        return (f"otelwatch{at}: {name} ended after {report.get('duration_s')} s, final state "
                 f"{report.get('final_state')}/{report.get('final_reason')}, {report.get('stalls', 0)} stall(s)")
     if event == "session.state":
-        return (f"otelwatch{where}: {sid} ({agent}) is now {report.get('state')}/{report.get('reason')}"
+        return (f"otelwatch{at}: {name} is now {report.get('state')}/{report.get('reason')}"
                 f" (was {report.get('previous')})")
-    return f"otelwatch{where}: {event} for {sid} ({agent})"
+    return f"otelwatch{at}: {event} for {name}"
 
 
 def webhook_body(report: Mapping[str, Any], host: str = "") -> bytes:
-    """Slack reads `text`, Discord needs `content`; both ignore the rest."""
+    """Slack reads `text`, Discord needs `content`; both ignore the rest. `incident`
+    (id, phase, message number) lets a receiver keep one thread per incident."""
     text = summary_text(report, host)
-    return json.dumps({"text": text, "content": text[:DISCORD_MAX], "report": dict(report)},
-                      default=str).encode()
+    body: dict[str, Any] = {"text": text, "content": text[:DISCORD_MAX], "report": dict(report)}
+    if isinstance(report.get("incident"), Mapping):
+        body["incident"] = dict(report["incident"])
+    return json.dumps(body, default=str).encode()
 
 
 def redact_url(url: str) -> str:
@@ -216,8 +266,13 @@ class Notifier:
         retry_base: float = 1.0,
         queue_size: int = QUEUE_SIZE,
         host: str | None = None,
+        clock: Callable[[], float] = time.time,
+        proc_context: bool = True,
     ) -> None:
         self.cfg = cfg
+        self._clock = clock
+        self._threads = Threads(cfg, Context(proc=proc_context))
+        self._timer_wake = threading.Condition()
         self._count = count_failure or (lambda signal: None)
         self._log = log or _stderr_log
         self._headers = expand_headers(cfg.headers, os.environ if environ is None else environ)
@@ -246,21 +301,78 @@ class Notifier:
             ch.thread = threading.Thread(target=self._work, args=(ch,), name=f"otelwatch-notify-{ch.name}",
                                          daemon=True)
             ch.thread.start()
+        self._timer: threading.Thread | None = None
+        if self._channels and cfg.settle > 0:
+            self._timer = threading.Thread(target=self._release_held, name="otelwatch-notify-settle", daemon=True)
+            self._timer.start()
 
     @property
     def enabled(self) -> bool:
         return bool(self._channels)
 
     def submit(self, report: Mapping[str, Any]) -> None:
-        """Watcher subscriber: select and enqueue; never blocks, never raises."""
-        if self._closed or not selected(self.cfg, report):
+        """Watcher subscriber: thread into incidents, select and enqueue; never blocks on a
+        delivery, never raises."""
+        if self._closed or not self._channels:
             return
-        item = dict(report)
+        try:
+            with self._timer_wake:
+                messages = self._threads.observe(report, self._clock())
+                if self._threads.next_deadline() is not None:
+                    self._timer_wake.notify()
+        except Exception as exc:  # a bug in selection must not reach the loop
+            self._safe_log("notify_error", {"error": repr(exc)}, "error")
+            return
+        for message in messages:
+            self._enqueue(message)
+
+    def _enqueue(self, message: Mapping[str, Any]) -> None:
+        item = dict(message)
         for ch in self._channels:
             try:
                 ch.queue.put_nowait(item)
             except queue.Full:
                 self._drop(1)
+
+    def _release_held(self) -> None:
+        """Send a held first message when its `settle` time is up (unless it settled first)."""
+        while not self._closed:
+            with self._timer_wake:
+                deadline = self._threads.next_deadline()
+                wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - self._clock()))
+                if wait > 0:
+                    self._timer_wake.wait(wait)
+                if self._closed:
+                    return
+                try:
+                    messages = self._threads.due(self._clock())
+                except Exception as exc:
+                    self._safe_log("notify_error", {"error": repr(exc)}, "error")
+                    messages = []
+            for message in messages:
+                self._enqueue(message)
+
+    def test(self, message: Mapping[str, Any]) -> list[tuple[str, str, bool, str]]:
+        """Deliver `message` once through every channel now (no queue, no retries):
+        (channel, destination, delivered, what happened) per channel."""
+        results = []
+        for ch in self._channels:
+            try:
+                detail = self._test_one(ch, message)
+            except _Failure as exc:
+                results.append((ch.name, ch.destination, False, self._scrub(str(exc))))
+            except Exception as exc:
+                results.append((ch.name, ch.destination, False, self._scrub(repr(exc))))
+            else:
+                results.append((ch.name, ch.destination, True, detail))
+        return results
+
+    def _test_one(self, ch: _Channel, message: Mapping[str, Any]) -> str:
+        if ch.name == "webhook":
+            status = self._post_once(webhook_body(message, self._host))
+            return f"delivered (HTTP {status})"
+        self._run_command(message)
+        return "ran, exit status 0"
 
     def shutdown(self, timeout: float = 2.0) -> None:
         """Deliver what is queued until `timeout`, then abandon the rest. Safe to call twice."""
@@ -270,6 +382,8 @@ class Notifier:
             self._closed = True
         deadline = time.monotonic() + max(0.0, timeout)
         self._deadline = deadline
+        with self._timer_wake:
+            self._timer_wake.notify_all()
         for ch in self._channels:
             with contextlib.suppress(queue.Full):
                 ch.queue.put_nowait(_STOP)
@@ -331,6 +445,8 @@ class Notifier:
             raise _Failure(f"cannot run {argv[0]!r}: {exc.strerror or exc}", retry=False) from None
         with self._lock:
             self._running.add(proc)
+        if self._abort.is_set():  # shutdown's kill ran while this one was being started
+            _kill_group(proc)
         try:
             try:
                 _, err = proc.communicate(data, timeout=self.cfg.timeout)
@@ -365,7 +481,7 @@ class Notifier:
                 if self._abort.wait(max(delays[attempt - 1], exc.wait)):
                     raise _Failure(f"{exc} (gave up at shutdown after attempt {attempt})", retry=False) from None
 
-    def _post_once(self, body: bytes) -> None:
+    def _post_once(self, body: bytes) -> int:
         from otelwatch import __version__
 
         req = urllib.request.Request(self.cfg.webhook, data=body, method="POST", headers={
@@ -373,6 +489,7 @@ class Notifier:
         try:
             with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
                 resp.read(1 << 16)
+                return int(resp.status)
         except urllib.error.HTTPError as exc:
             # 429 and 5xx may pass; any other 4xx (bad URL, revoked token) will not.
             retry = exc.code == 429 or exc.code >= 500
@@ -427,7 +544,9 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
-        proc.communicate(timeout=1.0)
+        # wait, not communicate: the worker may be in communicate() on it at the same time,
+        # and on a loaded host a killed process takes a moment to be gone.
+        proc.wait(timeout=1.0)
     for pipe in (proc.stdin, proc.stderr):
         with contextlib.suppress(Exception):
             if pipe is not None:
@@ -450,5 +569,8 @@ def attach(watcher: Any, cfg: NotifyConfig | None = None, *, environ: Mapping[st
     telemetry = getattr(watcher, "telemetry", None)
     notifier = Notifier(cfg, count_failure=getattr(telemetry, "count_export_failure", None),
                         log=getattr(telemetry, "log", None), environ=environ, retry_base=retry_base)
+    for problem in preflight(cfg, os.environ if environ is None else environ):
+        # Said at start, not at the first incident (check-config refuses it outright).
+        notifier._safe_log("notify_misconfigured", {"problem": problem}, "warning")
     watcher.subscribe(notifier.submit)
     return notifier

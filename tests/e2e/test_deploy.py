@@ -66,7 +66,7 @@ def test_system_unit_keys() -> None:
     unit = parse_unit(SYSTEMD / "otelwatch.service")
     assert set(unit) == {"Unit", "Service", "Install"}
     assert one(unit, "Service", "ExecStart") == (
-        "/usr/local/bin/otelwatch run --config /etc/otelwatch/otelwatch.toml")
+        "/usr/local/bin/otelwatch run --config /etc/otelwatch/config.toml")  # the default file status reads
     assert one(unit, "Service", "Restart") == "on-failure"
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
     assert one(unit, "Service", "NoNewPrivileges") == "yes"

@@ -6,6 +6,7 @@ commands never delay a tick)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -209,24 +210,30 @@ def test_non_retryable_http_error_is_not_retried(hooks: Hooks) -> None:
 def test_command_gets_argv_placeholders_and_report_on_stdin(tmp_path: Path) -> None:
     out, recorder = tmp_path / "runs.jsonl", tmp_path / "recorder.py"
     recorder.write_text(RECORDER)  # a file: a NotifyConfig rejects {...} that is not a placeholder
-    cfg = NotifyConfig(command=(sys.executable, str(recorder), str(out), "{session_id}", "{state}", "{event}"))
-    n = Notifier(cfg, log=Recorder().log)
+    cfg = NotifyConfig(command=(sys.executable, str(recorder), str(out), "{session_id}", "{state}", "{event}",
+                                "{phase}", "{incident}"))
+    n = Notifier(cfg, log=Recorder().log, proc_context=False)
     try:
         n.submit(STUCK)
-        n.submit({**STUCK, "state": "active", "event": "session.state"})  # not selected
-        wait_for(lambda: n.sent == 1, timeout=5)
+        n.submit({**STUCK, "state": "starting", "event": "session.state"})  # not selected alone ...
+        n.submit({**STUCK, "state": "active", "event": "session.state"})  # ... but the all-clear is
+        wait_for(lambda: n.sent == 2, timeout=5)
     finally:
         n.shutdown(1.0)
     runs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(runs) == 1
-    assert runs[0]["argv"] == ["s1", "stuck", "session.stuck"] and runs[0]["stdin"]["summary"] == STUCK["summary"]
+    assert len(runs) == 2
+    assert runs[0]["argv"] == ["s1", "stuck", "session.stuck", "open", "s1#1"]
+    assert runs[0]["stdin"]["summary"] == STUCK["summary"]
+    assert runs[1]["argv"] == ["s1", "starting", "session.state", "resolved", "s1#1"]
+    assert runs[1]["stdin"]["incident"]["resolution"] == "back to starting"
 
 
 def test_hanging_command_is_killed_and_submit_never_blocks(tmp_path: Path) -> None:
     pidfile = tmp_path / "pids"
     hang = (sys.executable, "-c", HANG, str(pidfile))
     rec = Recorder()
-    n = Notifier(NotifyConfig(command=hang, timeout=0.3), count_failure=rec.count, log=rec.log, queue_size=2)
+    # 1 s: a Python start on a loaded 2-core host can take longer than 0.3 s before it writes its pid.
+    n = Notifier(NotifyConfig(command=hang, timeout=1.0), count_failure=rec.count, log=rec.log, queue_size=2)
     try:
         t0 = time.monotonic()
         for i in range(20):
@@ -314,7 +321,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             extra = merge(NOTIFY_FAST, {"notify": notify} if notify else {})
             daemons[name] = start_daemon(tmp / name, extra, wait=False, env={"OTW_NOTIFY_TOKEN": TOKEN})
         for d in daemons.values():
-            wait_for(lambda d=d: _healthy(d), timeout=15, interval=0.1)
+            wait_for(functools.partial(_healthy, d), timeout=15, interval=0.1)
         started = time.monotonic()
         for name, d in daemons.items():
             proc, events = d.agent("hung")
@@ -370,7 +377,9 @@ def test_hung_agent_notifies_on_the_report_backoff_schedule(fleet: dict[str, Any
     wait_for(lambda: len([p for p in posts() if p[2]["report"]["state"] == "stuck"]) >= 3, timeout=6)
     time.sleep(max(0.0, first + 3.6 - time.monotonic(), 0.5))
     got = posts()
-    reports = _reports(d, "hung-good")
+    # A first report whose reason is not settled yet (insufficient_samples) is held: the
+    # settled one that follows opens the incident instead (notify.settle).
+    reports = [r for r in _reports(d, "hung-good") if r["reason"] != "insufficient_samples"]
     assert [(p[2]["report"]["state"], p[2]["report"]["repeat"]) for p in got] == \
         [(r["state"], r["repeat"]) for r in reports]
     stuck = [p for p in got if p[2]["report"]["state"] == "stuck"]
@@ -387,14 +396,16 @@ def test_hung_agent_notifies_on_the_report_backoff_schedule(fleet: dict[str, Any
     assert TOKEN not in d.log_path.read_text(errors="replace")
 
 
+def _failed_twice(d: Daemon) -> bool:
+    return _counter(d.metrics(), 'otelwatch_export_failures_total{signal="notify"}') >= 2
+
+
 @pytest.mark.e2e
 def test_dead_endpoints_and_hanging_command_never_delay_a_tick(fleet: dict[str, Any]) -> None:
     daemons = fleet["daemons"]
     failing = ("silent", "refused")
     for name in failing:  # both channels failed at least once: timeouts, refusals, kills
-        wait_for(lambda name=name: _counter(daemons[name].metrics(),
-                                            'otelwatch_export_failures_total{signal="notify"}') >= 2,
-                 timeout=12, interval=0.2)
+        wait_for(functools.partial(_failed_twice, daemons[name]), timeout=12, interval=0.2)
     assert fleet["silent"].accepted, "the silent webhook was never called"
     assert fleet["hung_pids"].exists(), "the hanging command never ran"
     stats = {name: _hist(daemons[name].metrics()) for name in (*failing, "none")}

@@ -192,11 +192,11 @@ def test_the_state_file_keeps_identities_across_a_clock_step() -> None:
 
 
 STEPPED = """
-import otelwatch.probe.proctable as p
-_real = p.read_boot_time
-def read_boot_time(proc_root="/proc"):
-    return _real(proc_root) + 20.0  # the wall clock stepped 20 s after the daemon started
-p.read_boot_time = read_boot_time
+import otelwatch.sources.hookpath as p
+_real = p._boot_time
+def _boot_time():
+    return _real() + 20.0  # the wall clock stepped 20 s after the daemon started
+p._boot_time = _boot_time
 """
 
 

@@ -31,13 +31,15 @@ SESSION = {"session_id": "s1", "agent": "claude-code", "pid": 42, "state": "stuc
 class FakeApi:
     """A real loopback server answering /api/sessions like the daemon (the shape is the contract)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sessions: list[dict[str, Any]] | None = None) -> None:
+        listing = json.dumps([SESSION] if sessions is None else sessions).encode()
+
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
             def do_GET(self) -> None:
-                body = json.dumps([SESSION]).encode()
+                body = listing
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -164,3 +166,118 @@ def test_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 
+
+
+# --------------------------------------------------------------------------- order, pipes, width
+
+
+def _row(sid: str, state: str, reason: str, silence: float, **kw: Any) -> dict[str, Any]:
+    return {**SESSION, "session_id": sid, "state": state, "reason": reason, "silence_s": silence, **kw}
+
+
+MIXED = [_row("e-1", "exited", "process_exited", 0), _row("a-1", "active", "recent_progress", 1),
+         _row("s-short", "stalled", "waiting_on_network", 30), _row("k-1", "stuck", "no_activity", 90),
+         _row("s-long", "stalled", "cpu_spin", 300), _row("i-1", "idle", "no_open_turn", 500),
+         _row("l-1", "long_running", "tool_running", 50)]
+
+
+def test_status_and_watch_are_sorted_by_severity_like_top() -> None:
+    from otelwatch.commands.top import sort_sessions
+
+    api = FakeApi(MIXED)
+    try:
+        plain = subprocess.run([sys.executable, "-m", "otelwatch", "status", "--url", api.url],
+                               capture_output=True, text=True, timeout=30, cwd=str(REPO))
+        watch = subprocess.Popen(_status(api.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
+        try:
+            first = b""
+            deadline = time.monotonic() + 15
+            while first.count(b"\n") < len(MIXED) + 1 and time.monotonic() < deadline:
+                ready, _, _ = select.select([watch.stdout], [], [], 0.5)
+                if ready:
+                    first += os.read(watch.stdout.fileno(), 65536)  # type: ignore[union-attr]
+        finally:
+            watch.send_signal(signal.SIGINT)
+            watch.communicate(timeout=10)
+    finally:
+        api.close()
+    want = [s["session_id"] for s in sort_sessions(MIXED)]
+    assert want[:4] == ["k-1", "s-long", "s-short", "l-1"] and want[-1] == "e-1"
+    for text in (plain.stdout, first.decode()):
+        ids = [line.split()[0] for line in text.splitlines()[1:len(MIXED) + 1]]
+        assert ids == want, text
+
+
+def test_status_into_a_closed_pipe_ends_quietly() -> None:
+    many = [_row(f"session-{n:05d}-{'x' * 40}", "active", "recent_progress", n) for n in range(3000)]
+    api = FakeApi(many)
+    try:
+        for extra in ("", "--watch --interval 0.2"):
+            cmd = f"{sys.executable} -m otelwatch status --url {api.url} {extra} | head -n 3"
+            out = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}; echo rc=$?"],
+                                 capture_output=True, text=True, timeout=60, cwd=str(REPO))
+            assert len(out.stdout.splitlines()) == 4 and out.stdout.splitlines()[0].startswith("SESSION")
+            assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+            assert out.stdout.rstrip().endswith("rc=0"), out.stdout[-200:]
+    finally:
+        api.close()
+
+
+def test_columns_give_way_by_priority_at_80() -> None:
+    from otelwatch.commands.status import COLUMNS, format_table
+
+    rows = [_row("claude-code-20892-1796609719", "long_running", "tool_call_without_progress", 75,
+                 name="work-0b", user="alice", cwd="/home/alice/src/app", tcp={"ESTABLISHED": 1}),
+            *MIXED]
+    wide = format_table(rows, time.time(), width=None)
+    assert wide.splitlines()[0].split() == list(COLUMNS)
+    for width in (80, 100, 120):
+        text = format_table(rows, time.time(), width=width)
+        header = text.splitlines()[0].split()
+        assert all(len(line) <= width for line in text.splitlines()), text
+        assert header[:1] == ["SESSION"] and "STATE" in header and "REASON" in header and "SILENCE" in header
+        assert "claude-code-20892-1796609719" in text  # never cut
+        assert "FDS" not in header or "SILENCE" in header  # SILENCE stays longer than FDS
+    assert format_table(rows, time.time(), width=80).splitlines()[0].split() == [
+        "SESSION", "STATE", "REASON", "SILENCE"]
+    assert format_table(rows, time.time(), width=100).splitlines()[0].split() == [
+        "SESSION", "NAME", "STATE", "REASON", "SILENCE", "CPU%", "TCP"]
+    # Nobody has a name: that empty column gives way first (CPU%, TCP and FOR show instead).
+    nameless = format_table(MIXED, time.time(), width=80).splitlines()[0].split()
+    assert "NAME" not in nameless and {"SILENCE", "CPU%"} <= set(nameless), nameless
+    assert "NAME" in format_table(MIXED, time.time(), width=None).splitlines()[0].split()
+    # Too narrow even for the essentials: they stay whole (the terminal wraps), nothing else shows.
+    assert format_table(rows, time.time(), width=10).splitlines()[0].split() == ["SESSION", "STATE", "REASON"]
+
+
+def test_status_on_an_80_column_terminal_fits_it() -> None:
+    api = FakeApi([_row("claude-code-20892-1796609719", "stalled", "tool_call_without_progress", 75,
+                        name="work-0b", user="alice", cwd="/home/alice/src/app"), *MIXED])
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": "80", "LINES": "24", "NO_COLOR": "1"}
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "otelwatch", "status", "--url", api.url], stdin=slave,
+                                stdout=slave, stderr=slave, cwd=str(REPO), env=env, start_new_session=True)
+        os.close(slave)
+        out = b""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        proc.wait(timeout=10)
+    finally:
+        os.close(master)
+        api.close()
+    lines = out.decode().replace("\r", "").splitlines()
+    assert lines[0].split() == ["SESSION", "STATE", "REASON", "SILENCE"], lines  # all that fits 80
+    assert all(len(line) <= 80 for line in lines), lines
+    assert any(line.startswith("claude-code-20892-1796609719 ") for line in lines)

@@ -71,7 +71,10 @@ def test_columns_fit_80_by_priority_and_all_show_when_wide() -> None:
     cells = [row_cells(r, history) for r in rows]
     narrow = [COLUMNS[i].name for i, _ in layout(cells, 80)]
     assert sum(w for _, w in layout(cells, 80)) + len(narrow) - 1 <= 80
-    assert narrow[:4] == ["SESSION", "STATE/REASON", "SILENT", "CPU%"] and "WHERE" not in narrow
+    assert narrow == ["SESSION", "STATE/REASON", "SILENT", "CPU%", "TCP"] and "WHERE" not in narrow  # no names
+    named = [row_cells({**rows[0], "name": "work-0b"}, history)]
+    assert [COLUMNS[i].name for i, _ in layout(named, 80)] == ["SESSION", "NAME", "STATE/REASON", "SILENT"]
+    assert dict(layout(cells, 80))[0] == len("a-rather-long-session-id-0123456789")  # the id is not cut
     wide = [COLUMNS[i].name for i, _ in layout(cells, 200)]
     assert wide == [c.name for c in COLUMNS]
     assert len(_text(render_list(View(url="http://x", interval=1, sessions=rows, poll=Poll(0.0, rows)),
@@ -136,6 +139,66 @@ def test_cursor_stays_on_top_until_moved_then_follows_its_session() -> None:
     _handle_key(view, "\n", view.rows(), 10, NoPoller())  # type: ignore[arg-type]
     assert view.detail == "b"
     assert _handle_key(view, "q", view.rows(), 10, NoPoller()) is False  # type: ignore[arg-type]
+
+
+class _NoPoller:
+    paused = False
+
+    def wake(self) -> None:
+        pass
+
+
+def test_header_keeps_filter_and_paused_at_80_columns() -> None:
+    rows = [_s(f"s{n}", state) for n, state in enumerate(
+        ["stuck", "stalled", "long_running", "active", "idle", "starting", "exited"] * 3)]
+    view = View(url="http://127.0.0.1:9464", interval=1, sessions=rows, poll=Poll(0.0, rows),
+                filter="agent:claude state:st", paused=True)
+    for width in (80, 60):
+        lines = _text(render_list(view, width, 24, 1000.0))
+        assert all(len(line) <= width for line in lines), lines
+        assert "filter: agent:claude state:st" in lines[1] and "PAUSED" in lines[1], lines[1]
+    wide = _text(render_list(view, 160, 24, 1000.0))[1]
+    assert "3 stuck" in wide and "sort: severity" in wide and "PAUSED (p resumes)" in wide
+
+
+def test_f_starts_a_fresh_filter_and_esc_keeps_the_old_one() -> None:
+    rows = [_s("a", "active", agent="codex"), _s("b", "stuck", name="work-0b", cwd="/home/alice/app", user="alice")]
+    view = View(url="http://x", interval=1, sessions=rows, poll=Poll(0.0, rows))
+    for key in ("f", *"codex", "\n"):
+        _handle_key(view, key, view.rows(), 10, _NoPoller())  # type: ignore[arg-type]
+    assert view.filter == "codex" and [r["session_id"] for r in view.rows()] == ["a"]
+    _handle_key(view, "/", view.rows(), 10, _NoPoller())  # type: ignore[arg-type]
+    assert view.editing == ""  # cleared, not the old text to append to
+    assert "(was: codex)" in "".join(t for t, _ in render_list(view, 120, 10, 0.0)[1])
+    for key in ("w", "o", "r", "k"):
+        _handle_key(view, key, view.rows(), 10, _NoPoller())  # type: ignore[arg-type]
+    _handle_key(view, "\x1b", view.rows(), 10, _NoPoller())  # type: ignore[arg-type]
+    assert view.filter == "codex" and view.editing is None  # Esc: the old filter stays
+    for key in ("f", *"work-0b", "\n"):
+        _handle_key(view, key, view.rows(), 10, _NoPoller())
+    assert view.filter == "work-0b" and [r["session_id"] for r in view.rows()] == ["b"]  # names match
+    assert matches(rows[1], "user:alice") and matches(rows[1], "/home/alice") and not matches(rows[0], "user:alice")
+
+
+def test_names_and_the_attach_command_in_list_and_drilldown() -> None:
+    attach = "tmux -S /tmp/tmux-1000/default attach -t work:0.1"
+    s = _s("claude-code-20892-1796609719", "stalled", "waiting_on_network", name="work-0b", user="alice",
+           cwd="/home/alice/src/app", runtime={"kind": "tmux", "target": "work:0.1", "attach": attach})
+    history = History()
+    history.update([s], 1000.0)
+    cells = row_cells(s, history)
+    assert cells[COLUMNS.index(next(c for c in COLUMNS if c.name == "NAME"))] == "work-0b"
+    text = "\n".join(_text(render_detail(s, history, 1010.0)))
+    assert 'name "work-0b"' in text and "user alice" in text and "dir /home/alice/src/app" in text
+    assert f"attach: {attach}" in text
+    # Without an attach command (another user's server, or an older daemon): the pane itself.
+    plain = {**s, "runtime": {"kind": "tmux", "target": "work:0.1"}, "name": None}
+    text = "\n".join(_text(render_detail(plain, history, 1010.0)))
+    assert "pane: tmux work:0.1" in text and "no name of its own" in text
+    # Nothing a process wrote reaches the terminal as an escape sequence.
+    evil = _s("x\x1b[2J", "active", name="\x1b]0;pwned\x07")
+    assert all("\x1b" not in cell for cell in row_cells(evil, history))
+    assert "\x1b" not in "".join(_text(render_detail(evil, history, 1010.0)))
 
 
 def test_parse_metrics_sums_over_labels() -> None:

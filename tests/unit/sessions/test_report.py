@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 from otelwatch.commands.status import format_table
 from otelwatch.model import (
     Activity,
@@ -7,6 +9,7 @@ from otelwatch.model import (
     ProcessIdentity,
     ProcessSample,
     Reason,
+    Runtime,
     SampleStatus,
     SessionSnapshot,
     State,
@@ -14,7 +17,7 @@ from otelwatch.model import (
     TreeSample,
     Verdict,
 )
-from otelwatch.sessions.report import build_report, describe, human_duration, session_summary
+from otelwatch.sessions.report import build_report, describe, human_duration, session_summary, who
 
 
 def _sample(status: str = "S", tcp: dict[str, int] | None = None, cpu: float = 0.0, children: int = 0) -> TreeSample:
@@ -96,8 +99,25 @@ def test_summary() -> None:
     line = session_summary(_snap(State.EXITED, Reason.PROCESS_EXITED), ended_at=1300.0, longest_silence_s=512.3,
                            stalls=2, recoveries=1)
     assert line == {"event": "session.end", "session_id": "s1", "agent": "claude-code", "pid": 100,
+                    "name": None, "cwd": None, "user": None, "runtime": None, "who": "s1 claude-code pid 100",
                     "duration_s": 1200.0, "final_state": "exited", "final_reason": "process_exited", "events": 7,
                     "malformed": 0, "longest_silence_s": 512.3, "stalls": 2, "recoveries": 1}
+
+
+def test_reports_and_the_end_line_name_the_session_as_a_person_knows_it() -> None:
+    snap = _snap(name="work-0b", cwd="/home/alice/app", user="alice", runtime=Runtime("tmux", "work:0.1"))
+    report = build_report(snap, _sample(), Activity(), repeat=0, next_in_s=60.0)
+    assert report["name"] == "work-0b" and report["cwd"] == "/home/alice/app" and report["user"] == "alice"
+    assert report["runtime"] == {"kind": "tmux", "target": "work:0.1"}
+    assert report["who"] == '"work-0b" claude-code pid 100 of alice in /home/alice/app, tmux work:0.1'
+    end = session_summary(replace(snap, state=State.EXITED), ended_at=1300.0, longest_silence_s=1.0,
+                          stalls=0, recoveries=0)
+    assert end["who"] == report["who"] and end["name"] == "work-0b"
+    # A runtime that knows how to reach its pane says so (another branch adds `attach`).
+    api = {**snap.to_json(), "runtime": {"kind": "tmux", "target": "w:1.0",
+                                         "attach": "tmux -S /tmp/tmux-1000/default attach -t w:1.0"}}
+    assert who(api).endswith("tmux w:1.0 (attach: tmux -S /tmp/tmux-1000/default attach -t w:1.0)")
+    assert who({"session_id": "s9", "agent": "codex"}) == "s9 codex"
 
 
 def test_status_table() -> None:
@@ -105,7 +125,7 @@ def test_status_table() -> None:
             _snap(State.EXITED, Reason.PROCESS_EXITED, session_id="s0").to_json()]
     text = format_table(rows, now=1000.0)
     lines = text.splitlines()
-    assert lines[0].split()[:4] == ["SESSION", "AGENT", "PID", "STATE"]
+    assert lines[0].split()[:5] == ["SESSION", "NAME", "AGENT", "PID", "USER"]
     assert lines[1].split()[0] == "s1" and "2EST" in lines[1] and "8m20s" in lines[1]  # exited sorts last
     assert lines[2].split()[0] == "s0"
     assert format_table([], 0).endswith("(no sessions)")
