@@ -39,6 +39,7 @@ from otelwatch.model import (
     TreeSample,
     Verdict,
 )
+from otelwatch.tooltree import tool_processes
 
 __all__ = [
     "LATE_TICK_MIN_S",
@@ -231,6 +232,18 @@ def classify(
         # An open tool call is never stuck: a hung tool deserves a person's look
         # (and a report), not an automatic kill of the agent around it.
         return verdict(State.STALLED, Reason.TOOL_CALL_WITHOUT_PROGRESS)
+
+    # A tool the agent's records do not show until it ends (Gemini CLI, aider's /run,
+    # Claude Code's background work): a child started inside the turn, alive (tooltree.py).
+    running = tool_processes(latest, activity.turn_opened_at if activity.turn_open else None) \
+        if info.infer_tools else ()
+    if running:
+        first = running[0]
+        tool_age = now - max(first.create_time, watch_since)
+        what = f"{first.name} (pid {first.pid}) started in the turn, alive {round(now - first.create_time)} s"
+        if tool_age < cfg.tool_stall_after:
+            return verdict(State.LONG_RUNNING, Reason.TOOL_RUNNING, what)
+        return verdict(State.STALLED, Reason.TOOL_CALL_WITHOUT_PROGRESS, what)
 
     if hb_fresh:
         # Some other heartbeat (tool progress, SSE ping, hook notification) with

@@ -26,7 +26,9 @@ from typing import Any
 from otelwatch.classify import SampleWindow, classify, fingerprint, next_report, work_cpu_percent
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
+    Activity,
     EscalationStep,
+    Reason,
     RecoveryStep,
     SampleStatus,
     SessionInfo,
@@ -39,8 +41,8 @@ from otelwatch.recovery.policy import SessionView
 from otelwatch.report import build_report, session_summary
 from otelwatch.sessions import Tracked, snapshot_of
 
-__all__ = ["LAST_REPORT_KEYS", "RECOVERIES_KEPT", "Effects", "Lifecycle", "add_sample", "record_step",
-           "recovery_view"]
+__all__ = ["INFER_TOOL_AGENTS", "LAST_REPORT_KEYS", "RECOVERIES_KEPT", "Effects", "Lifecycle", "add_sample",
+           "infers_tools", "record_step", "recovery_view"]
 
 # What SessionSnapshot.last_report keeps of a report: the evidence a person drills into.
 LAST_REPORT_KEYS = ("event", "state", "reason", "summary", "root", "children", "connections",
@@ -78,6 +80,30 @@ def add_sample(tracked: Tracked, sample: TreeSample, horizon: float) -> None:
         tracked.samples.popleft()
 
 
+# Agents whose records show a tool call only when it ends, or not at all (see tooltree.py).
+INFER_TOOL_AGENTS = frozenset({"gemini", "aider", "opencode"})
+# Claude Code's session-file statuses while it works in the background after its turn:
+# Agent-tool subagents ("busy") and run_in_background shells ("shell").
+_CLAUDE_BACKGROUND = frozenset({"busy", "shell"})
+
+
+def infers_tools(tracked: Tracked) -> bool:
+    """Whether a tool at work is looked for in this session's process tree."""
+    claude = tracked.claude
+    return tracked.spec.agent in INFER_TOOL_AGENTS or (claude is not None and claude.status in _CLAUDE_BACKGROUND)
+
+
+def _turn_opened_since(activity: Activity, events_before: int | None) -> bool:
+    """Whether a turn opened among the events that arrived since the count `events_before`
+    (and is closed again: a turn still open keeps the session out of idle anyway)."""
+    if events_before is None or activity.turn_open:
+        return False
+    new = activity.events - events_before
+    if new <= 0:
+        return False
+    return any(e.turn == "open" for e in activity.recent[-new:])
+
+
 def recovery_view(tracked: Tracked, cfg: ClassifyConfig) -> SessionView | None:
     """What recovery judges of a live session with a usable sample; None for any other."""
     sample, verdict = tracked.latest, tracked.verdict
@@ -111,6 +137,7 @@ class Lifecycle:
         self.effects = effects
         # By the identity of the Tracked (which a re-key keeps); dropped when it ends.
         self._windows: dict[int, tuple[Tracked, SampleWindow]] = {}
+        self._events_seen: dict[int, int] = {}  # its event count at the previous tick
 
     def classify(self, tracked: Tracked, now: float, watch_since: float) -> None:
         """This tick's verdict for a session, with what follows from it: a transition,
@@ -137,12 +164,26 @@ class Lifecycle:
             # a tailed file or the spool (exec wrapper, hooks), or events fed by the API
             has_event_source=tracked.spec.events_path is not None or tracked.activity.events > 0,
             runtime_alive=tracked.spec.runtime_alive,
+            infer_tools=infers_tools(tracked),
         )
         held = self._windows.get(id(tracked))
         if held is None or held[0] is not tracked:
             held = self._windows[id(tracked)] = (tracked, SampleWindow())
         verdict = classify(self.cfg, info, tuple(tracked.samples), tracked.activity, now,
                            watch_since, previous=tracked.verdict, window=held[1])
+        seen_events, self._events_seen[id(tracked)] = self._events_seen.get(id(tracked)), tracked.activity.events
+        if old is not None and old is not State.ACTIVE and verdict.state is State.IDLE \
+                and _turn_opened_since(tracked.activity, seen_events):
+            # A turn that opened and closed between two ticks was work all the same: it
+            # counts once as active (a transition, the state counter) before the idle.
+            tracked.verdict = replace(verdict, state=State.ACTIVE, reason=Reason.RECENT_PROGRESS)
+            tracked.state_since = now
+            tracked.snapshot = snapshot_of(tracked, now)
+            self.effects.transitioned(tracked.snapshot, old)
+            self.effects.emit({"event": "session.state", "session_id": tracked.key, "agent": tracked.spec.agent,
+                               "state": State.ACTIVE.value, "reason": Reason.RECENT_PROGRESS.value,
+                               "previous": old.value, "detail": "a turn opened and closed within one tick"})
+            old = State.ACTIVE
         tracked.verdict = verdict
         if verdict.state is not old:
             tracked.state_since = now
@@ -187,6 +228,7 @@ class Lifecycle:
         """A session ends: one summary line; it stays listed for exited_retention."""
         tracked.ended_at = now
         self._windows.pop(id(tracked), None)
+        self._events_seen.pop(id(tracked), None)
         self.effects.release(tracked)
         snap = tracked.snapshot or snapshot_of(tracked, now)
         summary = session_summary(snap, ended_at=now, longest_silence_s=tracked.longest_silence,

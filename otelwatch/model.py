@@ -443,6 +443,8 @@ class SessionInfo:
     started_at: float  # wall clock when we first saw it
     has_event_source: bool
     runtime_alive: bool | None = None
+    # The agent's records may not show a tool while it runs: look for one in the process tree.
+    infer_tools: bool = False
 
 
 @dataclass(frozen=True)

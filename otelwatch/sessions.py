@@ -49,7 +49,7 @@ from otelwatch.report import children_detail
 if TYPE_CHECKING:
     from otelwatch.classify import ReportSchedule
     from otelwatch.proctable import ProcessTable
-    from otelwatch.sources.tail import FileTail
+    from otelwatch.sources.feeds import EventFeed
     from otelwatch.sources.tmux import PaneInfo
     from otelwatch.sources.transcripts import ClaudeSession
 
@@ -179,7 +179,7 @@ class Tracked:
     identity: ProcessIdentity | None = None
     samples: deque[TreeSample] = field(default_factory=deque)
     activity: Activity = field(default_factory=Activity)
-    tail: FileTail | None = None
+    tail: EventFeed | None = None  # its events file, transcript or agent database
     verdict: Verdict | None = None
     state_since: float = 0.0
     schedule: ReportSchedule | None = None

@@ -1,7 +1,10 @@
 """Where one agent process keeps its transcripts: its own config directories, from its environment.
 
 Claude Code writes under `$CLAUDE_CONFIG_DIR` (default `~/.claude`), Codex under
-`$CODEX_HOME` (default `~/.codex`), and `~` is the agent's `$HOME`, not
+`$CODEX_HOME` (default `~/.codex`), Gemini CLI under `$GEMINI_CLI_HOME/.gemini`
+(default `~/.gemini`), opencode under `$XDG_DATA_HOME/opencode` (default
+`~/.local/share/opencode`), aider where `AIDER_CHAT_HISTORY_FILE` says (default:
+its project), and `~` is the agent's `$HOME`, not
 otelwatch's: a daemon running as a service user, or agents started with another
 HOME, would otherwise look in the wrong place and follow no transcript at all.
 So the directories are read from the process's initial environment
@@ -21,14 +24,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["AgentDirResolver", "AgentDirs", "dirs_from", "read_environ"]
 
 # The variables that say where an agent keeps its files; the rest of the environment
 # (secrets among it) is never kept.
-_WANTED = (b"HOME", b"CLAUDE_CONFIG_DIR", b"CODEX_HOME")
+_WANTED = (b"HOME", b"CLAUDE_CONFIG_DIR", b"CODEX_HOME", b"GEMINI_CLI_HOME", b"XDG_DATA_HOME",
+           b"AIDER_CHAT_HISTORY_FILE")
 _ENVIRON_MAX = 1 << 20  # an environment is at most a few hundred KiB; read no more
 
 
@@ -36,10 +40,17 @@ _ENVIRON_MAX = 1 << 20  # an environment is at most a few hundred KiB; read no m
 class AgentDirs:
     claude: Path  # Claude Code's config directory (sessions/, projects/)
     codex: Path  # Codex's home (sessions/YYYY/MM/DD/rollout-*.jsonl)
+    # Gemini CLI's directory (tmp/<project>/chats/), opencode's data directory (opencode.db),
+    # aider's history file as its environment names it (relative to its cwd), and the
+    # process's user (None: any, when not known). Not compared: derived from the same home.
+    gemini: Path | None = field(default=None, compare=False)
+    opencode: Path | None = field(default=None, compare=False)
+    aider_history: str | None = field(default=None, compare=False)
+    uid: int | None = field(default=None, compare=False)
 
 
 def dirs_from(env: Mapping[str, str], default_home: Path,
-              trusted: Callable[[Path], bool] | None = None) -> AgentDirs:
+              trusted: Callable[[Path], bool] | None = None, uid: int | None = None) -> AgentDirs:
     """The agent's directories from its environment, each variable used only when
     `trusted(path)` says so (all are, without a check). Pure but for `trusted`."""
     def ok(value: str | None) -> Path | None:
@@ -49,8 +60,12 @@ def dirs_from(env: Mapping[str, str], default_home: Path,
         return path if trusted is None or trusted(path) else None
 
     home = ok(env.get("HOME")) or default_home
+    history = env.get("AIDER_CHAT_HISTORY_FILE") or None
     return AgentDirs(claude=ok(env.get("CLAUDE_CONFIG_DIR")) or home / ".claude",
-                     codex=ok(env.get("CODEX_HOME")) or home / ".codex")
+                     codex=ok(env.get("CODEX_HOME")) or home / ".codex",
+                     gemini=(ok(env.get("GEMINI_CLI_HOME")) or home) / ".gemini",
+                     opencode=(ok(env.get("XDG_DATA_HOME")) or home / ".local" / "share") / "opencode",
+                     aider_history=history[:4096] if history else None, uid=uid)
 
 
 class _Trust:
@@ -100,11 +115,11 @@ class AgentDirResolver:
             uid = os.stat(f"{self.proc_root}/{pid}").st_uid
         except OSError:
             return self._default
-        return dirs_from(env, self.default_home, _Trust(uid))
+        return dirs_from(env, self.default_home, _Trust(uid), uid)
 
 
 def read_environ(pid: int, proc_root: str = "/proc") -> dict[str, str]:
-    """HOME, CLAUDE_CONFIG_DIR and CODEX_HOME from pid's initial environment; {} when
+    """The variables in `_WANTED` from pid's initial environment; {} when
     it cannot be read (another user's process, gone, a kernel thread)."""
     try:
         with open(f"{proc_root}/{pid}/environ", "rb") as fh:

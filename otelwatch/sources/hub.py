@@ -22,8 +22,9 @@ from otelwatch.events import fold
 from otelwatch.model import Event, SessionSpec
 from otelwatch.proctable import ProcessTable
 from otelwatch.sessions import SessionTable
+from otelwatch.sources.feeds import open_feed
 from otelwatch.sources.spool import PRUNE_EVERY_S, RETENTION_S, remove_older_than
-from otelwatch.sources.tail import FileTail, open_regular
+from otelwatch.sources.tail import open_regular
 from otelwatch.sources.tmux import PaneInfo
 from otelwatch.sources.transcripts import fold_transcript, status_events
 
@@ -204,7 +205,7 @@ class Sources:
                 if tracked.tail is not None:
                     tracked.tail.close()  # the agent moved on to a new transcript (/clear, /resume)
                 source = "transcript" if tracked.spec.source in _TRANSCRIPT_SOURCES else "stream"
-                tracked.tail = FileTail(path, source=source)
+                tracked.tail = open_feed(tracked.spec.agent, path, source)
             if tracked.ended_at is not None:
                 continue
             if tracked.tail is not None:

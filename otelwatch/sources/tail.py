@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -126,10 +127,13 @@ class FileTail:
     """
 
     def __init__(self, path: str | Path, source: str = "stream", json_only: bool = True,
-                 *, max_read: int = DEFAULT_MAX_READ) -> None:
+                 *, max_read: int = DEFAULT_MAX_READ,
+                 parser: Callable[[bytes, float, str], list[Event] | None] | None = None) -> None:
         self.path = str(path)
         self.source = source
         self.json_only = json_only
+        # An agent's own line format (Gemini's chat files, aider's markdown); default: parse_events.
+        self.parser = parser
         self.max_read = max_read
         self.errors = 0  # OS errors seen (each poll that failed counts once)
         self.last_error = ""
@@ -152,7 +156,10 @@ class FileTail:
         events: list[Event] = []
         malformed = 0
         for line, t in self._poll_lines(now):
-            parsed = parse_events(line, t, self.source, json_only=self.json_only)
+            if self.parser is not None:
+                parsed = self.parser(line, t, self.source)
+            else:
+                parsed = parse_events(line, t, self.source, json_only=self.json_only)
             if parsed is None:
                 malformed += 1
             else:
