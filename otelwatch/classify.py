@@ -254,6 +254,10 @@ def classify(
     #    unknown is never zero (an unreadable or timed-out sample), and neither is
     #    any CPU at or above cpu_idle_percent, a socket, or a process working.
     reason = facts.reason(held)
+    if reason is Reason.TOOL_CALL_WITHOUT_PROGRESS and _tui_spinner_on_network(info, facts):
+        # A TUI's spinner (Gemini CLI and opencode spin at 17-30% waiting on a turn) is not
+        # work: with nothing else moving, the waiting turn is judged by its sockets.
+        reason = Reason.WAITING_ON_NETWORK
     if reason is not None:
         return verdict(State.STALLED, reason, facts.detail(reason))
 
@@ -271,6 +275,15 @@ def classify(
     #    of the window proves zero TCP, CPU under the threshold, and no process
     #    working: the one recoverable state.
     return verdict(State.STUCK, Reason.NO_ACTIVITY)
+
+
+def _tui_spinner_on_network(info: SessionInfo, facts: _Facts) -> bool:
+    """An interactive session whose only sign of work in the window is its own CPU (no
+    working child, nothing blocked, no I/O, no child coming or going), with TCP open in
+    some of it: a spinner over an API call that is being retried."""
+    return (info.mode is Mode.INTERACTIVE and facts.support[Reason.WAITING_ON_NETWORK] > 0
+            and not facts.working_children and not facts.blocked_pids and not facts.io_changed
+            and not facts.children_changed)
 
 
 def work_cpu_percent(cfg: ClassifyConfig) -> float:

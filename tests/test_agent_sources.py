@@ -292,3 +292,73 @@ def test_opencode_immutable_reads_miss_the_wal(tmp_path: Path) -> None:
     ro.close()
     immutable.close()
     writer.close()
+
+
+def test_gemini_retries_read_from_its_stderr_file(tmp_path: Path) -> None:
+    """Gemini CLI announces a retry only on stderr; a headless run's stderr is often a file."""
+    import subprocess
+
+    from otelwatch.sources.gemini import parse_stderr_line, stderr_file
+
+    line = b"Attempt 2 failed. Retrying with backoff... Error: exception TypeError: fetch failed sending request"
+    got = parse_stderr_line(line, T0, "stderr")
+    assert got is not None and got[0].retry and got[0].retry_attempt == 2 and got[0].kind is EventKind.HEARTBEAT
+    assert parse_stderr_line(b"    at async retryWithBackoff (file:///x.js:1:2)", T0, "stderr") == []
+    log = tmp_path / "stderr"
+    with open(log, "wb") as err:
+        to_file = subprocess.Popen(["sleep", "30"], stderr=err)
+    to_pipe = subprocess.Popen(["sleep", "30"], stderr=subprocess.PIPE)
+    try:
+        assert stderr_file(to_file.pid, os.getuid()) == str(log)
+        assert stderr_file(to_file.pid, os.getuid() + 1) is None  # not the process's user's file
+        assert stderr_file(to_pipe.pid, os.getuid()) is None
+    finally:
+        for proc in (to_file, to_pipe):
+            proc.kill()
+            proc.wait()
+
+
+def test_opencode_database_opened_only_in_wal_mode(tmp_path: Path) -> None:
+    """A database not (yet) in WAL mode is never opened: in rollback mode a reader's shared lock
+    makes the writer's commit wait (opencode switches its new database to WAL at start)."""
+    from otelwatch.sources.opencode import in_wal_mode
+
+    db = tmp_path / "opencode.db"
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("CREATE TABLE event (id text, aggregate_id text, seq integer, type text, data text)")
+    assert not in_wal_mode(str(db))
+    feed = OpencodeFeed(feed_path(db, "ses_a"))
+    assert feed.poll(time.time()) == ([], 0) and "WAL" in feed.last_error
+    assert find_session(tmp_path, str(tmp_path), 0.0, lambda p: True, lambda st: True) is None
+    writer.execute("PRAGMA journal_mode=WAL")
+    assert in_wal_mode(str(db))
+    _add(writer, "ses_a", 0, "session.created.1", {})
+    assert [e.type for e in feed.poll(time.time())[0]] == ["session.created.1"]
+    feed.close()
+    writer.close()
+
+
+def test_opencode_retries_read_from_its_log(tmp_path: Path) -> None:
+    """1.18.33 writes no row for a failed attempt; its shared logfmt log has one `stream error`
+    line per attempt, with the session's id (the small title call's are not the turn's)."""
+    from otelwatch.sources.opencode import parse_log_line
+
+    line = (b'timestamp=2026-12-07T04:03:18.323Z level=ERROR run=52668bbf message="stream error" '
+            b'providerID=fake modelID=fake-model session.id=ses_a small=false agent=build mode=primary '
+            b'error.error="AI_APICallError: Cannot connect to API"')
+    got = parse_log_line(line, T0 + 1e6, "transcript", "ses_a")
+    assert len(got) == 1 and got[0].retry and got[0].time < T0 + 1e6
+    assert parse_log_line(line, T0, "transcript", "ses_b") == []
+    assert parse_log_line(line.replace(b"small=false", b"small=true"), T0, "transcript", "ses_a") == []
+    db = tmp_path / "opencode.db"
+    writer = _opencode_db(db)
+    _add(writer, "ses_a", 0, "session.created.1", {})
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / "opencode.log").write_bytes(line + b"\n" + line.replace(b"ses_a", b"ses_b") + b"\n")
+    feed = OpencodeFeed(feed_path(db, "ses_a"))
+    events, _ = feed.poll(time.time())
+    assert [e.type for e in events] == ["session.created.1", "api_retry"]
+    act = fold(Activity(), events)
+    assert act.last_retry_time is not None and act.last_progress_time is None  # a retry is no progress
+    feed.close()
+    writer.close()

@@ -111,3 +111,22 @@ def test_a_retry_after_a_client_abort_is_not_progress() -> None:
     assert (v.state, v.reason) == (State.STALLED, Reason.WAITING_ON_NETWORK)
     without_events = SessionInfo(mode=Mode.HEADLESS, started_at=STARTED, has_event_source=False)
     assert classify(CFG, without_events, samples, activity, NOW, WATCH).state is State.ACTIVE  # the old flip
+
+
+def test_a_tui_spinner_is_not_work() -> None:
+    """Gemini CLI's and opencode's TUIs spin at 17-30% of a core while a turn waits on the
+    API: the waiting turn is judged by its sockets (between attempts it has none)."""
+    activity = acts(ev(TURN, "prompt", turn="open"))
+
+    def at(i: int) -> TreeSample:
+        s = sample(NOW - 600 + 10 * i, RELAUNCH, tcp=1 if i % 3 else 0)
+        return replace(s, cpu_percent=24.0, processes=(replace(s.processes[0], cpu_percent=24.0), RELAUNCH))
+
+    samples = [at(i) for i in range(61)]
+    tui = SessionInfo(mode=Mode.INTERACTIVE, started_at=STARTED, has_event_source=True, infer_tools=True)
+    v = classify(CFG, tui, samples, activity, NOW, WATCH)
+    assert (v.state, v.reason) == (State.STALLED, Reason.WAITING_ON_NETWORK)
+    # Without any socket in the window there is nothing to wait on: not stuck either (CPU).
+    quiet = [replace(s, tcp={}, processes=(replace(s.processes[0], tcp={}), RELAUNCH)) for s in samples]
+    v = classify(CFG, tui, quiet, activity, NOW, WATCH)
+    assert v.state is State.STALLED and v.reason is Reason.TOOL_CALL_WITHOUT_PROGRESS

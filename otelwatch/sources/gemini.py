@@ -17,9 +17,11 @@ the project's root written in `tmp/<project>/.project_root` (measured). Its line
   (otelwatch/tooltree.py). A `gemini` line with text and no tool calls ends the
   turn; `error` ends it too; `info` and `warning` are progress.
 
-Retries are not written here (Gemini prints `Attempt N failed. Retrying with
-backoff...` on stderr), so an aborted attempt and its retry move no clock: a
-blackholed API stays silent across its 60 s client aborts.
+Retries are not written here: Gemini prints `Attempt N failed. Retrying with
+backoff...` on stderr, which is followed too when it goes to a regular file
+(`stderr_file`, `parse_stderr_line`: retry heartbeats). An aborted attempt and
+its retry move no progress clock: a blackholed API stays silent across its 60 s
+client aborts.
 
 `parse_chat_line` is pure. `find_chat` lists and stats files under the agent's
 own directories (agent_dirs.py) and reads small `.project_root` files; it never
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -38,8 +41,11 @@ from typing import Any
 
 from otelwatch.model import Event, EventKind
 
-__all__ = ["chat_session_id", "find_chat", "parse_chat_line"]
+__all__ = ["chat_session_id", "find_chat", "parse_chat_line", "parse_stderr_line", "stderr_file"]
 
+# Gemini CLI's retry announcement on stderr (0.61.0, measured): "Attempt 1 failed. Retrying
+# with backoff... Error: exception TypeError: fetch failed sending request".
+_STDERR_RETRY = re.compile(rb"Attempt (\d{1,6}) failed\. Retrying with backoff")
 _MAX_PROJECTS = 512  # project directories looked at per search
 _ROOT_FILE_MAX = 8192
 _SLACK = 5.0
@@ -82,6 +88,35 @@ def parse_chat_line(raw: bytes, seen_at: float, source: str) -> list[Event] | No
         return [Event(time=t, type="error", turn="close", source=source, detail=_text(obj.get("content")))]
     name = typ[:48] if isinstance(typ, str) and typ else "unknown"
     return [Event(time=t, type=f"gemini/{name}", source=source)]
+
+
+def parse_stderr_line(raw: bytes, seen_at: float, source: str) -> list[Event] | None:
+    """A retry heartbeat for Gemini CLI's `Attempt N failed. Retrying with backoff...`
+    line on its stderr; no event for any other line (stack traces, warnings)."""
+    m = _STDERR_RETRY.search(raw[:512])
+    if m is None:
+        return []
+    return [Event(time=seen_at, type="api_retry", kind=EventKind.HEARTBEAT, retry=True,
+                  retry_attempt=int(m.group(1)), source=source, detail="Attempt failed. Retrying with backoff")]
+
+
+def stderr_file(pid: int, uid: int | None, proc_root: str = "/proc") -> str | None:
+    """The regular file a process's stderr goes to (a headless run redirected to a log),
+    when it belongs to `uid` (the process's user; any when None); None for a terminal,
+    a pipe, or anything else. Retries show only there."""
+    try:
+        target = os.readlink(f"{proc_root}/{pid}/fd/2")
+    except OSError:
+        return None
+    if not target.startswith("/") or target.endswith(" (deleted)"):
+        return None
+    try:
+        st = os.lstat(target)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid):
+        return None
+    return target
 
 
 def chat_session_id(path: Path) -> str | None:

@@ -15,7 +15,12 @@ an ordered log per session (`aggregate_id` = session id, `seq` = 0, 1, 2 ...,
 - retries (`*retry*` types, with `attempt` and the next attempt's time `at`/`next`):
   heartbeats with their schedule; `session.updated.1` and the like: state.
 
-Reading it never slows the agent: the database is opened read-only
+1.18.33 writes no row for a failed attempt: its logfmt log (`<data>/opencode/log/
+opencode.log`, shared by all runs) has one `message="stream error"` line per failed
+attempt with `session.id=`: those of the session's main call are retry heartbeats.
+
+Reading it never slows the agent: only a database in WAL mode is opened (its
+header says so; in WAL mode readers never block the writer), read-only
 (`file:...?mode=ro`, `PRAGMA query_only`), with no busy timeout (a lock we would
 have to wait for skips this tick instead), one short query per tick, never a
 write and never a checkpoint (a read-only connection cannot checkpoint, and
@@ -32,15 +37,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import stat
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from otelwatch.model import Event, EventKind
+from otelwatch.sources.tail import FileTail
 
-__all__ = ["DB_NAME", "SEPARATOR", "OpencodeFeed", "feed_path", "find_session", "parse_event_row", "split_path"]
+__all__ = ["DB_NAME", "SEPARATOR", "NotWal", "OpencodeFeed", "feed_path", "find_session", "in_wal_mode",
+           "parse_event_row", "parse_log_line", "split_path"]
 
 DB_NAME = "opencode.db"
 SEPARATOR = "#session="  # events_path of an opencode session: "<db>#session=<id>"
@@ -61,7 +70,26 @@ def split_path(path: str) -> tuple[str, str] | None:
     return (db, sid) if sep and db and sid else None
 
 
+class NotWal(sqlite3.Error):
+    """The database is not (yet) in WAL mode: a reader's lock could delay the agent's writes."""
+
+
+def in_wal_mode(db: str) -> bool:
+    """Whether the database file's header says WAL (bytes 18 and 19 are 2), read with a
+    plain read that takes no lock. opencode creates its database and switches it to WAL at
+    start; until then (and for any other journal mode) a reader's shared lock would make
+    the agent's commits wait, so it is not opened."""
+    try:
+        with open(db, "rb") as fh:
+            header = fh.read(20)
+    except OSError:
+        return False
+    return len(header) == 20 and header[:16] == b"SQLite format 3\x00" and header[18] == 2 and header[19] == 2
+
+
 def _connect(db: str) -> sqlite3.Connection:
+    if not in_wal_mode(db):
+        raise NotWal(f"{db}: not in WAL mode")
     uri = "file:" + db.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=0.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA query_only = 1")
@@ -123,7 +151,8 @@ def parse_event_row(typ: str, data: Any, seen_at: float, source: str) -> Event:
             return Event(time=t, type="assistant", turn="close", source=source,
                          detail=str(info.get("finish") or ("error" if info.get("error") else ""))[:60])
         if role == "assistant" and info.get("error"):
-            return Event(time=seen_at, type="api_error", kind=EventKind.HEARTBEAT, source=source)
+            # A failed attempt of an answer still under way: opencode retries it.
+            return Event(time=seen_at, type="api_error", kind=EventKind.HEARTBEAT, retry=True, source=source)
         # An answer begun (an API call under way) or its bookkeeping: where it stands, not work.
         return Event(time=_ms(times.get("created"), seen_at), type="message", kind=EventKind.STATE, source=source)
     if typ.startswith("message.part"):
@@ -155,7 +184,7 @@ def parse_event_row(typ: str, data: Any, seen_at: float, source: str) -> Event:
     if typ.startswith(("session.execution.interrupted", "session.failed", "session.aborted")):
         return Event(time=seen_at, type=typ[:64], turn="close", source=source)
     if "error" in typ:
-        return Event(time=seen_at, type=typ[:64], kind=EventKind.HEARTBEAT, source=source)
+        return Event(time=seen_at, type=typ[:64], kind=EventKind.HEARTBEAT, retry=True, source=source)
     return Event(time=seen_at, type=typ[:64] or "event", kind=EventKind.STATE, source=source)
 
 
@@ -172,6 +201,28 @@ def _retry(d: dict[str, Any], inner: dict[str, Any], t: float, seen_at: float, s
 
 def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+_LOG_STREAM_ERROR = re.compile(rb'message="stream error"')
+_LOG_TIME = re.compile(rb"^timestamp=(\S+)")
+
+
+def parse_log_line(raw: bytes, seen_at: float, source: str, session_id: str) -> list[Event]:
+    """A retry heartbeat for a `message="stream error"` line of `session_id`'s main model call
+    in opencode's logfmt log (opencode retries it: ~2, 2, 3, 9, 18, 30 s apart); nothing for
+    any other line (the small title call, other sessions, other messages)."""
+    if _LOG_STREAM_ERROR.search(raw) is None or f"session.id={session_id}".encode() not in raw \
+            or b"small=true" in raw:
+        return []
+    t = seen_at
+    m = _LOG_TIME.match(raw)
+    if m is not None:
+        try:
+            t = min(datetime.fromisoformat(m.group(1).decode().replace("Z", "+00:00")).timestamp(), seen_at)
+        except ValueError:
+            t = seen_at
+    return [Event(time=t, type="api_retry", kind=EventKind.HEARTBEAT, retry=True, source=source,
+                  detail="stream error")]
 
 
 def _ms(value: object, seen_at: float) -> float:
@@ -194,12 +245,26 @@ class OpencodeFeed:
         self._seq = -1
         self._first = True
         self._prompts: set[str] = set()  # user messages seen: a prompt opens its turn once
+        # Its API errors are only in the log: `<data>/opencode/log/opencode.log`, one for all runs.
+        self._log: FileTail | None = None
+        if self._db:
+            sid = self._sid
+            log = os.path.join(os.path.dirname(self._db), "log", "opencode.log")
+            self._log = FileTail(log, source=source, json_only=False,
+                                 parser=lambda raw, t, src: parse_log_line(raw, t, src, sid))
         self.errors = 0
         self.last_error = ""
 
     def poll(self, now: float) -> tuple[list[Event], int]:
         if not self._db:
             return [], 0
+        events, malformed = self._poll_db(now)
+        if self._log is not None and _owned_like(self._log.path, self._db):
+            log_events, _ = self._log.poll(now)
+            events.extend(log_events)
+        return events, malformed
+
+    def _poll_db(self, now: float) -> tuple[list[Event], int]:
         try:
             if self._conn is None:
                 self._conn = _connect(self._db)
@@ -241,12 +306,23 @@ class OpencodeFeed:
         return events, malformed
 
     def close(self) -> None:
+        if self._log is not None:
+            self._log.release()
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
 
     release = close
+
+
+def _owned_like(path: str, db: str) -> bool:
+    """A regular file (not a symlink) of the database's owner."""
+    try:
+        st, ref = os.lstat(path), os.stat(db)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == ref.st_uid
 
 
 def _message_id(obj: Any) -> str | None:
