@@ -28,6 +28,7 @@ from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
     Activity,
     EscalationStep,
+    EventKind,
     Reason,
     RecoveryStep,
     SampleStatus,
@@ -101,7 +102,8 @@ def _turn_opened_since(activity: Activity, events_before: int | None) -> bool:
     new = activity.events - events_before
     if new <= 0:
         return False
-    return any(e.turn == "open" for e in activity.recent[-new:])
+    # A prompt (progress), not a turn reopened by a retry announcement or a status line.
+    return any(e.turn == "open" and e.kind is EventKind.PROGRESS for e in activity.recent[-new:])
 
 
 def recovery_view(tracked: Tracked, cfg: ClassifyConfig) -> SessionView | None:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from otelwatch.model import ProcessSample, TreeSample
 
-__all__ = ["HELPER_RE", "is_helper", "tool_processes"]
+__all__ = ["CREATE_TIME_SLACK_S", "HELPER_RE", "is_helper", "tool_processes"]
 
 # Session-long helpers by the program they run (see is_helper).
 HELPER_RE = re.compile(
@@ -35,6 +35,9 @@ HELPER_RE = re.compile(
     re.IGNORECASE,
 )
 _INTERPRETER_OPTS = re.compile(r"^-")
+# A process's create time is the kernel's boot time (whole seconds in /proc/stat) plus its
+# start ticks, so it can read up to a second off the wall clock that dates a prompt.
+CREATE_TIME_SLACK_S = 1.5
 
 
 # Launchers whose first arguments name the program they run (`npx -y @scope/mcp-server-x`).
@@ -86,7 +89,7 @@ def tool_processes(sample: TreeSample | None, since: float | None) -> tuple[Proc
         if known is not None:
             return known
         excluded[p.pid] = True  # a cycle in a racy read: treat as a helper (never a tool)
-        if (since is not None and p.create_time < since) or is_helper(p.cmdline):
+        if (since is not None and p.create_time < since - CREATE_TIME_SLACK_S) or is_helper(p.cmdline):
             result = True
         else:
             parent = by_pid.get(p.ppid)

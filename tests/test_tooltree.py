@@ -48,6 +48,7 @@ def test_the_tool_is_what_the_agent_started_in_the_turn() -> None:
     assert tool_processes(sample(NOW, RELAUNCH), TURN) == ()
     # Started before the turn opened (a shell the TUI keeps): a helper, with what runs below it.
     assert tool_processes(s, TURN + 10) == ()
+    assert len(tool_processes(s, TURN + 4)) == 3  # a second off: create times are whole-second based
     # MCP and language servers never count, whenever started; nor what they run.
     assert [x.pid for x in tool_processes(sample(NOW, RELAUNCH, MCP, MCP_CHILD, SLEEP), TURN)] == [5004]
     assert is_helper(("typescript-language-server", "--stdio")) and is_helper(("gopls",))
