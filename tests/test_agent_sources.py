@@ -331,8 +331,8 @@ def test_opencode_database_opened_only_in_wal_mode(tmp_path: Path) -> None:
     assert feed.poll(time.time()) == ([], 0) and "WAL" in feed.last_error
     assert find_session(tmp_path, str(tmp_path), 0.0, lambda p: True, lambda st: True) is None
     writer.execute("PRAGMA journal_mode=WAL")
-    assert in_wal_mode(str(db))
     _add(writer, "ses_a", 0, "session.created.1", {})
+    assert in_wal_mode(str(db))
     assert [e.type for e in feed.poll(time.time())[0]] == ["session.created.1"]
     feed.close()
     writer.close()

@@ -84,7 +84,10 @@ def in_wal_mode(db: str) -> bool:
             header = fh.read(20)
     except OSError:
         return False
-    return len(header) == 20 and header[:16] == b"SQLite format 3\x00" and header[18] == 2 and header[19] == 2
+    if not (len(header) == 20 and header[:16] == b"SQLite format 3\x00" and header[18] == 2 and header[19] == 2):
+        return False
+    # A reader opening a WAL database whose -wal and -shm are gone would create them: leave it.
+    return os.path.isfile(db + "-wal") and os.path.isfile(db + "-shm")
 
 
 def _connect(db: str) -> sqlite3.Connection:
