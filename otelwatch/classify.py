@@ -145,6 +145,14 @@ def classify(
             window = None
     if info.has_event_source:
         progress = activity.last_progress_time
+        if info.infer_tools and info.mode is Mode.HEADLESS and not activity.turn_open:
+            # A headless run's records speak of its turn; before its prompt (startup: aider
+            # fetching model metadata, Gemini CLI relaunching) and after its answer, its
+            # process tree's work counts too.
+            tree = window.progress_time() if window is not None else \
+                tree_progress_time(samples, work_cpu_percent(cfg))
+            if tree is not None and (progress is None or tree > progress):
+                progress = tree
     elif window is not None:
         progress = window.progress_time()
     else:
@@ -235,7 +243,7 @@ def classify(
 
     # A tool the agent's records do not show until it ends (Gemini CLI, aider's /run,
     # Claude Code's background work): a child started inside the turn, alive (tooltree.py).
-    running = tool_processes(latest, activity.turn_opened_at if activity.turn_open else None) \
+    running = tool_processes(_last_readable(samples), activity.turn_opened_at if activity.turn_open else None) \
         if info.infer_tools else ()
     if running:
         first = running[0]
@@ -275,6 +283,20 @@ def classify(
     #    of the window proves zero TCP, CPU under the threshold, and no process
     #    working: the one recoverable state.
     return verdict(State.STUCK, Reason.NO_ACTIVITY)
+
+
+def _last_readable(samples: Sequence[TreeSample]) -> TreeSample | None:
+    """The latest sample whose processes were read: a probe timeout or an unreadable tick
+    does not make a running tool disappear (a vanished root ends the session before this)."""
+    for s in reversed(samples[-_READABLE_LOOKBACK:]):
+        if s.status is SampleStatus.OK:
+            return s
+        if not s.alive:
+            return None
+    return None
+
+
+_READABLE_LOOKBACK = 64
 
 
 def _tui_spinner_on_network(info: SessionInfo, facts: _Facts) -> bool:

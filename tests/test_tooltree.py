@@ -131,3 +131,29 @@ def test_a_tui_spinner_is_not_work() -> None:
     quiet = [replace(s, tcp={}, processes=(replace(s.processes[0], tcp={}), RELAUNCH)) for s in samples]
     v = classify(CFG, tui, quiet, activity, NOW, WATCH)
     assert v.state is State.STALLED and v.reason is Reason.TOOL_CALL_WITHOUT_PROGRESS
+
+
+def test_an_unreadable_tick_does_not_hide_the_tool() -> None:
+    """Under load a probe times out now and then: the tool seen at the last readable tick
+    still runs (measured: stalled/tool_call_without_progress while the probe could not read)."""
+    activity = acts(ev(TURN, "prompt", turn="open"))
+    samples = _window(RELAUNCH, BASH, BASH2, SLEEP)
+    samples[-1] = TreeSample(time=NOW, status=SampleStatus.PROBE_TIMEOUT, root=ROOT, error="probe_timeout")
+    v = classify(CFG, _info(), samples, activity, NOW, WATCH)
+    assert (v.state, v.reason) == (State.LONG_RUNNING, Reason.TOOL_RUNNING)
+
+
+def test_a_headless_run_before_its_prompt_is_judged_by_its_tree() -> None:
+    """aider spends its startup (model metadata, repo map) before it writes its prompt: its
+    history's first lines are not the last word on its work (measured: a spurious stalled)."""
+    started = acts(ev(NOW - 200, "session_start", turn="close"))
+
+    def at(i: int) -> TreeSample:
+        return replace(sample(NOW - 600 + 10 * i), cpu_percent=7.0)
+
+    samples = [at(i) for i in range(61)]
+    v = classify(CFG, _info(), samples, started, NOW, WATCH)
+    assert v.state is State.ACTIVE
+    # Inside its turn only its records count.
+    v = classify(CFG, _info(), samples, acts(ev(NOW - 400, "prompt", turn="open")), NOW, WATCH)
+    assert v.state is State.STALLED

@@ -222,7 +222,9 @@ class Sources:
                 transcript = tracked.tail.source == "transcript"
                 activity = fold_transcript(tracked.activity, events) if transcript else fold(tracked.activity, events)
                 tracked.activity = activity.count_malformed(malformed) if malformed else activity
-            if tracked.spec.agent == "gemini" and tracked.spec.source in _TRANSCRIPT_SOURCES:
+            if tracked.spec.agent == "gemini" and tracked.spec.source in _TRANSCRIPT_SOURCES and path:
+                # Once its chat file is followed: retries read before the prompt they belong to
+                # would stand alone, and the prompt found later would read as progress after them.
                 self._poll_gemini_stderr(tracked, now)
             if tracked.claude is not None:
                 # After the transcript: the CLI's own word on its turn, which nothing else

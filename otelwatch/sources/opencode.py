@@ -151,8 +151,11 @@ def parse_event_row(typ: str, data: Any, seen_at: float, source: str) -> Event:
             t = _ms(completed, seen_at)
             if info.get("finish") == "tool-calls":
                 return Event(time=t, type="assistant", source=source, detail="tool-calls")
-            return Event(time=t, type="assistant", turn="close", source=source,
-                         detail=str(info.get("finish") or ("error" if info.get("error") else ""))[:60])
+            if info.get("error"):
+                # Given up (retries exhausted, aborted): the turn ends, no work moved.
+                return Event(time=t, type="assistant", kind=EventKind.STATE, turn="close", source=source,
+                             detail="error")
+            return Event(time=t, type="assistant", turn="close", source=source, detail=str(info.get("finish"))[:60])
         if role == "assistant" and info.get("error"):
             # A failed attempt of an answer still under way: opencode retries it.
             return Event(time=seen_at, type="api_error", kind=EventKind.HEARTBEAT, retry=True, source=source)
