@@ -9,8 +9,9 @@ covered by tests/realagents/.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -76,10 +77,17 @@ def test_a_gemini_tool_call_is_long_running_then_stuck_once_it_ends(daemon: tupl
     cwd.mkdir()
     agent = subprocess.Popen([str(script), "-p", "run sleep", "--yolo"], cwd=cwd, stdout=subprocess.PIPE,
                              env={"PATH": os.environ["PATH"], "HOME": str(home)})
+    tool_pid = 0
     try:
         assert agent.stdout is not None
         tool_pid = int(agent.stdout.readline())
         seen: list[tuple[str, str]] = []
+
+        def followed() -> bool:  # its chat file is found (looked for again every 10 s)
+            s = _session(d, agent.pid)
+            return s is not None and any(e["type"] == "prompt" for e in s["recent_events"])
+
+        wait_for(followed, timeout=30, interval=0.25)
 
         def settled(state: str) -> bool:
             s = _session(d, agent.pid)
@@ -95,7 +103,6 @@ def test_a_gemini_tool_call_is_long_running_then_stuck_once_it_ends(daemon: tupl
         s = _session(d, agent.pid)
         assert s is not None and (s["agent"], s["mode"]) == ("gemini", "headless")
         assert s["reason"] == "tool_running" and "started in the turn" in s["evidence"]["detail"]
-        assert any(e["type"] == "prompt" for e in s["recent_events"])  # its chat file is followed
         time.sleep(4.0)
         assert settled("long_running") and ("stuck", "no_activity") not in seen
         # The tool ends, the agent sleeps with nothing open and nothing written: stuck.
@@ -104,4 +111,65 @@ def test_a_gemini_tool_call_is_long_running_then_stuck_once_it_ends(daemon: tupl
     finally:
         agent.kill()
         agent.wait()
-        subprocess.run(["pkill", "-f", f"^{json.dumps(str(script))[1:-1]}"], check=False)
+        if tool_pid:
+            subprocess.run(["pkill", "-P", str(tool_pid)], check=False)  # the sleep this test started
+            with contextlib.suppress(OSError):
+                os.kill(tool_pid, signal.SIGKILL)
+
+
+# An opencode stand-in: its database in WAL mode, as 1.18.33 keeps it (the session row, then
+# the event log: the prompt, a bash tool part written at the tool's start), the tool a child.
+OPENCODE = r"""#!PYTHON
+import json, os, sqlite3, subprocess, time
+data = os.path.join(os.environ["HOME"], ".local", "share", "opencode")
+os.makedirs(data, exist_ok=True)
+db = sqlite3.connect(os.path.join(data, "opencode.db"), isolation_level=None)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("CREATE TABLE session (id text PRIMARY KEY, parent_id text, directory text, "
+           "time_created integer, time_updated integer)")
+db.execute("CREATE TABLE event (id text PRIMARY KEY, aggregate_id text, seq integer, type text, data text)")
+ms = int(time.time() * 1000)
+db.execute("INSERT INTO session VALUES ('ses_x', NULL, ?, ?, ?)", (os.getcwd(), ms, ms))
+def ev(seq, typ, data):
+    db.execute("INSERT INTO event VALUES (?, 'ses_x', ?, ?, ?)", (f"evt_{seq}", seq, typ, json.dumps(data)))
+ev(0, "session.created.1", {})
+ev(1, "message.updated.1", {"info": {"id": "msg_u", "role": "user", "time": {"created": ms}}})
+tool = subprocess.Popen(["sleep", "120"])
+ev(2, "message.part.updated.1", {"part": {"type": "tool", "tool": "bash", "callID": "call_1",
+                                          "state": {"status": "running"}}, "time": int(time.time() * 1000)})
+print(tool.pid, flush=True)
+tool.wait()
+time.sleep(120)
+"""
+
+
+def test_an_opencode_tool_call_is_read_from_its_database(daemon: tuple[Daemon, Path], tmp_path: Path) -> None:
+    d, home = daemon
+    script = tmp_path / "bin" / "opencode"
+    script.parent.mkdir()
+    script.write_text(OPENCODE.replace("PYTHON", sys.executable))
+    script.chmod(0o755)
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    agent = subprocess.Popen([str(script), "run", "hi"], cwd=cwd, stdout=subprocess.PIPE,
+                             env={"PATH": os.environ["PATH"], "HOME": str(home)})
+    tool_pid = 0
+    try:
+        assert agent.stdout is not None
+        tool_pid = int(agent.stdout.readline())
+
+        def long_running() -> bool:
+            s = _session(d, agent.pid)
+            return s is not None and s["state"] == "long_running"
+
+        wait_for(long_running, timeout=30, interval=0.25)
+        s = _session(d, agent.pid)
+        assert s is not None and (s["agent"], s["mode"], s["reason"]) == ("opencode", "headless", "tool_running")
+        assert s["evidence"]["open_tools"] and s["evidence"]["open_tools"][0]["tool"] == "bash"  # from its start
+        assert [e["type"] for e in s["recent_events"]][:2] == ["session.created.1", "prompt"]
+    finally:
+        agent.kill()
+        agent.wait()
+        if tool_pid:
+            with contextlib.suppress(OSError):
+                os.kill(tool_pid, signal.SIGKILL)
