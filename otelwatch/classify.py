@@ -235,7 +235,7 @@ def classify(
         # Its age, like silence, does not count time we were not watching.
         oldest = min(t.since for t in tools)
         tool_age = now - max(oldest, watch_since)
-        if tool_age < cfg.tool_stall_after and facts.tree_alive:
+        if tool_age < cfg.tool_stall_after and (facts.tree_alive or _unread_children(latest, samples)):
             return verdict(State.LONG_RUNNING, Reason.TOOL_RUNNING)
         # An open tool call is never stuck: a hung tool deserves a person's look
         # (and a report), not an automatic kill of the agent around it.
@@ -297,6 +297,15 @@ def _last_readable(samples: Sequence[TreeSample]) -> TreeSample | None:
 
 
 _READABLE_LOOKBACK = 64
+
+
+def _unread_children(latest: TreeSample | None, samples: Sequence[TreeSample]) -> bool:
+    """The latest sample could not be read, and the last one that could had children:
+    an unreadable tick says nothing about the tool's processes, so they still count."""
+    if latest is None or latest.status is SampleStatus.OK:
+        return False
+    readable = _last_readable(samples)
+    return readable is not None and readable.children > 0
 
 
 def _tui_spinner_on_network(info: SessionInfo, facts: _Facts) -> bool:

@@ -157,3 +157,15 @@ def test_a_headless_run_before_its_prompt_is_judged_by_its_tree() -> None:
     # Inside its turn only its records count.
     v = classify(CFG, _info(), samples, acts(ev(NOW - 400, "prompt", turn="open")), NOW, WATCH)
     assert v.state is State.STALLED
+
+
+def test_an_open_tool_call_survives_unreadable_ticks() -> None:
+    """opencode writes its tool at the start; with the probe timing out tick after tick the
+    tool's processes are unknown, not gone (measured: stalled/tool_call_without_progress)."""
+    activity = acts(ev(TURN, "prompt", turn="open"), ev(TURN + 1, "tool", tool="bash", tool_id="c1",
+                                                        tool_call="open"))
+    samples = _window(SLEEP)[:20]
+    samples += [TreeSample(time=NOW - 400 + 10 * i, status=SampleStatus.PROBE_TIMEOUT, root=ROOT,
+                           error="probe_timeout") for i in range(41)]
+    v = classify(CFG, _info(infer=False), samples, activity, NOW, WATCH)
+    assert (v.state, v.reason) == (State.LONG_RUNNING, Reason.TOOL_RUNNING)
