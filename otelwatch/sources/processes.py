@@ -218,7 +218,7 @@ def headless(argv: Sequence[str], agent: str | None = None, comm: str = "") -> b
     """Whether the cmdline asks for a one-shot run, by each agent's own flags (measured on
     Claude Code 2.1.330, Codex 0.169.0, Gemini CLI 0.61.0, opencode 1.18.33, aider 0.86.2):
 
-    - claude: `-p` / `--print`; codex: the `exec` subcommand;
+    - claude: `-p` / `--print`; codex: `exec` (alias `e`) or `review` (0.169.0: non-interactive);
     - gemini: `-p` / `--prompt`, unless `-i` / `--prompt-interactive` (a TUI with a first prompt);
     - opencode: the `run` subcommand; `opencode --prompt TEXT` is the TUI;
     - aider: `--message` / `-m` / `--message-file` / `-f`; otherwise its prompt_toolkit TUI.
@@ -235,7 +235,7 @@ def headless(argv: Sequence[str], agent: str | None = None, comm: str = "") -> b
         return any(_flag(a, "-m", "--message", "-f", "--message-file") or (a[:2] == "-m" and a[:3] != "-m-")
                    for a in args)
     if agent == "codex":
-        return "exec" in [a for a in args if not a.startswith("-")][:3]
+        return bool({"exec", "e", "review"} & set([a for a in args if not a.startswith("-")][:3]))
     if agent == "claude-code":
         return any(_flag(a, "-p", "--print") for a in args)
     if any(a in ("-p", "--print", "--prompt") or a.startswith(("--print=", "--prompt=")) for a in args):
