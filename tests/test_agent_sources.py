@@ -362,3 +362,13 @@ def test_opencode_retries_read_from_its_log(tmp_path: Path) -> None:
     assert act.last_retry_time is not None and act.last_progress_time is None  # a retry is no progress
     feed.close()
     writer.close()
+
+
+def test_opencode_project_argument() -> None:
+    """`opencode [project]` starts the TUI on another directory: its sessions are filed there."""
+    from otelwatch.sources.processes import opencode_project
+
+    assert opencode_project(["opencode"]) is None
+    assert opencode_project(["opencode", "run", "fix it"]) is None
+    assert opencode_project(["opencode", "--prompt", "say hi", "../app"]) == "../app"
+    assert opencode_project(["/usr/lib/node_modules/opencode-ai/bin/opencode.exe", "--model", "a/b", "app"]) == "app"

@@ -56,7 +56,8 @@ from functools import cached_property
 from otelwatch.model import Mode, SessionSpec
 from otelwatch.proctable import ProcessTable
 
-__all__ = ["AGENT_NAMES", "BUILTIN", "Builtin", "ProcessMatcher", "Program", "headless", "program_of"]
+__all__ = ["AGENT_NAMES", "BUILTIN", "Builtin", "ProcessMatcher", "Program", "headless", "opencode_project",
+           "program_of"]
 
 # Names whose agent label differs (used by the exec wrapper and hooks too).
 AGENT_NAMES = {"claude": "claude-code"}
@@ -244,6 +245,16 @@ def headless(argv: Sequence[str], agent: str | None = None, comm: str = "") -> b
     return "exec" in positional[:3]
 
 
+def opencode_project(argv: Sequence[str], comm: str = "") -> str | None:
+    """The project directory an opencode TUI was started on (`opencode [project]`), as given."""
+    args = program_of(comm or (_basename(argv[0]) if argv else ""), argv).args if argv else ()
+    first = _subcommand(args, _OPENCODE_VALUE_FLAGS)
+    return None if first is None or first in _OPENCODE_COMMANDS else first
+
+
+_OPENCODE_COMMANDS = frozenset({"run", "acp", "mcp", "attach", "debug", "providers", "auth", "agent", "upgrade",
+                                "uninstall", "serve", "web", "models", "stats", "export", "import", "github", "pr",
+                                "session", "plugin", "plug", "db", "completion"})
 # opencode options that take a value (so the value is not its subcommand).
 _OPENCODE_VALUE_FLAGS = frozenset({"--prompt", "--model", "-m", "--agent", "--session", "-s", "--port",
                                    "--hostname", "--log-level"})

@@ -51,6 +51,7 @@ from otelwatch.sources.agent_dirs import AgentDirs, dirs_from
 from otelwatch.sources.aider import find_history
 from otelwatch.sources.gemini import find_chat
 from otelwatch.sources.opencode import find_session
+from otelwatch.sources.processes import opencode_project
 
 __all__ = ["BACKGROUND_GRACE_S", "ClaudeSession", "TranscriptLocator", "claude_project_dirs", "fold_transcript",
            "status_events"]
@@ -261,6 +262,11 @@ class TranscriptLocator:
         if agent == "opencode":
             data_dir = dirs.opencode or dirs_from({}, self.home).opencode
             assert data_dir is not None
+            project = opencode_project(_cmdline(pid)) if cwd is not None else None
+            if project is not None and cwd is not None:  # `opencode PROJECT`: its sessions are filed there
+                found = find_session(data_dir, os.path.join(cwd, project), started_at, free, owned)
+                if found is not None:
+                    return found
             return find_session(data_dir, cwd, started_at, free, owned)
         env = {"AIDER_CHAT_HISTORY_FILE": dirs.aider_history} if dirs.aider_history else {}
         path = find_history(cwd, env, _cmdline(pid), uid, started_at)
