@@ -26,6 +26,9 @@ What is known and what is heuristic:
   file without `status` was written once and can go stale (`/clear`
   starts a new transcript without updating it), so a newer transcript of
   the same project that nobody else holds wins over it (heuristic).
+- Gemini CLI's chat files, opencode's session in its database and aider's
+  history (gemini.py, opencode.py, aider.py) are found by working directory
+  and recency, each only when it is a regular file of the process's own user.
 - Otherwise, and for Codex (`~/.codex/sessions/YYYY/MM/DD/rollout-*.jsonl`,
   whose first line `session_meta` records `id` and `cwd`), the transcript is
   the most recently modified one of that working directory that was written
