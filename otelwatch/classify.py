@@ -145,10 +145,9 @@ def classify(
             window = None
     if info.has_event_source:
         progress = activity.last_progress_time
-        if info.infer_tools and info.mode is Mode.HEADLESS and not activity.turn_open:
+        if info.infer_tools and info.mode is Mode.HEADLESS and info.before_first_turn and not activity.turn_open:
             # A headless run's records speak of its turn; before its prompt (startup: aider
-            # fetching model metadata, Gemini CLI relaunching) and after its answer, its
-            # process tree's work counts too.
+            # fetching model metadata, Gemini CLI relaunching) its process tree's work counts too.
             tree = window.progress_time() if window is not None else \
                 tree_progress_time(samples, work_cpu_percent(cfg))
             if tree is not None and (progress is None or tree > progress):

@@ -140,6 +140,7 @@ class Lifecycle:
         # By the identity of the Tracked (which a re-key keeps); dropped when it ends.
         self._windows: dict[int, tuple[Tracked, SampleWindow]] = {}
         self._events_seen: dict[int, int] = {}  # its event count at the previous tick
+        self._turned: set[int] = set()  # sessions that have opened a turn
 
     def classify(self, tracked: Tracked, now: float, watch_since: float) -> None:
         """This tick's verdict for a session, with what follows from it: a transition,
@@ -167,6 +168,7 @@ class Lifecycle:
             has_event_source=tracked.spec.events_path is not None or tracked.activity.events > 0,
             runtime_alive=tracked.spec.runtime_alive,
             infer_tools=infers_tools(tracked),
+            before_first_turn=self._before_first_turn(tracked),
         )
         held = self._windows.get(id(tracked))
         if held is None or held[0] is not tracked:
@@ -204,6 +206,17 @@ class Lifecycle:
         if verdict.state is State.EXITED:
             self.end(tracked, now)
 
+    def _before_first_turn(self, tracked: Tracked) -> bool:
+        """Whether no turn has opened yet in this session (remembered once one has)."""
+        key = id(tracked)
+        if key in self._turned:
+            return False
+        activity = tracked.activity
+        if activity.turn_open or any(e.turn == "open" for e in activity.recent):
+            self._turned.add(key)
+            return False
+        return True
+
     def _maybe_report(self, tracked: Tracked, now: float) -> None:
         verdict = tracked.verdict
         assert verdict is not None and tracked.snapshot is not None
@@ -231,6 +244,7 @@ class Lifecycle:
         tracked.ended_at = now
         self._windows.pop(id(tracked), None)
         self._events_seen.pop(id(tracked), None)
+        self._turned.discard(id(tracked))
         self.effects.release(tracked)
         snap = tracked.snapshot or snapshot_of(tracked, now)
         summary = session_summary(snap, ended_at=now, longest_silence_s=tracked.longest_silence,

@@ -445,6 +445,8 @@ class SessionInfo:
     runtime_alive: bool | None = None
     # The agent's records may not show a tool while it runs: look for one in the process tree.
     infer_tools: bool = False
+    # No turn opened yet (a headless run's startup, before its prompt is written).
+    before_first_turn: bool = False
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,9 @@ def _window(*procs: ProcessSample, tcp: int = 0) -> list[TreeSample]:
     return [sample(NOW - 600 + 10 * i, *procs, tcp=tcp) for i in range(61)]
 
 
-def _info(mode: Mode = Mode.HEADLESS, infer: bool = True) -> SessionInfo:
-    return SessionInfo(mode=mode, started_at=STARTED, has_event_source=True, infer_tools=infer)
+def _info(mode: Mode = Mode.HEADLESS, infer: bool = True, first: bool = False) -> SessionInfo:
+    return SessionInfo(mode=mode, started_at=STARTED, has_event_source=True, infer_tools=infer,
+                       before_first_turn=first)
 
 
 def test_a_gemini_tool_call_silent_for_minutes_is_long_running_not_stuck() -> None:
@@ -146,14 +147,17 @@ def test_an_unreadable_tick_does_not_hide_the_tool() -> None:
 def test_a_headless_run_before_its_prompt_is_judged_by_its_tree() -> None:
     """aider spends its startup (model metadata, repo map) before it writes its prompt: its
     history's first lines are not the last word on its work (measured: a spurious stalled)."""
-    started = acts(ev(NOW - 200, "session_start", turn="close"))
+    started = acts(ev(NOW - 400, "session_start", turn="close"))
 
     def at(i: int) -> TreeSample:
         return replace(sample(NOW - 600 + 10 * i), cpu_percent=7.0)
 
     samples = [at(i) for i in range(61)]
-    v = classify(CFG, _info(), samples, started, NOW, WATCH)
+    v = classify(CFG, _info(first=True), samples, started, NOW, WATCH)
     assert v.state is State.ACTIVE
+    # After its turn (given up on a dropping API, winding down) its records are the word again.
+    v = classify(CFG, _info(), samples, started, NOW, WATCH)
+    assert v.state is State.STALLED
     # Inside its turn only its records count.
     v = classify(CFG, _info(), samples, acts(ev(NOW - 400, "prompt", turn="open")), NOW, WATCH)
     assert v.state is State.STALLED
