@@ -355,6 +355,7 @@ class Watcher:
     def _release(self, tracked: Tracked) -> None:
         """An ended session lets go of the table's, the probe's, recovery's and the sources' state."""
         self._sessions.record_end(tracked)
+        self._sources.release(tracked)
         self._prober.forget(tracked.key)
         self.recovery.session_ended(tracked.key)
         if self._sources.transcripts is not None and tracked.spec.pid is not None:

@@ -500,6 +500,10 @@ class SessionInfo:
     # False: the session keeps turn information otelwatch could not read (another user's
     # files without the capability, transcripts disabled): never idle for want of a turn.
     turns_visible: bool = True
+    # The agent's records may not show a tool while it runs: look for one in the process tree.
+    infer_tools: bool = False
+    # No turn opened yet (a headless run's startup, before its prompt is written).
+    before_first_turn: bool = False
 
 
 @dataclass(frozen=True)

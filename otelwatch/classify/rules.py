@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from otelwatch.classify.tooltree import tool_processes
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
     CPU_TICK_SECONDS,
@@ -141,6 +142,13 @@ def classify(
             window = None
     if info.has_event_source:
         progress = activity.last_progress_time
+        if info.infer_tools and info.mode is Mode.HEADLESS and info.before_first_turn and not activity.turn_open:
+            # A headless run's records speak of its turn; before its prompt (startup: aider
+            # fetching model metadata, Gemini CLI relaunching) its process tree's work counts too.
+            tree = window.progress_time() if window is not None else \
+                tree_progress_time(samples, work_cpu_percent(cfg))
+            if tree is not None and (progress is None or tree > progress):
+                progress = tree
     else:
         tree = window.progress_time() if window is not None else tree_progress_time(samples, work_cpu_percent(cfg))
         # A progress time carried over a daemon restart (the state file) counts too.
@@ -230,11 +238,23 @@ def classify(
         # Its age, like silence, does not count time we were not watching.
         oldest = min(t.since for t in tools)
         tool_age = now - max(oldest, watch_since)
-        if tool_age < cfg.tool_stall_after and facts.tree_alive:
+        if tool_age < cfg.tool_stall_after and (facts.tree_alive or _unread_children(latest, samples)):
             return verdict(State.LONG_RUNNING, Reason.TOOL_RUNNING)
         # An open tool call is never stuck: a hung tool deserves a person's look
         # (and a report), not an automatic kill of the agent around it.
         return verdict(State.STALLED, Reason.TOOL_CALL_WITHOUT_PROGRESS)
+
+    # A tool the agent's records do not show until it ends (Gemini CLI, aider's /run,
+    # Claude Code's background work): a child started inside the turn, alive (tooltree.py).
+    running = tool_processes(_last_readable(samples), activity.turn_opened_at if activity.turn_open else None) \
+        if info.infer_tools else ()
+    if running:
+        first = running[0]
+        tool_age = now - max(first.create_time, watch_since)
+        what = f"{first.name} (pid {first.pid}) started in the turn, alive {round(now - first.create_time)} s"
+        if tool_age < cfg.tool_stall_after:
+            return verdict(State.LONG_RUNNING, Reason.TOOL_RUNNING, what)
+        return verdict(State.STALLED, Reason.TOOL_CALL_WITHOUT_PROGRESS, what)
 
     if hb_fresh:
         # Some other heartbeat (tool progress, SSE ping, hook notification) with
@@ -245,6 +265,10 @@ def classify(
     #    unknown is never zero (an unreadable or timed-out sample), and neither is
     #    any CPU at or above cpu_idle_percent, a socket, or a process working.
     reason = facts.reason(held)
+    if reason is Reason.TOOL_CALL_WITHOUT_PROGRESS and _tui_spinner_on_network(info, facts):
+        # A TUI's spinner (Gemini CLI and opencode spin at 17-30% waiting on a turn) is not
+        # work: with nothing else moving, the waiting turn is judged by its sockets.
+        reason = Reason.WAITING_ON_NETWORK
     if reason is not None:
         return verdict(State.STALLED, reason, facts.detail(reason))
     # Turn information we could not read (heartbeats, a turn, a prompt): nothing proves
@@ -274,6 +298,38 @@ def _blind_detail(facts: _Facts) -> str:
     tcp = "TCP unreadable" if facts.tcp_max is None else f"up to {facts.tcp_max} TCP connections"
     cpu = "" if facts.cpu_mean is None else f", CPU mean {_r(facts.cpu_mean, 1)}%"
     return f"turn information could not be read; its processes show {tcp}{cpu}"
+
+
+def _last_readable(samples: Sequence[TreeSample]) -> TreeSample | None:
+    """The latest sample whose processes were read: a probe timeout or an unreadable tick
+    does not make a running tool disappear (a vanished root ends the session before this)."""
+    for s in reversed(samples[-_READABLE_LOOKBACK:]):
+        if s.status is SampleStatus.OK:
+            return s
+        if not s.alive:
+            return None
+    return None
+
+
+_READABLE_LOOKBACK = 64
+
+
+def _unread_children(latest: TreeSample | None, samples: Sequence[TreeSample]) -> bool:
+    """The latest sample could not be read, and the last one that could had children:
+    an unreadable tick says nothing about the tool's processes, so they still count."""
+    if latest is None or latest.status is SampleStatus.OK:
+        return False
+    readable = _last_readable(samples)
+    return readable is not None and readable.children > 0
+
+
+def _tui_spinner_on_network(info: SessionInfo, facts: _Facts) -> bool:
+    """An interactive session whose only sign of work in the window is its own CPU (no
+    working child, nothing blocked, no I/O, no child coming or going), with TCP open in
+    some of it: a spinner over an API call that is being retried."""
+    return (info.mode is Mode.INTERACTIVE and facts.support[Reason.WAITING_ON_NETWORK] > 0
+            and not facts.working_children and not facts.blocked_pids and not facts.io_changed
+            and not facts.children_changed)
 
 
 def work_cpu_percent(cfg: ClassifyConfig) -> float:

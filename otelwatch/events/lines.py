@@ -1,7 +1,8 @@
 """Turning one line of an agent's output into an `Event`: the event parser.
 
 Owns the mapping from what agents write (Claude Code stream-json and
-transcripts, Codex `exec --json` and rollout transcripts, Claude Code hook
+transcripts, Codex `exec --json` and rollout transcripts, Gemini CLI
+`-o stream-json`, Claude Code hook
 payloads, otelwatch's own spool records, plain text) to otelwatch's `Event`.
 Pure: no I/O, no clock; the time a line was seen is passed in. It never
 raises for bad input: a line it cannot use is `None` and the caller counts it
@@ -123,6 +124,8 @@ def parse_object(obj: Mapping[str, Any], seen_at: float, source: str) -> list[Ev
         # An SSE ping only shows the connection is alive; deltas are real output.
         kind = HEARTBEAT if inner_type == "ping" else PROGRESS
         return [Event(time=t, type="stream_event", kind=kind, source=source, detail=_str(inner_type))]
+    if typ in ("tool_use", "tool_result", "message") or (typ == "error" and "severity" in obj):
+        return [_gemini_stream(obj, typ, t, source)]
     if "." in typ or typ == "error":
         return [_codex_exec(obj, typ, t, source)]
     if typ in ("session_meta", "response_item", "event_msg", "turn_context", "compacted"):
@@ -301,6 +304,26 @@ def _codex_retry(typ: str, message: str, t: float, source: str) -> Event:
             delay = min(float(m.group(3)) * _DURATION_UNITS[m.group(4).lower()], MAX_RETRY_DELAY_S)
     return Event(time=t, type=typ, kind=HEARTBEAT, retry=True, retry_attempt=attempt,
                  retry_max=retry_max, retry_delay_s=delay, source=source, detail=_short(message))
+
+
+# --------------------------------------------------------------------------- Gemini CLI
+
+
+def _gemini_stream(obj: Mapping[str, Any], typ: str, t: float, source: str) -> Event:
+    """Gemini CLI's `-o stream-json` (0.61.0): `tool_use` when a tool starts (`tool_id`,
+    `tool_name`), `tool_result` when it ends, `message` (role user / assistant, deltas),
+    `error` with a `severity` (a warning or a failed turn: not a retry announcement)."""
+    if typ == "tool_use":
+        return Event(time=t, type=typ, tool=_opt(obj.get("tool_name")), tool_id=_opt(obj.get("tool_id")),
+                     tool_call="open", source=source)
+    if typ == "tool_result":
+        return Event(time=t, type=typ, tool_id=_opt(obj.get("tool_id")), tool_call="close", source=source,
+                     detail=_str(obj.get("status")))
+    if typ == "error":
+        return Event(time=t, type="error", kind=HEARTBEAT, source=source, detail=_short(_str(obj.get("message"))))
+    if obj.get("role") == "user":
+        return Event(time=t, type="prompt", turn="open", awaiting_input=False, source=source)
+    return Event(time=t, type="message", source=source)
 
 
 # --------------------------------------------------------------------------- otelwatch spool

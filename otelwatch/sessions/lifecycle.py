@@ -27,7 +27,10 @@ from otelwatch.classify.rules import SampleWindow, classify, fingerprint, next_r
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
     PROBLEM_STATES,
+    Activity,
     EscalationStep,
+    EventKind,
+    Reason,
     RecoveryStep,
     SampleStatus,
     SessionInfo,
@@ -41,8 +44,8 @@ from otelwatch.sessions.report import build_report, session_summary
 from otelwatch.sessions.table import Tracked, snapshot_of
 from otelwatch.sessions.visibility import BLIND_TURNS
 
-__all__ = ["LAST_REPORT_KEYS", "RECOVERIES_KEPT", "Effects", "Lifecycle", "add_sample", "record_step",
-           "recovery_view"]
+__all__ = ["INFER_TOOL_AGENTS", "LAST_REPORT_KEYS", "RECOVERIES_KEPT", "Effects", "Lifecycle", "add_sample",
+           "infers_tools", "record_step", "recovery_view"]
 
 # What SessionSnapshot.last_report keeps of a report: the evidence a person drills into.
 LAST_REPORT_KEYS = ("event", "state", "reason", "summary", "root", "children", "connections",
@@ -80,6 +83,31 @@ def add_sample(tracked: Tracked, sample: TreeSample, horizon: float) -> None:
         tracked.samples.popleft()
 
 
+# Agents whose records show a tool call only when it ends, or not at all (see tooltree.py).
+INFER_TOOL_AGENTS = frozenset({"gemini", "aider", "opencode"})
+# Claude Code's session-file statuses while it works in the background after its turn:
+# Agent-tool subagents ("busy") and run_in_background shells ("shell").
+_CLAUDE_BACKGROUND = frozenset({"busy", "shell"})
+
+
+def infers_tools(tracked: Tracked) -> bool:
+    """Whether a tool at work is looked for in this session's process tree."""
+    claude = tracked.claude
+    return tracked.spec.agent in INFER_TOOL_AGENTS or (claude is not None and claude.status in _CLAUDE_BACKGROUND)
+
+
+def _turn_opened_since(activity: Activity, events_before: int | None) -> bool:
+    """Whether a turn opened among the events that arrived since the count `events_before`
+    (and is closed again: a turn still open keeps the session out of idle anyway)."""
+    if events_before is None or activity.turn_open:
+        return False
+    new = activity.events - events_before
+    if new <= 0:
+        return False
+    # A prompt (progress), not a turn reopened by a retry announcement or a status line.
+    return any(e.turn == "open" and e.kind is EventKind.PROGRESS for e in activity.recent[-new:])
+
+
 def recovery_view(tracked: Tracked, cfg: ClassifyConfig) -> SessionView | None:
     """What recovery judges of a live session with a usable sample; None for any other."""
     sample, verdict = tracked.latest, tracked.verdict
@@ -114,6 +142,8 @@ class Lifecycle:
         self.effects = effects
         # By the identity of the Tracked (which a re-key keeps); dropped when it ends.
         self._windows: dict[int, tuple[Tracked, SampleWindow]] = {}
+        self._events_seen: dict[int, int] = {}  # its event count at the previous tick
+        self._turned: set[int] = set()  # sessions that have opened a turn
 
     def classify(self, tracked: Tracked, now: float, watch_since: float) -> None:
         """This tick's verdict for a session, with what follows from it: a transition,
@@ -141,6 +171,8 @@ class Lifecycle:
             has_event_source=tracked.spec.events_path is not None or tracked.activity.events > 0,
             runtime_alive=tracked.spec.runtime_alive,
             turns_visible=tracked.turns not in BLIND_TURNS,
+            infer_tools=infers_tools(tracked),
+            before_first_turn=self._before_first_turn(tracked),
         )
         held = self._windows.get(id(tracked))
         if held is None or held[0] is not tracked:
@@ -155,6 +187,19 @@ class Lifecycle:
             self.effects.release(tracked)
             tracked.dropped = True
             return
+        seen_events, self._events_seen[id(tracked)] = self._events_seen.get(id(tracked)), tracked.activity.events
+        if old is not None and old is not State.ACTIVE and verdict.state is State.IDLE \
+                and _turn_opened_since(tracked.activity, seen_events):
+            # A turn that opened and closed between two ticks was work all the same: it
+            # counts once as active (a transition, the state counter) before the idle.
+            tracked.verdict = replace(verdict, state=State.ACTIVE, reason=Reason.RECENT_PROGRESS)
+            tracked.state_since = now
+            tracked.snapshot = snapshot_of(tracked, now)
+            self.effects.transitioned(tracked.snapshot, old)
+            self.effects.emit({"event": "session.state", "session_id": tracked.key, "agent": tracked.spec.agent,
+                               "state": State.ACTIVE.value, "reason": Reason.RECENT_PROGRESS.value,
+                               "previous": old.value, "detail": "a turn opened and closed within one tick"})
+            old = State.ACTIVE
         tracked.verdict = verdict
         if verdict.state is not old:
             tracked.state_since = now
@@ -178,6 +223,16 @@ class Lifecycle:
         return (tracked.spec.source in ("process", "tmux") and tracked.identity is not None
                 and (old is None or old.state is State.STARTING)
                 and now - tracked.identity.create_time < self.cfg.startup_grace + 1.0)
+    def _before_first_turn(self, tracked: Tracked) -> bool:
+        """Whether no turn has opened yet in this session (remembered once one has)."""
+        key = id(tracked)
+        if key in self._turned:
+            return False
+        activity = tracked.activity
+        if activity.turn_open or any(e.turn == "open" for e in activity.recent):
+            self._turned.add(key)
+            return False
+        return True
 
     def _maybe_report(self, tracked: Tracked, now: float) -> None:
         verdict = tracked.verdict
@@ -205,6 +260,8 @@ class Lifecycle:
         """A session ends: one summary line; it stays listed for exited_retention."""
         tracked.ended_at = now
         self._windows.pop(id(tracked), None)
+        self._events_seen.pop(id(tracked), None)
+        self._turned.discard(id(tracked))
         self.effects.release(tracked)
         snap = tracked.snapshot or snapshot_of(tracked, now)
         summary = session_summary(snap, ended_at=now, longest_silence_s=tracked.longest_silence,

@@ -52,7 +52,7 @@ from otelwatch.sessions.visibility import owner_uid, user_name, visibility_of
 if TYPE_CHECKING:
     from otelwatch.classify.rules import ReportSchedule
     from otelwatch.probe.proctable import ProcessTable
-    from otelwatch.sources.tail import FileTail
+    from otelwatch.sources.feeds import EventFeed
     from otelwatch.sources.tmux import PaneInfo
     from otelwatch.sources.transcripts import ClaudeSession
 
@@ -187,7 +187,7 @@ class Tracked:
     identity: ProcessIdentity | None = None
     samples: deque[TreeSample] = field(default_factory=deque)
     activity: Activity = field(default_factory=Activity)
-    tail: FileTail | None = None
+    tail: EventFeed | None = None  # its events file, transcript or agent database
     verdict: Verdict | None = None
     state_since: float = 0.0
     schedule: ReportSchedule | None = None

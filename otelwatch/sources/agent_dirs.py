@@ -1,7 +1,10 @@
 """Where one agent process keeps its transcripts: its own config directories, from its environment.
 
 Claude Code writes under `$CLAUDE_CONFIG_DIR` (default `~/.claude`), Codex under
-`$CODEX_HOME` (default `~/.codex`), and `~` is the agent's `$HOME`, not
+`$CODEX_HOME` (default `~/.codex`), Gemini CLI under `$GEMINI_CLI_HOME/.gemini`
+(default `~/.gemini`), opencode under `$XDG_DATA_HOME/opencode` (default
+`~/.local/share/opencode`), aider where `AIDER_CHAT_HISTORY_FILE` says (default:
+its project), and `~` is the agent's `$HOME`, not
 otelwatch's: a daemon running as a service user, or agents started with another
 HOME, would otherwise look in the wrong place and follow no transcript at all.
 So the directories are read from the process's initial environment
@@ -26,14 +29,15 @@ from __future__ import annotations
 import os
 import pwd
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["AgentDirResolver", "AgentDirs", "dirs_from", "read_environ"]
 
 # The variables that say where an agent keeps its files; the rest of the environment
 # (secrets among it) is never kept.
-_WANTED = (b"HOME", b"CLAUDE_CONFIG_DIR", b"CODEX_HOME")
+_WANTED = (b"HOME", b"CLAUDE_CONFIG_DIR", b"CODEX_HOME", b"GEMINI_CLI_HOME", b"XDG_DATA_HOME",
+           b"AIDER_CHAT_HISTORY_FILE")
 _ENVIRON_MAX = 1 << 20  # an environment is at most a few hundred KiB; read no more
 
 
@@ -42,6 +46,12 @@ class AgentDirs:
     claude: Path | None  # Claude Code's config directory (sessions/, projects/); None: none to look in
     codex: Path | None  # Codex's home (sessions/YYYY/MM/DD/rollout-*.jsonl); None: none to look in
     uid: int | None = None  # the agent's user, who must own every file read there; None: unknown
+    # Gemini CLI's directory (tmp/<project>/chats/), opencode's data directory (opencode.db),
+    # aider's history file as its environment names it (relative to its cwd). Not compared:
+    # derived from the same home.
+    gemini: Path | None = field(default=None, compare=False)
+    opencode: Path | None = field(default=None, compare=False)
+    aider_history: str | None = field(default=None, compare=False)
 
 
 def dirs_from(env: Mapping[str, str], default_home: Path | None,
@@ -58,8 +68,14 @@ def dirs_from(env: Mapping[str, str], default_home: Path | None,
         return path if trusted is None or trusted(path) else None
 
     home = pick(env.get("HOME"), default_home)
+    gemini_base = pick(env.get("GEMINI_CLI_HOME"), home)
+    data = pick(env.get("XDG_DATA_HOME"), home / ".local" / "share" if home else None)
+    history = env.get("AIDER_CHAT_HISTORY_FILE") or None
     return AgentDirs(claude=pick(env.get("CLAUDE_CONFIG_DIR"), home / ".claude" if home else None),
-                     codex=pick(env.get("CODEX_HOME"), home / ".codex" if home else None), uid=uid)
+                     codex=pick(env.get("CODEX_HOME"), home / ".codex" if home else None), uid=uid,
+                     gemini=gemini_base / ".gemini" if gemini_base else None,
+                     opencode=data / "opencode" if data else None,
+                     aider_history=history[:4096] if history else None)
 
 
 class _Trust:
@@ -150,7 +166,7 @@ def _passwd_home(uid: int) -> Path | None:
 
 def read_environ(pid: int, proc_root: str = "/proc", *, strict: bool = False,
                  wanted: tuple[bytes, ...] = _WANTED) -> dict[str, str]:
-    """HOME, CLAUDE_CONFIG_DIR and CODEX_HOME (or the `wanted` names) from pid's initial
+    """The variables in `_WANTED` (or the `wanted` names) from pid's initial
     environment; {} when it cannot be read (another user's process, gone, a kernel
     thread, mid-exec), or with `strict` the OSError (PermissionError: another user's,
     without CAP_SYS_PTRACE)."""

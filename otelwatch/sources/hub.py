@@ -22,6 +22,8 @@ from otelwatch.events.lines import fold
 from otelwatch.model import Event, SessionSpec
 from otelwatch.probe.proctable import ProcessTable
 from otelwatch.sessions.table import SessionTable, Tracked
+from otelwatch.sources.feeds import open_feed
+from otelwatch.sources.gemini import parse_stderr_line, stderr_file
 from otelwatch.sources.spool import PRUNE_EVERY_S, RETENTION_S, remove_older_than
 from otelwatch.sources.tail import FileTail, open_regular
 from otelwatch.sources.tmux import PaneInfo
@@ -69,6 +71,9 @@ class Sources:
         # off or the last scan failed (a failed read is no news).
         self.panes: dict[int, PaneInfo] | None = None
         self._tmux_counted = (0, 0)  # tmux timeouts and errors already exported
+        # id(Tracked) -> (it, the tail of its stderr file): Gemini CLI's retries (gemini.py).
+        self._stderr_tails: dict[int, tuple[Tracked, FileTail]] = {}
+        self._stderr_checked: dict[int, float] = {}
         self._failed: set[str] = set()
 
     def check(self) -> None:
@@ -236,7 +241,7 @@ class Sources:
                 owners = {uid} if uid is not None else set()
                 if not transcript:
                     owners.add(os.geteuid())
-                tracked.tail = FileTail(path, source=source, owners=owners, own=True)
+                tracked.tail = open_feed(tracked.spec.agent, path, source, owners=owners, own=True)
             if tracked.ended_at is not None:
                 continue
             if tracked.tail is not None:
@@ -249,11 +254,41 @@ class Sources:
                 transcript = tracked.tail.source == "transcript"
                 activity = fold_transcript(tracked.activity, events) if transcript else fold(tracked.activity, events)
                 tracked.activity = activity.count_malformed(malformed) if malformed else activity
+            if tracked.spec.agent == "gemini" and tracked.spec.source in _TRANSCRIPT_SOURCES and path:
+                # Once its chat file is followed: retries read before the prompt they belong to
+                # would stand alone, and the prompt found later would read as progress after them.
+                self._poll_gemini_stderr(tracked, now)
             if tracked.claude is not None:
                 # After the transcript: the CLI's own word on its turn, which nothing else
                 # gives for Esc or for a permission prompt answered.
                 for event in status_events(tracked.claude, tracked.claude_before, tracked.activity, now):
                     tracked.activity = tracked.activity.apply(event)
+
+    def _poll_gemini_stderr(self, tracked: Tracked, now: float) -> None:
+        """Gemini CLI announces its API retries only on stderr: follow it when it is a file."""
+        held = self._stderr_tails.get(id(tracked))
+        if held is None or held[0] is not tracked:
+            if len(self._stderr_tails) > 4096:
+                self._stderr_tails.clear()
+            if now - self._stderr_checked.get(id(tracked), -math.inf) < TRANSCRIPT_RETRY_S or tracked.spec.pid is None:
+                return
+            self._stderr_checked[id(tracked)] = now
+            uid = tracked.latest.processes[0].uid if tracked.latest and tracked.latest.processes else None
+            path = stderr_file(tracked.spec.pid, uid)
+            if path is None:
+                return
+            held = self._stderr_tails[id(tracked)] = (tracked, FileTail(path, source="stderr",
+                                                                        parser=parse_stderr_line))
+        events, _ = held[1].poll(now)
+        if events:
+            tracked.activity = fold(tracked.activity, events)
+
+    def release(self, tracked: Tracked) -> None:
+        """An ended session's readers beside its events path."""
+        held = self._stderr_tails.pop(id(tracked), None)
+        self._stderr_checked.pop(id(tracked), None)
+        if held is not None:
+            held[1].close()
 
     def stderr_tail(self, spec: SessionSpec) -> str:
         """The last bytes of a session's captured stderr (the exec wrapper's ring), for reports."""

@@ -57,7 +57,8 @@ from otelwatch.model import Mode, SessionSpec
 from otelwatch.probe.proctable import ProcessTable
 from otelwatch.sources import hookpath
 
-__all__ = ["AGENT_NAMES", "BUILTIN", "Builtin", "ProcessMatcher", "Program", "headless", "program_of"]
+__all__ = ["AGENT_NAMES", "BUILTIN", "Builtin", "ProcessMatcher", "Program", "headless", "opencode_project",
+           "program_of"]
 
 # Names whose agent label differs (used by the exec wrapper and hooks too).
 AGENT_NAMES = hookpath.AGENT_NAMES  # one table: the hook names its agent the same way
@@ -97,9 +98,12 @@ BUILTIN: dict[str, Builtin] = {
     "aider": Builtin(
         "aider", frozenset({"aider"}), modules=frozenset({"aider", "aider.main", "aider.__main__"}),
         not_sessions=_NOT_SESSIONS),
+    # npm's postinstall puts the native binary at opencode-ai/bin/opencode.exe (on Linux too):
+    # started by that path its comm is `opencode.exe`.
     "opencode": Builtin(
-        "opencode", frozenset({"opencode"}), packages=frozenset({"opencode-ai"}),
-        not_sessions=_NOT_SESSIONS | {"-v", "auth", "upgrade", "models", "mcp"}),
+        "opencode", frozenset({"opencode", "opencode.exe"}), packages=frozenset({"opencode-ai"}),
+        not_sessions=_NOT_SESSIONS | {"-v", "auth", "providers", "upgrade", "uninstall", "models", "mcp",
+                                      "completion", "stats", "export", "import", "db", "plugin", "debug"}),
 }
 BUILTIN["claude-code"] = BUILTIN["claude"]
 
@@ -212,13 +216,70 @@ def program_of(comm: str, argv: Sequence[str]) -> Program:
     return Program(exe, comm, script=argv[i], args=tuple(argv[i + 1:]), interpreted=True)
 
 
-def headless(argv: Sequence[str]) -> bool:
-    """Whether the cmdline asks for a one-shot run (claude -p, codex exec, gemini -p)."""
-    args = list(argv[1:])
+def headless(argv: Sequence[str], agent: str | None = None, comm: str = "") -> bool:
+    """Whether the cmdline asks for a one-shot run, by each agent's own flags (measured on
+    Claude Code 2.1.330, Codex 0.169.0, Gemini CLI 0.61.0, opencode 1.18.33, aider 0.86.2):
+
+    - claude: `-p` / `--print`; codex: `exec` (alias `e`) or `review` (0.169.0: non-interactive);
+    - gemini: `-p` / `--prompt`, unless `-i` / `--prompt-interactive` (a TUI with a first prompt);
+    - opencode: the `run` subcommand; `opencode --prompt TEXT` is the TUI;
+    - aider: `--message` / `-m` / `--message-file` / `-f`; otherwise its prompt_toolkit TUI.
+
+    Any other agent: `-p`, `--print`, `--prompt` or an `exec` subcommand."""
+    args = list(program_of(comm or (_basename(argv[0]) if argv else ""), argv).args) if argv else []
+    if agent in ("gemini",):
+        if any(_flag(a, "-i", "--prompt-interactive") for a in args):
+            return False
+        return any(_flag(a, "-p", "--prompt") for a in args)
+    if agent == "opencode":
+        return _subcommand(args, _OPENCODE_VALUE_FLAGS) == "run"
+    if agent == "aider":
+        return any(_flag(a, "-m", "--message", "-f", "--message-file") or (a[:2] == "-m" and a[:3] != "-m-")
+                   for a in args)
+    if agent == "codex":
+        return bool({"exec", "e", "review"} & set([a for a in args if not a.startswith("-")][:3]))
+    if agent == "claude-code":
+        return any(_flag(a, "-p", "--print") for a in args)
     if any(a in ("-p", "--print", "--prompt") or a.startswith(("--print=", "--prompt=")) for a in args):
         return True
     positional = [a for a in args if not a.startswith("-")]
     return "exec" in positional[:3]
+
+
+def opencode_project(argv: Sequence[str], comm: str = "") -> str | None:
+    """The project directory an opencode TUI was started on (`opencode [project]`), as given."""
+    args = program_of(comm or (_basename(argv[0]) if argv else ""), argv).args if argv else ()
+    first = _subcommand(args, _OPENCODE_VALUE_FLAGS)
+    return None if first is None or first in _OPENCODE_COMMANDS else first
+
+
+_OPENCODE_COMMANDS = frozenset({"run", "acp", "mcp", "attach", "debug", "providers", "auth", "agent", "upgrade",
+                                "uninstall", "serve", "web", "models", "stats", "export", "import", "github", "pr",
+                                "session", "plugin", "plug", "db", "completion"})
+# opencode options that take a value (so the value is not its subcommand).
+_OPENCODE_VALUE_FLAGS = frozenset({"--prompt", "--model", "-m", "--agent", "--session", "-s", "--port",
+                                   "--hostname", "--log-level"})
+
+
+def _flag(arg: str, *names: str) -> bool:
+    """`arg` is one of `names`, or a long one of them with `=VALUE`."""
+    return arg in names or any(n.startswith("--") and arg.startswith(n + "=") for n in names)
+
+
+def _subcommand(args: Sequence[str], value_flags: frozenset[str]) -> str | None:
+    """The first positional argument, skipping the values of `value_flags`."""
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--":
+            return None
+        if a.startswith("-"):
+            skip = a in value_flags
+            continue
+        return a
+    return None
 
 
 # --------------------------------------------------------------------------- rules
@@ -332,7 +393,8 @@ class ProcessMatcher:
             entry = seen.get(pid)
             if entry is None or entry[0] != info.create_time or entry[1] != info.comm or entry[2] != argv:
                 agent = self.match(info.comm, argv)
-                entry = (info.create_time, info.comm, argv, agent, agent is not None and headless(argv))
+                entry = (info.create_time, info.comm, argv, agent,
+                         agent is not None and headless(argv, agent, info.comm))
             now[pid] = entry  # a fresh dict each scan: processes that are gone are forgotten
             if entry[3] is not None:
                 matched.append(pid)

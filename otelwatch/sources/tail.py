@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
@@ -159,7 +159,8 @@ class FileTail:
 
     def __init__(self, path: str | Path, source: str = "stream", json_only: bool = True,
                  *, max_read: int = DEFAULT_MAX_READ, owners: Collection[int] | None = None,
-                 own: bool = False) -> None:
+                 own: bool = False,
+                 parser: Callable[[bytes, float, str], list[Event] | None] | None = None) -> None:
         self.path = str(path)
         self.source = source
         # With `owners`: an agent's file, opened only as `open_owned` allows (no symlink,
@@ -167,6 +168,8 @@ class FileTail:
         self.owners = None if owners is None else frozenset(owners)
         self.own = own
         self.json_only = json_only
+        # An agent's own line format (Gemini's chat files, aider's markdown); default: parse_events.
+        self.parser = parser
         self.max_read = max_read
         self.errors = 0  # OS errors seen (each poll that failed counts once)
         self.last_error = ""
@@ -189,7 +192,10 @@ class FileTail:
         events: list[Event] = []
         malformed = 0
         for line, t in self._poll_lines(now):
-            parsed = parse_events(line, t, self.source, json_only=self.json_only)
+            if self.parser is not None:
+                parsed = self.parser(line, t, self.source)
+            else:
+                parsed = parse_events(line, t, self.source, json_only=self.json_only)
             if parsed is None:
                 malformed += 1
             elif self.own:

@@ -26,6 +26,9 @@ What is known and what is heuristic:
   file without `status` was written once and can go stale (`/clear`
   starts a new transcript without updating it), so a newer transcript of
   the same project that nobody else holds wins over it (heuristic).
+- Gemini CLI's chat files, opencode's session in its database and aider's
+  history (gemini.py, opencode.py, aider.py) are found by working directory
+  and recency, each only when it is a regular file of the process's own user.
 - Otherwise, and for Codex (`~/.codex/sessions/YYYY/MM/DD/rollout-*.jsonl`,
   whose first line `session_meta` records `id` and `cwd`), the transcript is
   the most recently modified one of that working directory that was written
@@ -48,14 +51,23 @@ from pathlib import Path
 
 from otelwatch.model import Activity, Event, EventKind
 from otelwatch.sources.agent_dirs import AgentDirs, dirs_from
+from otelwatch.sources.aider import find_history
+from otelwatch.sources.gemini import find_chat
+from otelwatch.sources.opencode import find_session
+from otelwatch.sources.processes import opencode_project
 from otelwatch.sources.tail import open_owned
 
-__all__ = ["ClaudeSession", "TranscriptLocator", "claude_project_dirs", "fold_transcript", "status_events"]
+__all__ = ["BACKGROUND_GRACE_S", "ClaudeSession", "TranscriptLocator", "claude_project_dirs", "fold_transcript",
+           "status_events"]
 
 _SLACK = 5.0  # seconds: a transcript touched just before the process start still counts
 _NON_ALNUM = re.compile(r"[^A-Za-z0-9]")
 _SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _SESSION_FILE_MAX = 65536
+_OTHER_AGENTS = frozenset({"gemini", "opencode", "aider"})
+# A turn closed this long ago while the session file still says busy/shell is background
+# work, not the file lagging behind the transcript (2.1.330 goes busy -> idle in ~0.3 s).
+BACKGROUND_GRACE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,8 @@ class TranscriptLocator:
             found = self._claude(pid, cwd, started_at)
         elif agent.startswith("codex"):
             found = self._codex(pid, cwd, started_at)
+        elif agent in _OTHER_AGENTS:
+            found = self._other(agent, pid, cwd, started_at)
         else:
             return None
         if found is not None:
@@ -269,6 +283,40 @@ class TranscriptLocator:
             self._meta_cache.clear()
         return sid, cwd
 
+    # ------------------------------------------------------------------ gemini, opencode, aider
+
+    def _other(self, agent: str, pid: int, cwd: str | None, started_at: float) -> tuple[str, Path] | None:
+        """Gemini CLI's chat file, opencode's session in its database, aider's history
+        (otelwatch/sources/gemini.py, opencode.py, aider.py), each only when it is a
+        regular file of the process's own user."""
+        dirs = self._dirs(pid)
+        uid = dirs.uid
+
+        def owned(st: os.stat_result) -> bool:
+            return stat.S_ISREG(st.st_mode) and (uid is None or st.st_uid == uid)
+
+        def free(path: Path) -> bool:
+            return self._free(path, pid)
+
+        if agent == "gemini":
+            gemini_dir = dirs.gemini or dirs_from({}, self.home).gemini
+            assert gemini_dir is not None
+            return find_chat(gemini_dir, cwd, started_at, free, owned)
+        if agent == "opencode":
+            data_dir = dirs.opencode or dirs_from({}, self.home).opencode
+            assert data_dir is not None
+            project = opencode_project(_cmdline(pid)) if cwd is not None else None
+            if project is not None and cwd is not None:  # `opencode PROJECT`: its sessions are filed there
+                found = find_session(data_dir, os.path.join(cwd, project), started_at, free, owned)
+                if found is not None:
+                    return found
+            return find_session(data_dir, cwd, started_at, free, owned)
+        env = {"AIDER_CHAT_HISTORY_FILE": dirs.aider_history} if dirs.aider_history else {}
+        path = find_history(cwd, env, _cmdline(pid), uid, started_at)
+        if path is None or not self._free(path, pid):
+            return None
+        return f"aider-{pid}", path
+
     # ------------------------------------------------------------------ shared
 
     def _recent(self, paths: Iterable[Path], pid: int, started_at: float, uid: int) -> list[tuple[float, Path]]:
@@ -291,6 +339,15 @@ class TranscriptLocator:
         for p in [p for p, owner in self._claims.items() if owner == pid and p != path]:
             del self._claims[p]
         self._claims[path] = pid
+
+
+def _cmdline(pid: int) -> tuple[str, ...]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            raw = fh.read(1 << 16)
+    except OSError:
+        return ()
+    return tuple(os.fsdecode(a) for a in raw.split(b"\0") if a)
 
 
 def _jsonl_in(directory: Path) -> list[Path]:
@@ -382,6 +439,8 @@ def status_events(session: ClaudeSession, before: ClaudeSession | None, activity
     - busy: a turn runs. After a permission prompt it means the person answered:
       no longer awaiting input (hooks say nothing until the tool ends). A new busy
       status with no turn open opens one (a prompt, before its transcript lines).
+    - busy or shell after the turn closed (BACKGROUND_GRACE_S ago): background work
+      (subagents, a run_in_background shell): the turn opens again until idle.
 
     `before` is the file as seen at the previous tick (None: not seen before).
     """
@@ -400,17 +459,25 @@ def status_events(session: ClaudeSession, before: ClaudeSession | None, activity
             return [Event(time=t, type="status/waiting", kind=EventKind.HEARTBEAT, awaiting_input=True,
                           source="session", own=True, detail=session.waiting_for or "")]
         return []
-    if status != "busy":
+    if status not in ("busy", "shell"):
         return []
     out: list[Event] = []
-    if activity.awaiting_input:
+    if activity.awaiting_input and status == "busy":
         out.append(Event(time=t, type="status/busy", kind=EventKind.HEARTBEAT, awaiting_input=False,
                          source="session", own=True, detail="answered"))
-    fresh = before is None or before.status != "busy" or before.status_at != session.status_at
+    fresh = before is None or before.status != status or before.status_at != session.status_at
     closed = max((e.time for e in activity.recent if e.turn == "close"), default=None)
-    if fresh and not activity.turn_open and (closed is None or t > closed):
+    if status == "busy" and fresh and not activity.turn_open and (closed is None or t > closed):
         out.append(Event(time=t, type="status/busy", turn="open", awaiting_input=False, source="session", own=True,
                          detail="turn started"))
+    elif not activity.turn_open and closed is not None and t <= closed and now - closed >= BACKGROUND_GRACE_S:
+        # The turn ended but the CLI still says it works: background Agent-tool subagents
+        # (busy) or a run_in_background shell (shell). It processes until the file says idle:
+        # the turn is open again, dated when the status was set (it moves no clock), so the
+        # subagents' and shells' processes started since count as its tools (tooltree.py).
+        opened = min((e.time for e in activity.recent if e.turn == "open"), default=t)
+        out.append(Event(time=min(t, opened), type=f"status/{status}", kind=EventKind.STATE, turn="open",
+                         source="session", own=True, detail="background work"))
     return out
 
 
