@@ -1,10 +1,15 @@
 """`otelwatch hook claude` and `otelwatch event SESSION TYPE`: record one event, fast.
 
 Agents run these on every tool call, so they must never slow or break the
-agent: they append one record to the session's spool file (see
-`sources.spool`) and exit 0 whatever happens, printing nothing on stdout
-(Claude Code reads hook stdout) and at most one line on stderr. They do not
-talk to the daemon and work when it is not running. Everything they run is in
+agent: they offer the event to a running daemon's hook socket
+(`sources.hook_socket`, at most a second; there the daemon checks, on the
+kernel's word, that the hook runs inside the session's process tree, which
+makes the event the session's own), append one record to the session's spool
+file (see `sources.spool`; when no daemon took the event, the record carries
+it as an observed event), and exit 0 whatever happens, printing nothing on
+stdout (Claude Code reads hook stdout) and at most one line on stderr. They
+work when the daemon is not running. `otelwatch event --pid` names a PID and
+so is observed whatever runs it: it only spools. Everything they run is in
 `otelwatch.sources.hookpath` (standard library only): no model, config, psutil,
 OpenTelemetry or logging, so the command costs little more than the
 interpreter's own start (bench/bench_hook.py measures it).

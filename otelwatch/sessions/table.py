@@ -583,7 +583,7 @@ def reaction_seen(samples: Sequence[TreeSample], activity: Activity, since: floa
     """Whether anything after `since` shows the session itself working: a sample with
     CPU at the work bar (and above one clock tick's noise for its interval), a TCP
     connection that was not open before, or a child that was not there before; or one
-    of its own progress events (not a turn start, not from HTTP).
+    of its own progress events (not a turn start; own: see DESIGN "Trust boundaries").
 
     The bars are those of work, not of the stuck gate: an idle sleeper is charged a
     stray 10 ms clock tick now and then (2% of a 0.5 s interval), and an interactive
@@ -613,7 +613,7 @@ def reaction_seen(samples: Sequence[TreeSample], activity: Activity, since: floa
             return True
         if before_children is None:
             before_children = children
-    return any(e.time > since and e.kind is EventKind.PROGRESS and e.turn != "open" and e.source != "http"
+    return any(e.time > since and e.kind is EventKind.PROGRESS and e.turn != "open" and e.own
                for e in activity.recent)
 
 

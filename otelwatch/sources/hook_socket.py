@@ -39,6 +39,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from otelwatch.sources.hookpath import MAX_MESSAGE, send, socket_paths
 __all__ = ["CONN_TIMEOUT_S", "MAX_MESSAGE", "HookSocket", "ancestry", "send", "socket_paths"]
 
 CONN_TIMEOUT_S = 0.5
+LOG_EVERY_S = 60.0
 MAX_DEPTH = 64
 
 
@@ -93,6 +95,7 @@ class HookSocket:
         self._stop = threading.Event()
         self.served = 0
         self.refused = 0
+        self._logged_at = -LOG_EVERY_S
 
     def start(self) -> HookSocket:
         with contextlib.suppress(FileNotFoundError):
@@ -139,7 +142,11 @@ class HookSocket:
                     self._one(conn)
                 except Exception as exc:  # one bad client never stops the listener
                     self.refused += 1
-                    self._log("hook_socket.error", {"error": repr(exc)[:200]}, "warning")
+                    now = time.monotonic()
+                    if now - self._logged_at >= LOG_EVERY_S:  # a flood of junk is one line a minute
+                        self._logged_at = now
+                        self._log("hook_socket.error", {"error": repr(exc)[:200], "refused": self.refused},
+                                  "warning")
 
     def _one(self, conn: socket.socket) -> None:
         conn.settimeout(CONN_TIMEOUT_S)

@@ -227,3 +227,34 @@ def test_a_wall_clock_step_after_the_daemon_started_ends_no_hook_session(tmp_pat
         agent.kill()
         agent.wait()
         daemon.cleanup()
+
+
+@pytest.mark.e2e
+def test_the_exec_wrappers_stream_is_own_and_a_hook_record_beside_it_is_not(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "d")
+    env = {**os.environ, "OTELWATCH_STATE_DIR": str(daemon.state_dir), "OTELWATCH_REGISTRY_DIR": str(daemon.registry),
+           "PYTHONPATH": str(REPO)}
+    line = json.dumps({"type": "assistant", "message": {"role": "assistant", "content": [{"type": "text",
+                                                                                         "text": "hi"}]}})
+    child = f"import time; print({line!r}, flush=True); time.sleep(30)"
+    wrapper = subprocess.Popen([sys.executable, "-m", "otelwatch", "exec", "--session-id", "ex", "--mode",
+                                "interactive", "--", sys.executable, "-c", child], cwd=str(REPO), env=env,
+                               stdout=subprocess.DEVNULL, start_new_session=True)
+    daemon.agents.append(wrapper)
+    try:
+        def seen() -> list[dict[str, Any]] | None:
+            snap = daemon.session("ex")
+            return snap["recent_events"] if snap and snap["recent_events"] else None
+
+        events = wait_for(seen, timeout=20, interval=0.2)
+        assert isinstance(events, list) and all(e.get("own") for e in events), events
+        # The same user's `otelwatch event ex turn_start --pid P` beside it: observed.
+        snap = daemon.session("ex")
+        assert snap is not None
+        subprocess.run([sys.executable, "-m", "otelwatch", "event", "other", "turn_start", "--pid",
+                        str(snap["pid"])], cwd=str(REPO), env=env, check=True, timeout=20)
+        later = wait_for(lambda: [e for e in (daemon.session("ex") or {}).get("recent_events", [])
+                                  if e["type"] == "turn_start"], timeout=15, interval=0.2)
+        assert isinstance(later, list) and not any(e.get("own") for e in later), later
+    finally:
+        daemon.cleanup()

@@ -370,6 +370,13 @@ def test_tui_timeline(suite: Suite, name: str) -> None:
             f"  {e['time'] - t0:6.1f}s {e['type']:<22} {e['kind']:<9} {e.get('source', '')} "
             f"{e.get('turn') or ''} {'retry' if e.get('retry') else ''} {e.get('detail', '')}"
             for e in snap.get("recent_events", []))
+    if run.case.hooks:
+        # Claude runs its hooks inside its own process tree: the hook socket finds the
+        # session's root among each hook's ancestors, so every hook event is own (issue 19).
+        hooked = [e for snap in listed for e in snap.get("recent_events", []) if e.get("source") == "hook"]
+        observed = [e["type"] for e in hooked if not e.get("own")]
+        if observed:
+            problems.append(f"hook events not own: {observed}")
     print(report)
     assert not problems, ("\n".join(problems) + "\n\n" + report + "\n\nscreen:\n" + run.tui.screen()
                           + f"\n\ndaemon log:\n{suite.daemon.log_tail()}")

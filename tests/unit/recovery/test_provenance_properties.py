@@ -72,10 +72,10 @@ def noise(draw: st.DrawFn, every: float | None = None) -> list[tuple[float, str,
         stimulus = draw(st.sampled_from(STIMULI))
         event = draw(st.one_of(st.none(), st.sampled_from(OBSERVED)))
         quiet_for += dt
-        if every is not None and quiet_for >= every and stimulus == "quiet" and event is None:
+        if every is not None and quiet_for >= every and stimulus not in ("connect", "cpu", "fork") and event is None:
             stimulus = draw(st.sampled_from(STIMULI[1:4]))
-        if stimulus != "quiet" or event is not None:
-            quiet_for = 0.0
+        if stimulus in ("connect", "cpu", "fork") or event is not None:
+            quiet_for = 0.0  # (SIGCONT shows nothing; a stopped tree blocks recovery on its own)
         out.append((dt, stimulus, event))
     return out
 
