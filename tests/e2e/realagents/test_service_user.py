@@ -130,11 +130,12 @@ def _start(name: str, base: Path, *, uid: int | None, caps: bool, transcripts: b
         drop = ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups"]
         if caps:
             drop += [f"--inh-caps={CAPS}", f"--ambient-caps={CAPS}"]
-        # In a private mount namespace, /root is a 0711 directory holding only root's .pyenv
-        # (where this interpreter lives); everything else stays as it is.
-        script = ('mount --bind /root/.pyenv "$0/.pyenv" && mount --rbind "$0" /root && exec "$@"')
-        argv = ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script, str(pyenv_view),
-                *drop, "--", *argv]
+        argv = [*drop, "--", *argv]
+        if sys.executable.startswith("/root/.pyenv/"):
+            # In a private mount namespace, /root is a 0711 directory holding only root's .pyenv
+            # (where this interpreter lives); everything else stays as it is.
+            script = 'mount --bind /root/.pyenv "$0/.pyenv" && mount --rbind "$0" /root && exec "$@"'
+            argv = ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script, str(pyenv_view), *argv]
     log = home / "daemon.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=str(REPO), stdout=out, stderr=subprocess.STDOUT, env=env)

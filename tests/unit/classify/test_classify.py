@@ -969,3 +969,25 @@ def test_background_task_list_replaces_and_keeps_first_seen() -> None:
     assert [(o.tool_id, o.since) for o in a.background_tasks] == [("a", NOW - 100), ("b", NOW - 50)]
     assert a.last_progress_time == NOW - 200  # where the agent stands, not progress
     assert acts(ev(NOW - 10, "Stop", turn="close")).background_tasks == ()
+
+
+def test_blind_is_not_idle() -> None:
+    """Issue #20: turn information that could not be read is never a closed turn."""
+    from dataclasses import replace as _replace
+
+    blind = _replace(info(Mode.INTERACTIVE, events=False), turns_visible=False)
+    # Nothing in the window: unknown, never idle (and never stuck).
+    v = classify(CFG, blind, history(), acts(), NOW, WATCH)
+    assert (v.state, v.reason) == (State.STALLED, Reason.ACCESS_DENIED)
+    assert "could not be read" in v.evidence["detail"]
+    # CPU (a TUI draws) is no progress either, and a socket is no proof of a turn.
+    for samples in (history(cpu=8.0), history(tcp={"ESTABLISHED": 1})):
+        v = classify(CFG, blind, samples, acts(), NOW, WATCH)
+        assert (v.state, v.reason) == (State.STALLED, Reason.ACCESS_DENIED)
+    # Seen, the same session at its input box is idle.
+    assert classify(CFG, info(Mode.INTERACTIVE, events=False), history(), acts(), NOW, WATCH).state is State.IDLE
+    # A blind headless session is judged by its tree, and never stuck.
+    headless = _replace(info(events=False), turns_visible=False)
+    v = classify(CFG, headless, history(), acts(), NOW, WATCH)
+    assert (v.state, v.reason) == (State.STALLED, Reason.ACCESS_DENIED)
+    assert classify(CFG, info(events=False), history(), acts(), NOW, WATCH).state is State.STUCK
