@@ -195,6 +195,9 @@ class Prober:
             self._own_ns = None
         # Netlink sees only our own namespace; once it has failed, do not try it again.
         self.netlink_ok = self._own_ns is not None
+        # CPU demand (usage + run-queue wait) needs /proc/PID/schedstat; without it the
+        # samples carry no demand and the spin rule reads usage.
+        self.schedstat = procfs.read_run_wait("self", proc_root) is not None
 
     # ------------------------------------------------------------------ public
 
@@ -270,7 +273,8 @@ class Prober:
                 results[sid] = self._timeout_sample(
                     now, target, table, f"probe error: {type(job.error).__name__}: {job.error}")
             else:
-                results[sid], history = _tree_sample(job.result, self._history.get(sid), table, now)
+                results[sid], history = _tree_sample(job.result, self._history.get(sid), table, now,
+                                                     self.schedstat)
                 if history is not None:
                     self._history[sid] = history
         if len(self._fds) > 64 and len(self._fds) > 2 * sum(len(s.processes) for s in results.values()):
@@ -362,6 +366,12 @@ class Prober:
             return _RawTree(SampleStatus.VANISHED, target, "pid reused")
 
         raw = _RawTree(SampleStatus.OK, info.identity)
+        # The run-queue wait is read for processes that ran or wanted to: on a CPU or a
+        # run queue now, or CPU time moved since the last sample. One that slept through
+        # the interval without a tick of CPU is no loop, and most processes of most trees
+        # do; they cost no schedstat read (their wait counts as none).
+        hist = self._history.get(sid) if self.schedstat else None
+        quiet = {(q.pid, q.create_time): q.cpu_seconds for q in hist.last.processes} if hist is not None else {}
         denied: list[str] = []
         # Per inode: a socket shared by parent and child is one connection.
         tree_sockets: dict[Hashable, TcpSocket] = {}
@@ -370,7 +380,8 @@ class Prober:
             if p is None:
                 continue
             try:
-                proc = self._read_proc(p, table, tick, with_wchan, steady)
+                wait = self.schedstat and (p.state == "R" or quiet.get((p.pid, p.create_time)) != p.cpu_seconds)
+                proc = self._read_proc(p, table, tick, with_wchan, steady, wait)
             except ProcessGone:
                 if i == 0:
                     return _RawTree(SampleStatus.VANISHED, info.identity, "exited")
@@ -393,7 +404,7 @@ class Prober:
         return raw
 
     def _read_proc(self, p: ProcInfo, table: ProcessTable, tick: _Tick, with_wchan: bool,
-                   steady: bool = False) -> _RawProc:
+                   steady: bool = False, wait: bool = False) -> _RawProc:
         """One process; raises ProcessGone if it ended while being read."""
         root = self.proc_root
         pid = p.pid
@@ -456,7 +467,7 @@ class Prober:
             write_bytes=None if io is None else io.write_bytes,
             cmdline=table.cmdline(pid),
             wchan=procfs.read_wchan(pid, root) if with_wchan else None,
-            run_wait=procfs.read_run_wait(pid, root),
+            run_wait=procfs.read_run_wait(pid, root) if wait else None,
         )
 
     def _table_for(self, pid: int, tick: _Tick) -> TcpTable | None:
@@ -470,7 +481,7 @@ class Prober:
 
 
 def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
-                 now: float) -> tuple[TreeSample, _History | None]:
+                 now: float, schedstat: bool = False) -> tuple[TreeSample, _History | None]:
     """Coordinator side: CPU rates from the session's history, then the TreeSample and
     the history the next tick's rates start from (None: keep the one there was)."""
     if not raw.procs:
@@ -481,7 +492,7 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
     samples: list[ProcessSample] = []
     waits: dict[int, float] = {}
     before_waits = prev.waits if prev is not None else {}
-    wait_rate: float | None = 0.0  # run-queue wait of the tree; None: unknown for a process with a rate
+    wait_rate = 0.0  # run-queue wait of the tree, percent of one core (a process without a reading: none)
     tree_rate = 0.0
     root_rate: float | None = None
     cpu_unknown = False
@@ -511,7 +522,8 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
             rate, cpu_unknown = None, True
         if rate is not None:
             tree_rate += rate
-            wait_rate = None if wait_rate is None or waited is None else wait_rate + waited / dt * 100.0
+            if waited is not None:
+                wait_rate += waited / dt * 100.0
         if i == 0:
             root_rate = rate
         tcp: Mapping[str, int] | None = None
@@ -566,7 +578,7 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
         read_bytes=_reuse(read_b, last and last.read_bytes),
         write_bytes=_reuse(write_b, last and last.write_bytes),
         error=raw.error,
-        cpu_demand_percent=None if cpu_percent is None or wait_rate is None else cpu_percent + wait_rate,
+        cpu_demand_percent=None if cpu_percent is None or not schedstat else cpu_percent + wait_rate,
     )
     return tree, _History(table.monotonic, table.time, tree, waits)
 

@@ -385,7 +385,7 @@ def read_io(pid: int, proc_root: str = "/proc") -> IoCounters | None:
     return None
 
 
-def read_run_wait(pid: int, proc_root: str = "/proc") -> float | None:
+def read_run_wait(pid: int | str, proc_root: str = "/proc") -> float | None:
     """Seconds pid's main thread has spent runnable but waiting on a run queue since it
     started (/proc/PID/schedstat, second field). None when the kernel has no schedstat
     (CONFIG_SCHED_INFO off) or it cannot be read: never raises. Only the main thread:

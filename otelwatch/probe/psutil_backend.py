@@ -253,6 +253,7 @@ class PsutilProber(Prober):
         # proc_root: on Linux, where network namespaces are compared (see _same_netns).
         super().__init__(proc_root=proc_root, max_workers=max_workers, clock=clock, _before_sample=_before_sample)
         self.netlink_ok = False
+        self.schedstat = False  # usage only: the spin rule reads it (no CPU demand)
         self.host_tcp = host_tcp
         self._host_allowed = LINUX or host_tcp is True  # False once the host-wide read was denied
         self._use_host = False  # this tick's choice
@@ -308,7 +309,7 @@ class PsutilProber(Prober):
         raw.tcp = tcp if known else None
 
     def _read_proc(self, p: ProcInfo, table: ProcessTable, tick: _Tick, with_wchan: bool,
-                   steady: bool = False) -> _RawProc:
+                   steady: bool = False, wait: bool = False) -> _RawProc:
         """One process; raises ProcessGone if it ended (or its PID was reused) meanwhile.
         Always read in full: psutil gives no cheap sign that a process's FDs changed."""
         pid = p.pid

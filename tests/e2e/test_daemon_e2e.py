@@ -70,7 +70,9 @@ def test_evidence_matches_the_processes(zoo: tuple[Daemon, TcpServer]) -> None:
     sock = daemon.wait_state("z-socket", "stalled", "waiting_on_network", timeout=12)
     assert sock["tcp"] == {"ESTABLISHED": 1}
     spin = daemon.wait_state("z-spin", "stalled", "cpu_spin", timeout=12)
-    assert spin["cpu_percent"] > 20  # one core when alone; other test processes may share the 2 cores
+    # Usage is what the host lets it have (15% was seen under load); its demand (on a CPU
+    # or waiting for one) is the loop's whole core, and is what read as cpu_spin.
+    assert spin["evidence"]["cpu_window_mean"] > 0 and spin["evidence"]["cpu_demand_window_mean"] >= 50
     hung = daemon.wait_state("z-hung", "stuck", timeout=12)
     assert hung["tcp"] == {} and hung["cpu_percent"] < 1
     assert hung["rss_bytes"] > 1_000_000 and hung["threads"] >= 1 and hung["open_fds"] >= 3
