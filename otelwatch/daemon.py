@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import IO, TYPE_CHECKING, Any
 
-from otelwatch.classify.rules import is_late_tick
+from otelwatch.classify.lateness import is_late_tick
 from otelwatch.config import Config, Paths, default_paths
 from otelwatch.model import STEADY_STATES, Event, Mode, ProcessIdentity, SessionSnapshot, SessionSpec
 from otelwatch.probe.backends import probe_backend

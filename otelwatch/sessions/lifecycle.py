@@ -23,7 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from otelwatch.classify.rules import SampleWindow, classify, fingerprint, next_report, work_cpu_percent
+from otelwatch.classify.backoff import fingerprint, next_report
+from otelwatch.classify.rules import classify
+from otelwatch.classify.window import SampleWindow, work_cpu_percent
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
     PROBLEM_STATES,
@@ -177,7 +179,9 @@ class Lifecycle:
         held = self._windows.get(id(tracked))
         if held is None or held[0] is not tracked:
             held = self._windows[id(tracked)] = (tracked, SampleWindow())
-        verdict = classify(self.cfg, info, tuple(tracked.samples), tracked.activity, now,
+        samples = tuple(tracked.samples)
+        held[1].sync_for(self.cfg, samples)
+        verdict = classify(self.cfg, info, samples, tracked.activity, now,
                            watch_since, previous=tracked.verdict, window=held[1])
         if verdict.state is State.EXITED and self._short_lived_helper(tracked, now):
             # A discovered process that lived less than startup_grace (a `claude` helper

@@ -50,7 +50,7 @@ from otelwatch.sessions.report import children_detail
 from otelwatch.sessions.visibility import owner_uid, user_name, visibility_of
 
 if TYPE_CHECKING:
-    from otelwatch.classify.rules import ReportSchedule
+    from otelwatch.classify.backoff import ReportSchedule
     from otelwatch.probe.proctable import ProcessTable
     from otelwatch.sources.feeds import EventFeed
     from otelwatch.sources.tmux import PaneInfo

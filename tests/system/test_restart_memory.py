@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from otelwatch.classify.rules import LATE_TICK_MIN_S
+from otelwatch.classify.lateness import LATE_TICK_MIN_S
 from tests.support.e2e_support import Daemon, start_daemon
 from tests.support.procs import TcpServer, wait_for
 

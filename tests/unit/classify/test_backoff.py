@@ -10,13 +10,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otelwatch.classify.rules import (
-    LATE_TICK_MIN_S,
-    ReportSchedule,
-    fingerprint,
-    is_late_tick,
-    next_report,
-)
+from otelwatch.classify.backoff import ReportSchedule, fingerprint, next_report
+from otelwatch.classify.lateness import LATE_TICK_MIN_S, is_late_tick
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import Activity, Event, EventKind, Reason, SampleStatus, State, Verdict
 from tests.support.classify_builders import NOW, acts, ev, proc, tree

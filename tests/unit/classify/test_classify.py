@@ -13,15 +13,8 @@ from typing import Any
 
 import pytest
 
-from otelwatch.classify.rules import (
-    WORK_CPU_PERCENT,
-    classify,
-    retry_holds,
-    retry_phrase,
-    tree_progress_time,
-    window_samples,
-    work_cpu_percent,
-)
+from otelwatch.classify.rules import classify, retry_holds, retry_phrase
+from otelwatch.classify.window import WORK_CPU_PERCENT, tree_progress_time, window_samples, work_cpu_percent
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
     REASONS_BY_STATE,
@@ -708,7 +701,7 @@ def replay(
     """The verdict timeline [(seconds since start, state, reason) at each change] and
     the times a report is made, from FIRST_TICK to `until` or the session's exit.
     hysteresis=False never passes the previous verdict in."""
-    from otelwatch.classify.rules import fingerprint, next_report
+    from otelwatch.classify.backoff import fingerprint, next_report
     from otelwatch.events.lines import parse_events
 
     t0 = NOW

@@ -4,7 +4,7 @@
 same state, reason, silence and evidence, on every tick of any stream the
 daemon can produce (samples appended, the oldest dropped, the clock jumping
 forward or back, watching restarting, unreadable and timed-out samples, children
-coming and going). The full recomputation (`_Facts.of`, `tree_progress_time`)
+coming and going). The full recomputation (`WindowFacts.of`, `tree_progress_time`)
 is the reference.
 """
 
@@ -15,11 +15,11 @@ from collections import deque
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otelwatch.classify.rules import (
+from otelwatch.classify.rules import classify
+from otelwatch.classify.window import (
     SampleWindow,
-    _Facts,
-    _last_ok_before,
-    classify,
+    WindowFacts,
+    last_ok_before,
     tree_progress_time,
     window_samples,
     work_cpu_percent,
@@ -81,12 +81,12 @@ def stream_st(draw: st.DrawFn) -> list[tuple[float, TreeSample, int, bool]]:
     return out
 
 
-def _reference_facts(cfg: ClassifyConfig, samples: tuple[TreeSample, ...], start: float) -> _Facts:
+def _reference_facts(cfg: ClassifyConfig, samples: tuple[TreeSample, ...], start: float) -> WindowFacts:
     thr = cfg.cpu_idle_percent
     spin = max(cfg.cpu_spin_percent, thr)
     first_sight = samples[0] if samples and samples[0].cpu_percent is None else None
     latest = samples[-1] if samples else None
-    return _Facts.of(window_samples(samples, start), _last_ok_before(samples, start), latest, thr, spin,
+    return WindowFacts.of(window_samples(samples, start), last_ok_before(samples, start), latest, thr, spin,
                      first_sight)
 
 
@@ -111,6 +111,7 @@ def test_incremental_facts_and_verdicts_equal_the_full_recomputation(
             history.popleft()
         samples = tuple(history)
         full = classify(cfg, session, samples, activity, now, watch_since, previous)
+        window.sync_for(cfg, samples)
         fast = classify(cfg, session, samples, activity, now, watch_since, previous, window=window)
         assert fast == full
         if window.usable:
@@ -133,6 +134,7 @@ def test_a_steady_stream_uses_the_window_and_matches() -> None:
         history.append(tree(t, cpu=0.0, read=100 + (i == 80)))
         samples = tuple(history)
         full = classify(cfg, session, samples, acts(), t, NOW - 1000.0)
+        window.sync_for(cfg, samples)
         fast = classify(cfg, session, samples, acts(), t, NOW - 1000.0, window=window)
         assert window.usable
         assert fast == full
@@ -146,5 +148,6 @@ def test_an_out_of_order_history_falls_back_to_the_full_recomputation() -> None:
     window = SampleWindow()
     samples = (tree(NOW - 10), tree(NOW - 20, children=[proc(ROOT_PID + 1, status="R")]), tree(NOW))
     full = classify(cfg, info(), samples, SILENT, NOW, NOW - 1000.0)
+    window.sync_for(cfg, samples)
     assert classify(cfg, info(), samples, SILENT, NOW, NOW - 1000.0, window=window) == full
     assert not window.usable

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from otelwatch.classify.rules import MAX_ATTEMPT_S, SampleWindow, classify, retry_holds, window_samples
+from otelwatch.classify.rules import MAX_ATTEMPT_S, classify, retry_holds
+from otelwatch.classify.window import SampleWindow, window_samples
 from otelwatch.config import ClassifyConfig
 from otelwatch.model import (
     REASONS_BY_STATE,
@@ -160,7 +161,9 @@ def test_classifier_invariants(
     # The incremental window (here fed the whole history at once, the daemon's first
     # tick) gives exactly the full recomputation's verdict: test_classify_incremental
     # feeds it tick by tick.
-    assert classify(cfg, session, samples, activity, NOW, watch_since, previous, window=SampleWindow()) == v
+    window = SampleWindow()
+    window.sync_for(cfg, samples)
+    assert classify(cfg, session, samples, activity, NOW, watch_since, previous, window=window) == v
     # The previous verdict may steady a stalled reason, never change the state.
     assert v.state is classify(cfg, session, samples, activity, NOW, watch_since).state
 
