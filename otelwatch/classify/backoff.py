@@ -10,13 +10,8 @@ from typing import Any
 
 from otelwatch.classify.window import child_ids
 from otelwatch.config import ClassifyConfig
-from otelwatch.model import (
-    PROBLEM_STATES,
-    Activity,
-    State,
-    TreeSample,
-    Verdict,
-)
+from otelwatch.events.activity import Activity
+from otelwatch.model import PROBLEM_STATES, State, TreeSample, Verdict
 
 __all__ = ["ReportSchedule", "fingerprint", "next_report"]
 

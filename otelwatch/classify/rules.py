@@ -37,16 +37,8 @@ from otelwatch.classify.window import (
     work_cpu_percent,
 )
 from otelwatch.config import ClassifyConfig
-from otelwatch.model import (
-    Activity,
-    Mode,
-    Reason,
-    SampleStatus,
-    SessionInfo,
-    State,
-    TreeSample,
-    Verdict,
-)
+from otelwatch.events.activity import Activity
+from otelwatch.model import Mode, Reason, SampleStatus, SessionInfo, State, TreeSample, Verdict
 
 __all__ = [
     "MAX_ATTEMPT_S",

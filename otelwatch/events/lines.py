@@ -27,7 +27,8 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from otelwatch.model import Activity, Event, EventKind
+from otelwatch.events.activity import Activity
+from otelwatch.model import Event, EventKind
 from otelwatch.sources.hookpath import hook_fields
 
 __all__ = [

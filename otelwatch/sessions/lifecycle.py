@@ -27,9 +27,9 @@ from otelwatch.classify.backoff import fingerprint, next_report
 from otelwatch.classify.rules import classify
 from otelwatch.classify.window import SampleWindow, work_cpu_percent
 from otelwatch.config import ClassifyConfig
+from otelwatch.events.activity import Activity
 from otelwatch.model import (
     PROBLEM_STATES,
-    Activity,
     EscalationStep,
     EventKind,
     Reason,

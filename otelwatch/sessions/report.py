@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from otelwatch.model import Activity, Reason, SessionSnapshot, TreeSample, Verdict
+from otelwatch.events.activity import Activity
+from otelwatch.model import Reason, SessionSnapshot, TreeSample, Verdict
 
 _STATUS_WORDS = {
     "R": "running",

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from otelwatch.events.activity import Activity
 from otelwatch.model import (
     CPU_TICK_SECONDS,
     FOREIGN_CREATE_TIME_SKEW_S,
-    Activity,
     Event,
     EventKind,
     Mode,

@@ -49,7 +49,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from otelwatch.model import Activity, Event, EventKind
+from otelwatch.events.activity import Activity
+from otelwatch.model import Event, EventKind
 from otelwatch.sources.agent_dirs import AgentDirs, dirs_from
 from otelwatch.sources.aider import find_history
 from otelwatch.sources.gemini import find_chat

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from otelwatch.config import ClassifyConfig
+from otelwatch.events.activity import Activity
 from otelwatch.model import (
-    Activity,
     Event,
     EventKind,
     Mode,

@@ -10,15 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from otelwatch.config import ClassifyConfig, Config, RecoveryConfig
-from otelwatch.model import (
-    ProcessIdentity,
-    ProcessSample,
-    Reason,
-    SampleStatus,
-    State,
-    TreeSample,
-    Verdict,
-)
+from otelwatch.model import ProcessIdentity, ProcessSample, Reason, SampleStatus, State, TreeSample, Verdict
 from otelwatch.recovery.policy import PolicyContext, SessionView
 
 PID, CT, UID, SELF = 4242, 1_000.0, 1000, 99_999

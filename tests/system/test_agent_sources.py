@@ -14,8 +14,9 @@ import sqlite3
 import time
 from pathlib import Path
 
+from otelwatch.events.activity import Activity
 from otelwatch.events.lines import fold, parse_events
-from otelwatch.model import Activity, EventKind
+from otelwatch.model import EventKind
 from otelwatch.sources.aider import HistoryParser, find_history, parse_retry_delay
 from otelwatch.sources.feeds import open_feed
 from otelwatch.sources.gemini import find_chat, parse_chat_line

@@ -23,15 +23,7 @@ from pathlib import Path
 import pytest
 
 from otelwatch.config import ClassifyConfig, Config, ProbeConfig, RecoveryConfig
-from otelwatch.model import (
-    ProcessIdentity,
-    Reason,
-    RecoveryStatus,
-    RecoveryStep,
-    State,
-    TreeSample,
-    Verdict,
-)
+from otelwatch.model import ProcessIdentity, Reason, RecoveryStatus, RecoveryStep, State, TreeSample, Verdict
 from otelwatch.probe.backends import probe_backend
 from otelwatch.probe.prober import Prober
 from otelwatch.probe.proctable import ProcessTableReader, read_proc

@@ -19,7 +19,8 @@ import pytest
 
 from otelwatch.classify.rules import classify
 from otelwatch.config import ClassifyConfig
-from otelwatch.model import Activity, Mode, Reason, SessionInfo, State, TreeSample
+from otelwatch.events.activity import Activity
+from otelwatch.model import Mode, Reason, SessionInfo, State, TreeSample
 from otelwatch.probe.prober import Prober
 from otelwatch.probe.proctable import ProcessTableReader
 

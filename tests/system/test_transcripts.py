@@ -12,8 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from otelwatch.events.activity import Activity
 from otelwatch.events.lines import fold, parse_events
-from otelwatch.model import Activity, Event, EventKind
+from otelwatch.model import Event, EventKind
 from otelwatch.sources.transcripts import (
     ClaudeSession,
     TranscriptLocator,

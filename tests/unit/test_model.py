@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from otelwatch.model import REASONS_BY_STATE, Activity, Event, EventKind, Reason, State
+from otelwatch.events.activity import Activity
+from otelwatch.model import REASONS_BY_STATE, Event, EventKind, Reason, State
 
 
 def test_every_reason_belongs_to_exactly_one_state() -> None:

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from otelwatch.classify.backoff import ReportSchedule, fingerprint, next_report
 from otelwatch.classify.lateness import LATE_TICK_MIN_S, is_late_tick
 from otelwatch.config import ClassifyConfig
-from otelwatch.model import Activity, Event, EventKind, Reason, SampleStatus, State, Verdict
+from otelwatch.events.activity import Activity
+from otelwatch.model import Event, EventKind, Reason, SampleStatus, State, Verdict
 from tests.support.classify_builders import NOW, acts, ev, proc, tree
 
 CFG = ClassifyConfig(repeat_base=60.0, repeat_max=600.0)

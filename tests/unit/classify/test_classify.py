@@ -16,17 +16,8 @@ import pytest
 from otelwatch.classify.rules import classify, retry_holds, retry_phrase
 from otelwatch.classify.window import WORK_CPU_PERCENT, tree_progress_time, window_samples, work_cpu_percent
 from otelwatch.config import ClassifyConfig
-from otelwatch.model import (
-    REASONS_BY_STATE,
-    Activity,
-    EventKind,
-    Mode,
-    Reason,
-    SampleStatus,
-    SessionInfo,
-    State,
-    TreeSample,
-)
+from otelwatch.events.activity import Activity
+from otelwatch.model import REASONS_BY_STATE, EventKind, Mode, Reason, SampleStatus, SessionInfo, State, TreeSample
 from tests.support.classify_builders import (
     CFG,
     INTERVAL,

@@ -19,18 +19,8 @@ from hypothesis import strategies as st
 from otelwatch.classify.rules import MAX_ATTEMPT_S, classify, retry_holds
 from otelwatch.classify.window import SampleWindow, window_samples
 from otelwatch.config import ClassifyConfig
-from otelwatch.model import (
-    REASONS_BY_STATE,
-    Activity,
-    Event,
-    Mode,
-    Reason,
-    SampleStatus,
-    SessionInfo,
-    State,
-    TreeSample,
-    Verdict,
-)
+from otelwatch.events.activity import Activity
+from otelwatch.model import REASONS_BY_STATE, Event, Mode, Reason, SampleStatus, SessionInfo, State, TreeSample, Verdict
 from tests.support.classify_builders import NOW, ROOT_PID, acts, ev, hb, info, proc, tree
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from otelwatch.events.activity import Activity
 from otelwatch.events.lines import MAX_LINE_BYTES, fold, parse_events, parse_line
-from otelwatch.model import Activity, EventKind
+from otelwatch.model import EventKind
 
 T = 1_700_000_000.0
 

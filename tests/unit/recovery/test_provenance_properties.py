@@ -24,7 +24,8 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otelwatch.model import Activity, Event, EventKind, Mode, SessionSpec, TreeSample
+from otelwatch.events.activity import Activity
+from otelwatch.model import Event, EventKind, Mode, SessionSpec, TreeSample
 from otelwatch.recovery.policy import SessionView, Window, step
 from otelwatch.sessions.table import Tracked
 from tests.support.recovery_builders import CT, PID, T0, UID, config, context, make_view, proc

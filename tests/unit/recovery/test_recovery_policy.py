@@ -8,12 +8,7 @@ from dataclasses import replace
 import pytest
 
 from otelwatch.config import Config, RecoveryConfig
-from otelwatch.model import (
-    ProcessIdentity,
-    Reason,
-    SampleStatus,
-    State,
-)
+from otelwatch.model import ProcessIdentity, Reason, SampleStatus, State
 from otelwatch.recovery.policy import (
     Decision,
     PolicyContext,

@@ -3,8 +3,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from otelwatch.commands.status import format_table
+from otelwatch.events.activity import Activity
 from otelwatch.model import (
-    Activity,
     Event,
     ProcessIdentity,
     ProcessSample,

@@ -210,7 +210,8 @@ def test_a_process_born_after_the_tick_read_its_table_waits_one_tick() -> None:
 
 # ---------------------------------------------------------------------- the reaction gate
 
-from otelwatch.model import Activity, ProcessSample, SampleStatus, TcpConnection, TreeSample  # noqa: E402
+from otelwatch.events.activity import Activity  # noqa: E402
+from otelwatch.model import ProcessSample, SampleStatus, TcpConnection, TreeSample  # noqa: E402
 from otelwatch.sessions.table import reaction_seen  # noqa: E402
 
 KEEPALIVE = TcpConnection("ESTABLISHED", "127.0.0.1:40000", "10.0.0.7:443")
