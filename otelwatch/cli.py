@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status_main(url, watch=args.watch, interval=args.interval, as_json=args.json,
                            color=False if args.no_color else None, user=args.user)
     if command == "top":
-        from otelwatch.commands.top import default_url, top_main
+        from otelwatch.commands.top.screen import default_url, top_main
 
         return top_main(args.url or default_url(cfg.http.listen), args.interval,
                         color=False if args.no_color else None, user=args.user)

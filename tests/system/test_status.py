@@ -182,7 +182,7 @@ MIXED = [_row("e-1", "exited", "process_exited", 0), _row("a-1", "active", "rece
 
 
 def test_status_and_watch_are_sorted_by_severity_like_top() -> None:
-    from otelwatch.commands.top import sort_sessions
+    from otelwatch.commands.top.data import sort_sessions
 
     api = FakeApi(MIXED)
     try:

@@ -16,22 +16,9 @@ from typing import Any
 
 import pytest
 
-from otelwatch.commands.top import (
-    COLUMNS,
-    History,
-    Poll,
-    View,
-    _handle_key,
-    layout,
-    matches,
-    parse_metrics,
-    render_detail,
-    render_list,
-    row_cells,
-    sort_sessions,
-    sparkline,
-    wrap,
-)
+from otelwatch.commands.top.data import History, Poll, matches, parse_metrics, sort_sessions
+from otelwatch.commands.top.render import COLUMNS, View, layout, render_detail, render_list, row_cells, sparkline, wrap
+from otelwatch.commands.top.screen import _handle_key
 from tests.support.e2e_support import Daemon, start_daemon
 from tests.support.procs import REPO, TcpServer, free_port, require_binary, wait_for
 

@@ -1,36 +1,16 @@
-"""`otelwatch top`: a live terminal view of a running daemon's sessions.
+"""`otelwatch top`, its rendering (pure): sessions in, lines of styled text out.
 
-Owns the operator's view: one row per session, most severe first, refreshed in
-place, and a drill-down into one session's evidence. It reads only the
-daemon's HTTP API (/api/sessions, /healthz, /metrics), so it works against a
-daemon of another user or through an SSH tunnel, and it never touches /proc.
-
-It must never trigger a recovery: the daemon's gates decide that, and a kill
-key in a list that re-sorts every second invites exactly the wrong-process
-kill otelwatch exists to prevent.
-
-The first half is pure (sessions in, lines of styled text out) and tested
-without a terminal; the second half is the curses painter and key loop. Polls
-run on a background thread so a daemon that never answers never freezes keys.
+The list with its columns dropped by priority to fit the width, the header and
+status line, sparklines, and a session's drill-down (evidence, processes, TCP
+remotes, the attach command). Tested without a terminal.
 """
 
 from __future__ import annotations
 
-import contextlib
-import curses
-import json
-import locale
 import math
-import os
 import re
-import signal
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,138 +19,25 @@ from otelwatch.commands.status import (
     _bytes,
     _fds,
     _tcp,
-    default_url,
-    own_first,
     safe,
-    sessions_path,
-    severity_key,
     short_dir,
 )
+from otelwatch.commands.top.data import CPU_POINTS, History, Poll, matches, num, sort_sessions
 from otelwatch.sessions.report import human_duration
 
-__all__ = ["History", "Poll", "default_url", "layout", "matches", "render_detail", "render_list", "sort_sessions",
-           "sparkline", "top_main"]
+__all__ = ["COLUMNS", "Column", "Line", "View", "attach_command", "header", "layout", "render_detail", "render_list",
+           "row_cells", "sparkline", "status_line", "wrap"]
 
-SORTS = ("severity", "silence", "cpu", "rss", "agent", "session")
-CPU_POINTS = 8  # sparkline width: 8 polls
-TRANSITIONS_KEPT = 30
-METRICS_EVERY_S = 10.0  # /metrics can be large (per-session series): read it now and then
 SPARK_UTF8 = "▁▂▃▄▅▆▇█"
+
+
 SPARK_ASCII = "_.-:=+*#"
 
+
 Segment = tuple[str, str]  # (text, style); styles: "", "bold", "dim", "error", "header", "state:<name>"
+
+
 Line = list[Segment]
-
-
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
-
-
-# --------------------------------------------------------------------------- data from polls
-
-
-@dataclass
-class Poll:
-    """One round of reads from the daemon; `error` set when /api/sessions failed."""
-
-    time: float
-    sessions: list[dict[str, Any]] | None = None
-    health: dict[str, Any] | None = None
-    health_status: int | None = None
-    metrics: dict[str, float] | None = None  # None: not read this round (or /metrics off)
-    error: str | None = None
-
-
-class History:
-    """What top remembers across polls: each session's recent CPU (for the sparkline)
-    and the state transitions it saw (the incident history of the drill-down)."""
-
-    def __init__(self, points: int = CPU_POINTS, kept: int = TRANSITIONS_KEPT) -> None:
-        self.points = points
-        self.kept = kept
-        self.cpu: dict[str, deque[float | None]] = {}
-        self.transitions: dict[str, deque[tuple[float, str | None, str]]] = {}
-        self._last: dict[str, str] = {}
-
-    def update(self, sessions: Iterable[Mapping[str, Any]], now: float) -> None:
-        seen = set()
-        for s in sessions:
-            sid = str(s.get("session_id", ""))
-            seen.add(sid)
-            cpu = s.get("cpu_percent")
-            self.cpu.setdefault(sid, deque(maxlen=self.points)).append(
-                float(cpu) if isinstance(cpu, (int, float)) else None)
-            label = f"{s.get('state')}/{s.get('reason')}"
-            before = self._last.get(sid)
-            if before != label:
-                since = s.get("state_since")
-                # First sight: the daemon knows when the state began; later changes are
-                # dated by the poll that saw them (within one interval).
-                at = float(since) if before is None and isinstance(since, (int, float)) else now
-                self.transitions.setdefault(sid, deque(maxlen=self.kept)).append((at, before, label))
-                self._last[sid] = label
-        for sid in [k for k in self._last if k not in seen]:  # left the daemon's listing
-            self._last.pop(sid, None)
-            self.cpu.pop(sid, None)
-            self.transitions.pop(sid, None)
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """The few series the header shows, summed over labels."""
-    wanted = {"otelwatch_probe_timeouts_total": "probe_timeouts",
-              "otelwatch_collector_tick_duration_seconds_sum": "tick_sum",
-              "otelwatch_collector_tick_duration_seconds_count": "tick_count",
-              "otelwatch_export_failures_total": "export_failures"}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("otelwatch_"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        key = wanted.get(name)
-        if key is None:
-            continue
-        with contextlib.suppress(ValueError, IndexError):
-            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
-# --------------------------------------------------------------------------- pure view
-
-
-def sort_sessions(sessions: Iterable[Mapping[str, Any]], key: str = "severity") -> list[Mapping[str, Any]]:
-    """Most severe first (stuck, stalled, long_running, active, idle, starting, exited),
-    longest silence first within a state; other keys put the largest first."""
-    sev = severity_key  # the same order as `otelwatch status`
-
-    keys: dict[str, Callable[[Mapping[str, Any]], tuple[Any, ...]]] = {
-        "severity": sev,
-        "silence": lambda s: (s.get("state") == "exited", -_num(s.get("silence_s")), *sev(s)),
-        "cpu": lambda s: (-_num(s.get("cpu_percent")), *sev(s)),
-        "rss": lambda s: (-_num(s.get("rss_bytes")), *sev(s)),
-        "agent": lambda s: (str(s.get("agent")), *sev(s)),
-        "session": lambda s: (str(s.get("session_id")),),
-    }
-    return sorted(sessions, key=keys.get(key, sev))
-
-
-def matches(session: Mapping[str, Any], text: str) -> bool:
-    """Filter terms, all must hold: `agent:X` (substring of the agent), `state:X` (state
-    starts with X), `user:X` (the owner is X), or a bare word found in the agent,
-    state, reason, session id, name, working directory or owner."""
-    for term in text.lower().split():
-        agent, state = str(session.get("agent", "")).lower(), str(session.get("state", "")).lower()
-        if term.startswith("agent:"):
-            ok = term[6:] in agent
-        elif term.startswith("state:"):
-            ok = state.startswith(term[6:])
-        elif term.startswith("user:"):
-            ok = str(session.get("user") or "").lower() == term[5:]
-        else:
-            ok = any(term in str(session.get(k) or "").lower()
-                     for k in ("agent", "state", "reason", "session_id", "name", "cwd", "user"))
-        if not ok:
-            return False
-    return True
 
 
 def sparkline(values: Sequence[float | None], width: int = CPU_POINTS, unicode: bool = True) -> str:
@@ -229,6 +96,8 @@ COLUMNS = (
     Column("USER", 9, 4, 12),
     Column("WHERE", 5, 6, 32),
 )
+
+
 STATE_COLUMN = 2
 
 
@@ -323,7 +192,7 @@ class View:
         self.poll = poll
 
 
-def _header(view: View, now: float) -> Line:
+def header(view: View, now: float) -> Line:
     """Who is watched and how the watcher itself is doing (from /healthz and /metrics)."""
     line: Line = [("otelwatch top ", "header"), (view.url.replace("http://", ""), "dim")]
     poll = view.poll
@@ -348,7 +217,7 @@ def _header(view: View, now: float) -> Line:
     return line
 
 
-def _status_line(view: View, width: int | None = None) -> Line:
+def status_line(view: View, width: int | None = None) -> Line:
     """Counts per state and the view's settings; or the problem, when there is one.
     At a narrow `width` the `filter:` and `PAUSED` marks stay: the sort setting goes
     first, then the counts are shortened."""
@@ -434,7 +303,7 @@ def render_list(view: View, width: int, height: int, now: float) -> list[Line]:
     rows = view.rows()
     cells = [row_cells(s, view.history, view.unicode) for s in rows]
     cols = layout([*cells], width)
-    lines: list[Line] = [_header(view, now), _status_line(view, width)]
+    lines: list[Line] = [header(view, now), status_line(view, width)]
     lines.append([(" ".join(_fit(COLUMNS[i].name, w, COLUMNS[i].right) for i, w in cols), "header")])
     body = max(1, height - 4)
     ids = [str(s.get("session_id")) for s in rows]
@@ -494,7 +363,7 @@ def render_detail(session: Mapping[str, Any] | None, history: History, now: floa
           f"  silent {human_duration(s.get('silence_s'))}"
           f"  last event {human_duration(s.get('last_event_age_s'))} ago"
           f"  events {s.get('events', 0)}" + (f" (malformed {s['malformed']})" if s.get("malformed") else ""), "")],
-        [(f"CPU {_num(s.get('cpu_percent')):.0f}% {sparkline(list(history.cpu.get(sid, ())), CPU_POINTS, unicode)}"
+        [(f"CPU {num(s.get('cpu_percent')):.0f}% {sparkline(list(history.cpu.get(sid, ())), CPU_POINTS, unicode)}"
           f"  RSS {_bytes(s.get('rss_bytes'))}  threads {s.get('threads') or '-'}  fds {_fds(s)}"
           f"  TCP {_tcp(s.get('tcp'))}  children {len(s.get('children') or ())}  where {_where(s)}", "")],
     ]
@@ -534,7 +403,7 @@ def render_detail(session: Mapping[str, Any] | None, history: History, now: floa
                        f"{'':>5} {_cmd(root.get('cmdline'))}", "")])
         children = report.get("children") if report else None
     else:
-        lines.append([(f"  {s.get('pid')!s:>7} ?  {'(no report yet)':<22} {_num(s.get('cpu_percent')):>5.0f} "
+        lines.append([(f"  {s.get('pid')!s:>7} ?  {'(no report yet)':<22} {num(s.get('cpu_percent')):>5.0f} "
                        "(the agent)", "")])
         children = s.get("children")
     for c in children or ():
@@ -597,297 +466,3 @@ def render_detail(session: Mapping[str, Any] | None, history: History, now: floa
     if not recoveries:
         lines.append([("  none (the daemon's gates decide; top never starts one)", "dim")])
     return lines
-
-
-# --------------------------------------------------------------------------- reading the daemon
-
-
-class Client:
-    """GETs against the daemon's API with short timeouts; errors become Poll.error."""
-
-    def __init__(self, url: str, timeout: float = 2.0, user: str | None = None) -> None:
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.user = user
-        self._metrics_at = -math.inf
-        self._metrics_off = False
-
-    def _get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=self.timeout) as resp:
-                return int(resp.status), resp.read()
-        except urllib.error.HTTPError as exc:  # /healthz answers 503 with a body
-            return int(exc.code), exc.read()
-
-    def poll(self, now: float) -> Poll:
-        poll = Poll(time=now)
-        try:
-            status, body = self._get(sessions_path(self.user))
-            data = json.loads(body)
-            if status != 200 or not isinstance(data, list):
-                raise ValueError(f"/api/sessions answered {status}")
-            poll.sessions = [dict(s) for s in own_first([s for s in data if isinstance(s, dict)])]
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            poll.error = str(getattr(exc, "reason", exc))
-            return poll
-        with contextlib.suppress(urllib.error.URLError, OSError, ValueError):
-            status, body = self._get("/healthz")
-            health = json.loads(body)
-            if isinstance(health, dict):
-                poll.health, poll.health_status = health, status
-        if not self._metrics_off and time.monotonic() - self._metrics_at >= METRICS_EVERY_S:
-            self._metrics_at = time.monotonic()
-            with contextlib.suppress(urllib.error.URLError, OSError, ValueError):
-                status, body = self._get("/metrics")
-                if status == 404:
-                    self._metrics_off = True  # the daemon runs without its Prometheus endpoint
-                elif status == 200:
-                    poll.metrics = parse_metrics(body.decode("utf-8", "replace"))
-        return poll
-
-
-class Poller:
-    """Polls on its own thread; the key loop picks up `latest` when `version` moves."""
-
-    def __init__(self, client: Client, interval: float, clock: Callable[[], float] = time.time) -> None:
-        self.client = client
-        self.interval = interval
-        self.clock = clock
-        self.latest: Poll | None = None
-        self.version = 0
-        self.paused = False
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="otelwatch-top-poll", daemon=True)
-
-    def start(self) -> Poller:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self.paused:
-                poll = self.client.poll(self.clock())
-                with self._lock:
-                    self.latest, self.version = poll, self.version + 1
-            self._wake.wait(self.interval)
-            self._wake.clear()
-
-    def take(self, seen: int) -> tuple[Poll | None, int]:
-        with self._lock:
-            return (self.latest, self.version) if self.version != seen else (None, seen)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        # The thread may sit in an HTTP read for up to the client timeout: it is a daemon
-        # thread and holds nothing, so it is not waited for.
-
-
-# --------------------------------------------------------------------------- terminal
-
-
-class _Painter:
-    """Styled lines onto a curses window; colours only when the terminal has them and
-    NO_COLOR is unset, otherwise bold/dim/reverse carry the same meaning."""
-
-    COLORS = {"stuck": curses.COLOR_RED, "stalled": curses.COLOR_YELLOW, "long_running": curses.COLOR_BLUE,
-              "active": curses.COLOR_GREEN, "idle": curses.COLOR_CYAN, "starting": curses.COLOR_WHITE,
-              "exited": curses.COLOR_WHITE, "error": curses.COLOR_RED, "header": curses.COLOR_CYAN}
-
-    def __init__(self, scr: Any, color: bool) -> None:
-        self.scr = scr
-        self.attrs: dict[str, int] = {
-            "": curses.A_NORMAL, "bold": curses.A_BOLD, "dim": curses.A_DIM, "header": curses.A_BOLD,
-            "error": curses.A_BOLD, "selected": curses.A_REVERSE,
-            "state:stuck": curses.A_BOLD, "state:stalled": curses.A_BOLD, "state:exited": curses.A_DIM,
-        }
-        if color:
-            with contextlib.suppress(curses.error):
-                curses.start_color()
-                with contextlib.suppress(curses.error):
-                    curses.use_default_colors()
-                for n, (name, fg) in enumerate(self.COLORS.items(), start=1):
-                    curses.init_pair(n, fg, -1)
-                    pair = curses.color_pair(n)
-                    key = name if name in ("error", "header") else f"state:{name}"
-                    self.attrs[key] = pair | self.attrs.get(key, curses.A_NORMAL)
-
-    def attr(self, style: str) -> int:
-        value = curses.A_NORMAL
-        for part in style.split():
-            value |= self.attrs.get(part, curses.A_NORMAL)
-        return value
-
-    def draw(self, lines: Sequence[Line]) -> None:
-        height, width = self.scr.getmaxyx()
-        self.scr.erase()
-        for y, line in enumerate(lines[:height]):
-            x = 0
-            for text, style in line:
-                if x >= width:
-                    break
-                text = safe(text)  # whatever a line holds, no control character reaches the terminal
-                with contextlib.suppress(curses.error):  # the bottom-right cell always "fails"
-                    self.scr.addnstr(y, x, text, width - x, self.attr(style))
-                x += len(text)
-        self.scr.noutrefresh()
-        curses.doupdate()
-
-
-def _unicode_ok() -> bool:
-    encoding = (locale.getpreferredencoding(False) or "").lower().replace("-", "")
-    return encoding == "utf8"
-
-
-def _handle_key(view: View, key: Any, rows: list[Mapping[str, Any]], page: int, poller: Poller) -> bool:
-    """Apply one key to the view; False means quit."""
-    if view.editing is not None:
-        if key in ("\n", "\r", curses.KEY_ENTER):
-            view.filter, view.editing = view.editing.strip(), None
-        elif key == "\x1b":
-            view.editing = None
-        elif key in (curses.KEY_BACKSPACE, "\x7f", "\b"):
-            view.editing = view.editing[:-1]
-        elif key == "\x15":  # Ctrl-U
-            view.editing = ""
-        elif isinstance(key, str) and key.isprintable():
-            view.editing += key
-        return True
-    if key in ("q", "Q"):
-        return False
-    if key in ("p", "P", " "):
-        view.paused = not view.paused
-        poller.paused = view.paused
-        if not view.paused:
-            poller.wake()
-        return True
-    if view.detail is not None:
-        if key in ("\x1b", curses.KEY_LEFT, "h", curses.KEY_BACKSPACE, "\x7f", "\n", "\r", curses.KEY_ENTER):
-            view.detail, view.detail_top = None, 0
-        elif key in (curses.KEY_DOWN, "j"):
-            view.detail_top += 1
-        elif key in (curses.KEY_UP, "k"):
-            view.detail_top = max(0, view.detail_top - 1)
-        elif key in (curses.KEY_NPAGE,):
-            view.detail_top += page
-        elif key in (curses.KEY_PPAGE,):
-            view.detail_top = max(0, view.detail_top - page)
-        elif key in ("g", curses.KEY_HOME):
-            view.detail_top = 0
-        return True
-    if key == "\x1b":
-        return False
-    ids = [str(s.get("session_id")) for s in rows]
-    index = ids.index(view.selected) if view.selected in ids else 0
-    if key in (curses.KEY_DOWN, "j", curses.KEY_UP, "k", curses.KEY_NPAGE, curses.KEY_PPAGE, "g", "G",
-               curses.KEY_HOME, curses.KEY_END):
-        view.pinned = True
-    if key in (curses.KEY_DOWN, "j"):
-        index += 1
-    elif key in (curses.KEY_UP, "k"):
-        index -= 1
-    elif key == curses.KEY_NPAGE:
-        index += page
-    elif key == curses.KEY_PPAGE:
-        index -= page
-    elif key in ("g", curses.KEY_HOME):
-        index = 0
-    elif key in ("G", curses.KEY_END):
-        index = len(ids) - 1
-    elif key in ("\n", "\r", curses.KEY_ENTER, curses.KEY_RIGHT, "l") and ids:
-        view.detail, view.detail_top = ids[max(0, min(index, len(ids) - 1))], 0
-    elif key in ("/", "f"):
-        # A fresh filter each time: the one in force stays until Enter replaces it (an
-        # empty one clears it) and comes back on Esc; the prompt shows it as "was:".
-        view.editing = ""
-    elif key == "s":
-        view.sort = SORTS[(SORTS.index(view.sort) + 1) % len(SORTS)]
-    if ids:
-        view.selected = ids[max(0, min(index, len(ids) - 1))]
-    return True
-
-
-def _loop(scr: Any, view: View, poller: Poller, color: bool) -> None:
-    with contextlib.suppress(curses.error):
-        curses.curs_set(0)
-    scr.keypad(True)
-    scr.timeout(200)
-    painter = _Painter(scr, color)
-    seen = 0
-    dirty = True
-    drawn_at = 0.0
-    while True:
-        poll, seen_now = poller.take(seen)
-        if poll is not None:
-            seen = seen_now
-            if not view.paused:
-                view.apply(poll)
-                dirty = True
-        now = time.time()
-        height, width = scr.getmaxyx()
-        if dirty or now - drawn_at >= 1.0:
-            if view.detail is not None:
-                session = next((s for s in view.sessions if str(s.get("session_id")) == view.detail), None)
-                body = wrap(render_detail(session, view.history, now, view.unicode), width)
-                view.detail_top = max(0, min(view.detail_top, len(body) - (height - 3)))
-                lines = [_header(view, now), _status_line(view, width)]
-                lines += body[view.detail_top:view.detail_top + max(0, height - 3)]
-                while len(lines) < height - 1:
-                    lines.append([])
-                lines = lines[:height - 1]
-                lines.append([("Esc back  \u2191\u2193/jk scroll  PgUp/PgDn  p pause  q quit" if view.unicode
-                               else "Esc back  up/down/jk scroll  PgUp/PgDn  p pause  q quit", "dim")])
-            else:
-                lines = render_list(view, width, height, now)
-            painter.draw(lines)
-            dirty, drawn_at = False, now
-        try:
-            key = scr.get_wch()
-        except curses.error:
-            continue
-        if key == curses.KEY_RESIZE:
-            dirty = True
-            continue
-        if not _handle_key(view, key, view.rows(), max(1, height - 5), poller):
-            return
-        dirty = True
-
-
-def top_main(url: str, interval: float = 2.0, *, color: bool | None = None, user: str | None = None) -> int:
-    """`otelwatch top`: runs until q, Esc or Ctrl-C; the terminal is restored on every exit."""
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        print("otelwatch top: needs a terminal; for pipes and files use `otelwatch status --watch` "
-              "or `otelwatch status --json`", file=sys.stderr)
-        return 1
-    if not math.isfinite(interval) or interval < 0.2 or interval > 3600:
-        print(f"otelwatch top: --interval must be between 0.2 and 3600 seconds, got {interval:g}", file=sys.stderr)
-        return 2
-    locale.setlocale(locale.LC_ALL, "")
-    want_color = (color if color is not None else True) and not os.environ.get("NO_COLOR")
-    view = View(url=url.rstrip("/"), interval=interval, unicode=_unicode_ok())
-    poller = Poller(Client(url, timeout=min(3.0, max(1.0, interval)), user=user), interval).start()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # unwinds through curses.wrapper, which restores the terminal
-
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    with contextlib.suppress(AttributeError):
-        curses.set_escdelay(25)  # Esc is a key here, not the start of a sequence to wait for
-    try:
-        curses.wrapper(lambda scr: _loop(scr, view, poller, want_color and curses.has_colors()))
-    except KeyboardInterrupt:
-        pass
-    except curses.error as exc:
-        print(f"otelwatch top: cannot drive this terminal (TERM={os.environ.get('TERM', '')!r}): {exc}",
-              file=sys.stderr)
-        return 1
-    finally:
-        poller.stop()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    return 0
