@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import IO, Any
 
+from otelwatch.model import SEVERITY as STATE_SEVERITY
 from otelwatch.sessions.report import human_duration
 
 # In display order, each with its keep priority: at a narrow width the highest number
@@ -32,7 +33,7 @@ COLUMNS = ("SESSION", "NAME", "AGENT", "PID", "USER", "STATE", "REASON", "FOR", 
 KEEP = {"SESSION": 0, "STATE": 0, "REASON": 0, "SILENCE": 1, "NAME": 2, "CPU%": 3, "TCP": 4, "FOR": 5,
         "AGENT": 6, "PID": 7, "FDS": 8, "RSS": 9, "USER": 10, "DIR": 11}
 EMPTY_KEEP = 99  # the keep number of a column whose every cell is "-"
-SEVERITY = ("stuck", "stalled", "long_running", "active", "idle", "starting", "exited")
+SEVERITY = tuple(s.value for s in STATE_SEVERITY)  # most severe first (model.SEVERITY)
 DIR_MAX = 40
 # Whose sessions come first in the table: the caller's own, unless root (who sees all alike).
 _CALLER = os.getuid() if os.getuid() != 0 else None

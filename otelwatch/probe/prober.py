@@ -21,25 +21,22 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from otelwatch.model import ProcessIdentity, ProcessSample, SampleStatus, TcpConnection, TreeSample
+from otelwatch.model import (
+    FOREIGN_CREATE_TIME_SKEW_S,
+    ProcessIdentity,
+    ProcessSample,
+    SampleStatus,
+    TcpConnection,
+    TreeSample,
+    same_process,
+)
 from otelwatch.probe import procfs
 from otelwatch.probe.fdmemo import Carried, FdMemo
 from otelwatch.probe.pool import CANCELLED, DONE, RUNNING, Batch, Job, Pool
 from otelwatch.probe.procfs import ProcessGone, TcpSocket, TcpTable
 from otelwatch.probe.proctable import ProcessTable, ProcInfo
 
-__all__ = ["CREATE_TIME_TOLERANCE", "Prober", "same_process"]
-
-# create_time is boot time + start ticks, and /proc/stat's btime is whole seconds
-# that can step by one between two reads (it is computed as now - uptime). Two
-# readings of one process's create time can so differ by up to a second; a PID
-# reused within a second of its previous owner's start is not a realistic case.
-CREATE_TIME_TOLERANCE = 1.1
-
-def same_process(a: ProcessIdentity, create_time: float) -> bool:
-    """Whether a process with `create_time` is the process `a` (not a reuse of its PID)."""
-    return abs(a.create_time - create_time) <= CREATE_TIME_TOLERANCE
-
+__all__ = ["Prober"]
 
 # --------------------------------------------------------------------------- raw results
 
@@ -362,7 +359,7 @@ class Prober:
         if info is None:
             root = target if isinstance(target, ProcessIdentity) else None
             return _RawTree(SampleStatus.VANISHED, root, "no such process")
-        if isinstance(target, ProcessIdentity) and not same_process(target, info.create_time):
+        if isinstance(target, ProcessIdentity) and not same_process(target, info.identity):
             return _RawTree(SampleStatus.VANISHED, target, "pid reused")
 
         raw = _RawTree(SampleStatus.OK, info.identity)
@@ -510,12 +507,14 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
         if wait is not None:
             waits[p.pid] = wait
         if prev is not None and dt > 0:
-            if before_sample is not None and abs(before_sample.create_time - p.create_time) <= CREATE_TIME_TOLERANCE:
+            before_ident = None if before_sample is None else ProcessIdentity(p.pid, before_sample.create_time)
+            if before_sample is not None and same_process(before_ident, p.identity):
                 rate = max(0.0, p.cpu_seconds - before_sample.cpu_seconds) / dt * 100.0
                 w0 = before_waits.get(p.pid)
                 waited = None if wait is None or w0 is None else max(0.0, wait - w0)
-            elif p.create_time > prev.wall - CREATE_TIME_TOLERANCE:
-                # Born since the previous sample: all its CPU time is new.
+            elif p.create_time > prev.wall - FOREIGN_CREATE_TIME_SKEW_S:
+                # Born since the previous sample: all its CPU time is new. (A create time
+                # against the wall clock: btime's whole seconds make it up to a second early.)
                 rate = p.cpu_seconds / dt * 100.0
                 waited = wait
         if not rp.cpu_known:

@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 
 import psutil
 
-from otelwatch.model import ProcessIdentity, TreeSample
+from otelwatch.model import FOREIGN_CREATE_TIME_SKEW_S, ProcessIdentity, TreeSample, same_process
 from otelwatch.probe import procfs
-from otelwatch.probe.prober import Prober, _RawProc, _RawTree, _tally, _Tick, same_process
+from otelwatch.probe.prober import Prober, _RawProc, _RawTree, _tally, _Tick
 from otelwatch.probe.procfs import ProcessGone, TcpSocket
 from otelwatch.probe.proctable import ProcessTable, ProcessTableReader, ProcInfo
 
@@ -189,7 +189,7 @@ class PsutilTableReader(ProcessTableReader):
     def _read_argv(self, info: ProcInfo) -> tuple[str, ...]:
         try:
             proc = psutil.Process(info.pid)
-            if not same_process(info.identity, proc.create_time()):
+            if not _same_by_psutil(info.identity, proc.create_time()):
                 return ()  # its PID was reused since the table was read
             argv = proc.cmdline()
         except (psutil.Error, OSError):
@@ -295,7 +295,7 @@ class PsutilProber(Prober):
             if rp.num_fds and rp.info.state != "Z" and rp.sockets is not None:
                 try:
                     proc = psutil.Process(rp.info.pid)
-                    if same_process(rp.info.identity, proc.create_time()):
+                    if _same_by_psutil(rp.info.identity, proc.create_time()):
                         rp.sockets = self._process_sockets(proc)
                 except (psutil.NoSuchProcess, ProcessGone):
                     pass  # it ended since: its sockets are closed, what was read stands
@@ -317,7 +317,7 @@ class PsutilProber(Prober):
         if proc is None:
             raise ProcessGone(pid)
         created = self._convert(proc.create_time, "fd")
-        if created is not None and not same_process(p.identity, created):
+        if created is not None and not _same_by_psutil(p.identity, created):
             raise ProcessGone(pid)  # its PID belongs to another process now
         with proc.oneshot():
             uids = self._convert(proc.uids, "fd")
@@ -417,3 +417,9 @@ class PsutilProber(Prober):
         except (psutil.Error, OSError):
             self._problem("tcp_table", "error")
             return None
+
+
+def _same_by_psutil(ident: ProcessIdentity, create_time: float) -> bool:
+    """The one identity rule (`model.same_process`) for a create time psutil computed
+    from its own read of btime: a foreign reader's, so within its skew."""
+    return same_process(ident, ProcessIdentity(ident.pid, create_time), tolerance=FOREIGN_CREATE_TIME_SKEW_S)

@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from otelwatch.model import ProcessIdentity
+from otelwatch.model import ProcessIdentity, same_process
 from otelwatch.probe.backends import resolve, table_reader
 from otelwatch.probe.procfs import ProcessGone, owner_uid
 from otelwatch.probe.proctable import ProcessTable, ProcInfo, read_boot_time, read_proc
-from otelwatch.recovery.policy import same_identity
 from otelwatch.sources.trust import resolve_users
 
 log = logging.getLogger("otelwatch.recovery")
@@ -91,7 +90,7 @@ class ProcView:
     def alive(self, ident: ProcessIdentity) -> bool:
         """True while that very process (same pid AND create time) exists and has not exited."""
         info = self.read(ident.pid)
-        return info is not None and same_identity(info.identity, ident) and info.state not in GONE_STATES
+        return info is not None and same_process(info.identity, ident) and info.state not in GONE_STATES
 
     def uid(self, pid: int) -> int | None:
         """The owner as the probe sees it (procfs.owner_uid), so the uid checked before a
@@ -174,9 +173,9 @@ def _group_refusal(pgid: int, root: ProcInfo, snapshot: Collection[ProcessIdenti
         if uid is None or uid not in guard.allowed_uids:
             return f"group has pid {m.pid} of uid {uid}"
     leader = next((m for m in members if m.pid == pgid), None)
-    if leader is not None and same_identity(leader.identity, root.identity):
+    if leader is not None and same_process(leader.identity, root.identity):
         return ""
-    if all(any(same_identity(m.identity, s) for s in snapshot) for m in members):
+    if all(any(same_process(m.identity, s) for s in snapshot) for m in members):
         return ""
     return "group has processes outside the session's tree"
 
@@ -210,7 +209,7 @@ def _signal_one(pid: int, ident: ProcessIdentity, sig: int, procs: ProcView,
             return "gone"
     try:
         info = procs.read(pid)
-        if info is None or not same_identity(info.identity, ident) or info.state in GONE_STATES:
+        if info is None or not same_process(info.identity, ident) or info.state in GONE_STATES:
             return "gone"
         try:
             if kill is not None:
@@ -247,7 +246,7 @@ def send_signal(
     res = SignalResult()
     fresh_root = procs.read(root.pid)
     group_members: set[int] = set()
-    if fresh_root is not None and same_identity(fresh_root.identity, root) \
+    if fresh_root is not None and same_process(fresh_root.identity, root) \
             and fresh_root.state not in GONE_STATES:
         members = [p for p in procs.table() if p.pgid == pgid] if pgid > 1 else []
         why = _group_refusal(pgid, fresh_root, snapshot, members, procs, guard)
@@ -266,7 +265,7 @@ def send_signal(
                 group_members = set()
     for ident in snapshot:
         info = procs.read(ident.pid)
-        if info is None or not same_identity(info.identity, ident) or info.state in GONE_STATES:
+        if info is None or not same_process(info.identity, ident) or info.state in GONE_STATES:
             res.gone.append(ident.pid)
             continue
         if res.group is not None and ident.pid in group_members and info.pgid == pgid:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from otelwatch.config import Config
-from otelwatch.model import EscalationStep, ProcessIdentity, RecoveryStatus, RecoveryStep
+from otelwatch.model import EscalationStep, ProcessIdentity, RecoveryStatus, RecoveryStep, same_process
 from otelwatch.recovery.actuator import (
     GONE_STATES,
     Guard,
@@ -39,7 +39,7 @@ from otelwatch.recovery.actuator import (
     substitute,
 )
 from otelwatch.recovery.escalation import Escalator, Outcome, command_values, transition
-from otelwatch.recovery.policy import RATE_WINDOW, Decision, PolicyContext, SessionView, Window, same_identity, step
+from otelwatch.recovery.policy import RATE_WINDOW, Decision, PolicyContext, SessionView, Window, step
 from otelwatch.recovery.state import GIVEN_UP_KEEP, Escalation, StateCorrupt, StateFile
 
 __all__ = ["HISTORY_SESSIONS", "HISTORY_STEPS", "Recovery"]
@@ -114,7 +114,7 @@ class Recovery:
             if sid in self._workers:
                 return
             resume = self._resumable.get(sid)
-            if resume is not None and not same_identity(resume.identity, view.identity):
+            if resume is not None and not same_process(resume.identity, view.identity):
                 # The session now points at another process: the entry is for a process
                 # that is gone or not ours to judge any more. Close it, signal nothing.
                 del self._resumable[sid]
@@ -278,7 +278,7 @@ class Recovery:
         signalled: the status says what became of the process. Called with _lock held."""
         info = self._procs.read(esc.identity.pid)
         gone = info is None or info.state in GONE_STATES
-        reused = not gone and info is not None and not same_identity(info.identity, esc.identity)
+        reused = not gone and info is not None and not same_process(info.identity, esc.identity)
         if gone or reused:
             status = {EscalationStep.REQUESTED: RecoveryStatus.IDENTITY_CHANGED if reused else RecoveryStatus.VANISHED,
                       EscalationStep.SIGTERM: RecoveryStatus.TERMINATED,

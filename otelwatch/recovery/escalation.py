@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Mapping
 
 from otelwatch.config import RecoveryConfig
-from otelwatch.model import EscalationStep, RecoveryStatus
+from otelwatch.model import EscalationStep, RecoveryStatus, same_process
 from otelwatch.recovery.actuator import (
     GONE_STATES,
     Guard,
@@ -31,7 +31,7 @@ from otelwatch.recovery.actuator import (
     substitute,
     wait_gone,
 )
-from otelwatch.recovery.policy import PolicyContext, SessionView, same_identity, tick_gates
+from otelwatch.recovery.policy import PolicyContext, SessionView, tick_gates
 from otelwatch.recovery.state import Escalation
 
 __all__ = ["TRANSITIONS", "Escalator", "Outcome", "command_values", "transition"]
@@ -121,7 +121,7 @@ class Escalator:
         info = self._procs.read(esc.identity.pid)
         if info is None or info.state in GONE_STATES:
             return RecoveryStatus.VANISHED, f"the process was gone before {before}", False
-        if not same_identity(info.identity, esc.identity):
+        if not same_process(info.identity, esc.identity):
             return (RecoveryStatus.IDENTITY_CHANGED,
                     f"pid {esc.identity.pid} now belongs to a process started at {info.create_time:.2f} "
                     f"(expected {esc.identity.create_time:.2f}); nothing signalled", False)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from otelwatch.config import Config, effective_recover_after
 from otelwatch.model import (
-    IDENTITY_TOLERANCE_S,
     ProcessIdentity,
     Reason,
     SampleStatus,
@@ -42,23 +41,14 @@ __all__ = [
     "SessionView",
     "Window",
     "recent_count",
-    "same_identity",
     "step",
     "tick_gates",
 ]
 
 RATE_WINDOW = 3600.0  # max_per_hour counts decisions in this rolling window
-# create_time has clock-tick (10 ms) resolution; readers that compute it by different
-# float paths may differ in the last bits, but two processes on one PID never share a tick.
-IDENTITY_TOLERANCE = IDENTITY_TOLERANCE_S
 KIND_STUCK = "stuck"  # state stuck / no_activity: the default recoverable case
 KIND_NETWORK = "waiting_on_network"  # opt-in extension (recovery.waiting_on_network_after)
 _STOPPED = frozenset({"T", "t"})  # stopped by a person (Ctrl-Z) or traced by a debugger
-
-
-def same_identity(a: ProcessIdentity | None, b: ProcessIdentity | None) -> bool:
-    """The exact identity check every recovery gate and signal uses (`model.same_process`)."""
-    return same_process(a, b, tolerance=IDENTITY_TOLERANCE)
 
 
 @dataclass(frozen=True)
@@ -207,8 +197,8 @@ def tick_gates(view: SessionView, ctx: PolicyContext) -> tuple[str, tuple[Gate, 
     root = s.processes[0].identity if s.processes else None
     sample_ok = (
         s.status is SampleStatus.OK
-        and same_identity(s.root, view.identity)
-        and same_identity(root, view.identity)
+        and same_process(s.root, view.identity)
+        and same_process(root, view.identity)
     )
     gates.append(Gate("sample", sample_ok, s.status.value if s.status is not SampleStatus.OK
                       else ("" if sample_ok else "sample is of another process")))
@@ -236,7 +226,7 @@ def _advance(window: Window | None, view: SessionView, now: float, ctx: PolicyCo
     if (
         window is None
         or window.kind != kind
-        or not same_identity(window.identity, view.identity)
+        or not same_process(window.identity, view.identity)
         or window.events != view.events
         or window.tree != tree
         or now < window.last  # the clock went back: nothing before can be trusted
@@ -295,9 +285,9 @@ def _decide(
     else:
         gates.append(Gate("cpu_window", False, "no rate yet"))
 
-    same = window is not None and same_identity(window.identity, view.identity)
+    same = window is not None and same_process(window.identity, view.identity)
     if resume is not None:
-        same = same and same_identity(resume, view.identity)
+        same = same and same_process(resume, view.identity)
     gates.append(Gate("identity", same, f"{view.identity.pid}@{view.identity.create_time:.2f}"))
     gates.append(Gate("tree", window is not None and window.tree == tree, f"{len(tree)} process(es)"))
     gates.append(Gate("events", window is not None and window.events == view.events,
@@ -325,7 +315,7 @@ def _decide(
         used = recent_count(recent, now)
         gates.append(Gate("rate_limit", used < ctx.max_per_hour,
                           f"{used} of {ctx.max_per_hour} in the last hour"))
-        gone = any(same_identity(view.identity, g) for g in given_up)
+        gone = any(same_process(view.identity, g) for g in given_up)
         gates.append(Gate("not_given_up", not gone,
                           "an earlier recovery of this process failed" if gone else ""))
 

@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from otelwatch.model import EscalationStep, ProcessIdentity
-from otelwatch.recovery.policy import KIND_NETWORK, KIND_STUCK, RATE_WINDOW, same_identity
+from otelwatch.model import EscalationStep, ProcessIdentity, same_process
+from otelwatch.recovery.policy import KIND_NETWORK, KIND_STUCK, RATE_WINDOW
 
 __all__ = ["FUTURE_SLACK_S", "GIVEN_UP_KEEP", "PID_MAX", "STEPS", "Escalation", "StateCorrupt", "StateFile"]
 
@@ -128,7 +128,7 @@ class Escalation:
         snapshot = tuple(_identity(item, f"{where}.snapshot[{i}]", now)
                          for i, item in enumerate(_items(d.get("snapshot", []), f"{where}.snapshot",
                                                          SNAPSHOT_MAX)))
-        if not snapshot or not same_identity(snapshot[0], ident):
+        if not snapshot or not same_process(snapshot[0], ident):
             snapshot = (ident, *snapshot)
         t = _number(d["time"], f"{where}.time", 0.0, latest)
         session_id = _text(d["session_id"], f"{where}.session_id")

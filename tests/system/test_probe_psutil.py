@@ -26,13 +26,12 @@ import pytest
 from otelwatch.commands.diag import diag_main
 from otelwatch.config import parse_config
 from otelwatch.daemon import Watcher
-from otelwatch.model import ProcessIdentity, SampleStatus, TreeSample
+from otelwatch.model import ProcessIdentity, SampleStatus, TreeSample, same_process
 from otelwatch.probe.backends import probe_backend, resolve
 from otelwatch.probe.prober import Prober
 from otelwatch.probe.proctable import ProcessTable, ProcessTableReader, read_proc
 from otelwatch.probe.psutil_backend import PsutilProber, PsutilProcessTable, PsutilTableReader, read_info
 from otelwatch.recovery.actuator import ProcView
-from otelwatch.recovery.policy import same_identity
 from tests.support.procs import FAKE, REPO, Spawner, TcpServer, listener_in_own_netns, wait_for
 
 
@@ -73,7 +72,7 @@ def test_tables_and_identities_agree_with_procfs(spawn: Spawner) -> None:
         assert x is not None and y is not None
         assert (y.ppid, y.pgid, y.sid, y.comm, y.threads) == (x.ppid, x.pgid, x.sid, x.comm, x.threads)
         # The identity the daemon, the probe and the actuator compare across readers.
-        assert same_identity(x.identity, y.identity), (x.create_time, y.create_time)
+        assert same_process(x.identity, y.identity), (x.create_time, y.create_time)
         assert b.cmdline(pid) == a.cmdline(pid) and b.cmdline(pid)[0] == sys.executable
         assert y.rss_bytes > 0 and y.cpu_seconds >= 0
     # Re-identification before a signal, across backends, both ways.

@@ -8,13 +8,12 @@ from dataclasses import replace
 import pytest
 
 from otelwatch.config import Config, RecoveryConfig
-from otelwatch.model import ProcessIdentity, Reason, SampleStatus, State
+from otelwatch.model import ProcessIdentity, Reason, SampleStatus, State, same_process
 from otelwatch.recovery.policy import (
     Decision,
     PolicyContext,
     SessionView,
     Window,
-    same_identity,
     step,
 )
 from tests.support.recovery_builders import CT, PID, SELF, T0, config, context, make_view, proc
@@ -231,12 +230,12 @@ def test_resume_needs_two_quiet_ticks_of_the_same_identity() -> None:
     assert d3.act
 
 
-def test_same_identity_tolerates_float_noise_not_another_tick() -> None:
+def test_same_process_tolerates_float_noise_not_another_tick() -> None:
     a = ProcessIdentity(10, 1000.0)
-    assert same_identity(a, ProcessIdentity(10, 1000.0 + 1e-9))
-    assert not same_identity(a, ProcessIdentity(10, 1000.01))
-    assert not same_identity(a, ProcessIdentity(11, 1000.0))
-    assert not same_identity(a, None)
+    assert same_process(a, ProcessIdentity(10, 1000.0 + 1e-9))
+    assert not same_process(a, ProcessIdentity(10, 1000.01))
+    assert not same_process(a, ProcessIdentity(11, 1000.0))
+    assert not same_process(a, None)
 
 
 def test_summary_names_failing_gates() -> None:
