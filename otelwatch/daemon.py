@@ -390,6 +390,8 @@ class Watcher:
     def _publish(self, now: float) -> None:
         retention = self.cfg.classify.exited_retention
         self._sessions.expire(now, retention)
+        for tracked in self._sessions.take_forgotten():
+            self._sources.close_feed(tracked)
         snapshots = self._sessions.snapshots()
         with self._snap_lock:
             self._snapshots = snapshots

@@ -262,6 +262,7 @@ class SessionTable:
     def __init__(self, *, on_end: Callable[[Tracked, float], None], on_rekey: Callable[[str], None],
                  log: Callable[[str, Mapping[str, Any], str], None]) -> None:
         self._tracked: dict[str, Tracked] = {}
+        self.forgotten: list[Tracked] = []  # forgotten with their feeds open (see forget)
         self._aliases = AliasMap()  # other ids of a session (transcript uuid, hook id) -> key
         self._ended_registrations = EndedRegistrations()
         # session id -> when its pid was first missing from the tick's process table
@@ -489,11 +490,17 @@ class SessionTable:
             self.forget(key)
 
     def forget(self, key: str) -> None:
-        """Drop a session and every id that led to it."""
+        """Drop a session and every id that led to it. Its event feed is not closed here
+        (the table does no I/O): it waits in `forgotten` for the sources to close it."""
         tracked = self._tracked.pop(key, None)
         if tracked is not None and tracked.tail is not None:
-            tracked.tail.close()
+            self.forgotten.append(tracked)
         self._aliases.forget(key)
+
+    def take_forgotten(self) -> list[Tracked]:
+        """The sessions forgotten since the last call, whose feeds are still open."""
+        out, self.forgotten = self.forgotten, []
+        return out
 
 
 def snapshot_of(tracked: Tracked, now: float) -> SessionSnapshot:

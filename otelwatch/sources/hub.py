@@ -283,6 +283,12 @@ class Sources:
         if events:
             tracked.activity = fold(tracked.activity, events)
 
+    def close_feed(self, tracked: Tracked) -> None:
+        """Close a forgotten session's event feed (the session table does no I/O)."""
+        if tracked.tail is not None:
+            tracked.tail.close()
+            tracked.tail = None
+
     def release(self, tracked: Tracked) -> None:
         """An ended session's readers beside its events path."""
         held = self._stderr_tails.pop(id(tracked), None)
