@@ -79,7 +79,7 @@ class Watcher:
         if telemetry is None:
             from otelwatch.telemetry import Telemetry
 
-            telemetry = Telemetry(self.cfg, environ=environ, log_stream=log_stream)
+            telemetry = Telemetry(self.cfg, environ=environ, log_stream=log_stream, clock=clock)
         self.telemetry: TelemetrySink = telemetry
         # One boot time for every identity the daemon compares (see ProcessTableReader).
         self.recovery = Recovery(self.cfg, self.paths.recovery_state, clock=clock, proc_root=proc_root,

@@ -76,8 +76,9 @@ class Telemetry:
     def __init__(self, cfg: Config, *, environ: Mapping[str, str] | None = None,
                  log_stream: IO[str] | None = None, service_instance_id: str | None = None,
                  meter_provider: MeterProvider | None = None,
-                 tracer_provider: TracerProvider | None = None) -> None:
+                 tracer_provider: TracerProvider | None = None, clock: Callable[[], float] = time.time) -> None:
         env: Mapping[str, str] = os.environ if environ is None else environ
+        self._clock = clock  # the watcher's wall clock (spans and log lines that carry no time)
         self.resource = build_resource(env, service_instance_id)
         self.otlp: OtlpSettings = resolve_otlp(cfg, env)
         self._closed = False
@@ -156,7 +157,7 @@ class Telemetry:
             self.tracer_provider.add_span_processor(BatchSpanProcessor(
                 exporter, max_queue_size=SPAN_QUEUE, max_export_batch_size=EXPORT_BATCH,
                 schedule_delay_millis=1000, export_timeout_millis=self.otlp.timeout_s * 1000))
-        self.incidents = Incidents(self.tracer_provider.get_tracer(SCOPE, __version__))
+        self.incidents = Incidents(self.tracer_provider.get_tracer(SCOPE, __version__), clock)
 
         if self.logger_provider is not None:
             exporter = counting_exporter("logs", self.otlp.targets["logs"], self.otlp, self.failures)
@@ -174,7 +175,7 @@ class Telemetry:
         stale = self.gauges.update(snapshots, per_session=self._sdk_gauges)
         if stale:
             self._pruner.prune({self.gauges.instruments[name]: keys for name, keys in stale.items()})
-        self.incidents.end_missing(snapshots, time.time())
+        self.incidents.end_missing(snapshots, self._clock())
 
     def on_tick(self, duration_s: float) -> None:
         self._tick.record(max(0.0, float(duration_s)))
@@ -203,7 +204,7 @@ class Telemetry:
         elif snap.state is State.STALLED:
             self._stalled.add(1, attrs)
             self._stalled_age.record(silence, attrs)
-        now = time.time()
+        now = self._clock()
         self.incidents.report(snap, report, now)
         fields: dict[str, Any] = {
             "session_id": snap.session_id, "agent": snap.agent, "pid": snap.pid,
@@ -231,7 +232,7 @@ class Telemetry:
         fields: dict[str, Any] = {"session_id": snap.session_id, "agent": snap.agent}
         fields.update(summary)
         self._log.emit("session_summary", fields)
-        self.incidents.end(snap.session_id, "exited", snap, time.time())
+        self.incidents.end(snap.session_id, "exited", snap, self._clock())
         self.gauges.forget(snap.session_id)
         if self.session_metrics is not None:
             self.session_metrics.forget(snap.session_id)

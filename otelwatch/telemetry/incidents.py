@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
@@ -76,7 +76,8 @@ def snapshot_attributes(snap: SessionSnapshot) -> dict[str, Any]:
 class Incidents:
     """Open incident spans by session id."""
 
-    def __init__(self, tracer: Tracer) -> None:
+    def __init__(self, tracer: Tracer, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock  # the watcher's wall clock, for spans that carry no time of their own
         self._tracer = tracer
         self._open: dict[str, Span] = {}
         self._lock = threading.Lock()
@@ -92,7 +93,7 @@ class Incidents:
         with self._lock:
             span = self._open.get(snap.session_id)
             if span is None:
-                start = snap.state_since if snap.state_since > 0 else time.time()
+                start = snap.state_since if snap.state_since > 0 else self._clock()
                 span = self._tracer.start_span(
                     SPAN_NAME, kind=SpanKind.INTERNAL, attributes=snapshot_attributes(snap),
                     start_time=_ns(start))
@@ -109,7 +110,7 @@ class Incidents:
                 span.add_event("state_change", {
                     "from": "" if old_state is None else old_state.value,
                     "state": snap.state.value, "reason": snap.reason.value,
-                }, timestamp=_ns(snap.state_since or time.time()))
+                }, timestamp=_ns(snap.state_since or self._clock()))
         elif snap.state in RESOLVING_STATES:
             self.end(snap.session_id, "resolved", snap, snap.state_since)
         elif snap.state is State.EXITED:
@@ -151,7 +152,7 @@ class Incidents:
         if snap is not None:
             span.set_attributes({"final.state": snap.state.value, "final.reason": snap.reason.value})
         span.set_attribute("outcome", outcome)
-        end = t if t is not None and t > 0 else time.time()
+        end = t if t is not None and t > 0 else self._clock()
         span.end(end_time=_ns(end))
         return True
 
