@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALIASES_PER_SESSION",
     "ENDED_MAX",
+    "session_uid",
     "PENDING_EVENTS_MAX_SESSIONS",
     "PENDING_EVENTS_PER_SESSION",
     "REGISTRATION_SKEW_S",
@@ -630,7 +631,7 @@ def _settled(tracked: Tracked, event: Event) -> Event | None:
     hooked event applies only to a session of the user who sent it (root: any), else
     to none (DESIGN "Trust boundaries")."""
     if event.poster_uid is not None:
-        if event.poster_uid != 0 and _session_uid(tracked) != event.poster_uid:
+        if event.poster_uid != 0 and session_uid(tracked) != event.poster_uid:
             return None
         event = replace(event, poster_uid=None)
     if not event.tree:
@@ -639,7 +640,7 @@ def _settled(tracked: Tracked, event: Event) -> Event | None:
     return replace(event, own=own, tree=())
 
 
-def _session_uid(tracked: Tracked) -> int | None:
+def session_uid(tracked: Tracked) -> int | None:
     """The user of a session's process: its latest sample's, else /proc's; None: unknown."""
     sample = tracked.latest
     if sample is not None and sample.processes and sample.processes[0].uid is not None:

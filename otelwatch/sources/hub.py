@@ -21,7 +21,7 @@ from otelwatch.config import Config, Paths
 from otelwatch.events.lines import fold
 from otelwatch.model import Event, SessionSpec
 from otelwatch.probe.proctable import ProcessTable
-from otelwatch.sessions.table import SessionTable, Tracked
+from otelwatch.sessions.table import SessionTable, Tracked, session_uid
 from otelwatch.sources.feeds import open_feed
 from otelwatch.sources.gemini import parse_stderr_line, stderr_file
 from otelwatch.sources.spool import PRUNE_EVERY_S, RETENTION_S, remove_older_than
@@ -237,7 +237,7 @@ class Sources:
                 # Users are walls: a transcript is read only when its agent's user owns it; a
                 # registry entry's events file (the entry is otelwatch's user's word) may also
                 # be otelwatch's user's. Either way its lines are the session's own events.
-                uid = agent_uid(tracked)
+                uid = session_uid(tracked)
                 owners = {uid} if uid is not None else set()
                 if not transcript:
                     owners.add(os.geteuid())
@@ -315,17 +315,6 @@ class Sources:
             self._log("telemetry.error", {"call": "on_probe_problem", "kind": kind, "error": repr(exc)}, "error")
 
 
-def agent_uid(tracked: Tracked) -> int | None:
-    """The user of a session's process: from its latest sample, else /proc; None: unknown."""
-    sample = tracked.latest
-    if sample is not None and sample.processes and sample.processes[0].uid is not None:
-        return sample.processes[0].uid
-    if tracked.spec.pid is None:
-        return None
-    try:
-        return os.stat(f"/proc/{tracked.spec.pid}").st_uid
-    except OSError:
-        return None
 
 
 def _read_tail(path: str | None, limit: int = 4096) -> str:

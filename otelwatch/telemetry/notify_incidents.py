@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from otelwatch.config import NOTIFY_STATES, NotifyConfig
+from otelwatch.sessions.report import human_duration
 
 __all__ = ["PROVISIONAL_REASONS", "Context", "Threads", "cwd_matches", "message_text", "where", "who"]
 
@@ -274,14 +275,7 @@ class Threads:
 
 
 def _human(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    s = int(max(0.0, seconds))
-    if s < 90:
-        return f"{s}s"
-    if s < 5400:
-        return f"{s // 60}m{s % 60:02d}s" if s < 600 else f"{round(s / 60)}m"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return "?" if seconds is None else human_duration(seconds)
 
 
 def who(m: Mapping[str, Any]) -> str:
