@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ALIASES_PER_SESSION",
     "ENDED_MAX",
-    "session_uid",
     "PENDING_EVENTS_MAX_SESSIONS",
     "PENDING_EVENTS_PER_SESSION",
     "REGISTRATION_SKEW_S",
@@ -69,6 +68,7 @@ __all__ = [
     "SessionTable",
     "Tracked",
     "reaction_seen",
+    "session_uid",
     "snapshot_of",
 ]
 
