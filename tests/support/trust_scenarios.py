@@ -77,8 +77,11 @@ while True:
         subprocess.Popen(["sleep", "0.3"]).wait()
 '''
 
+# Transcripts on: with them off every victim's turn information would be unread, and a
+# session otelwatch is blind to is never idle (nor recoverable): the walls under test
+# here are provenance and users, with the daemon able to read what it may.
 RECOVERY: dict[str, Any] = {"recovery": {"enabled": True, "recover_after": 2, "grace": 0.5, "max_per_hour": 100},
-            "sources": {"processes": {"enabled": True, "match": ["claude"]}}}
+            "sources": {"processes": {"enabled": True, "match": ["claude"]}, "transcripts": {"enabled": True}}}
 
 
 def victim_bin(base: Path) -> Path:
