@@ -163,7 +163,9 @@ def test_the_daemon_reads_a_session_judged_on_its_sockets_in_full(
     states: list[tuple[State, bool]] = []
     try:
         sid = w.track(agent.proc.pid, agent="fake")
-        for _ in range(16):  # about 4 s: active for the first second, then stalled
+        for i in range(16):  # about 4 s: active for the first second, then stalled
+            if i < 4:  # its progress: active while it lasts (silence counts from the process start)
+                w.feed(sid, b'{"type": "assistant"}')
             before = len(scans)
             snap = {s.session_id: s for s in w.tick()}[sid]
             states.append((snap.state, len(scans) > before))
