@@ -9,7 +9,6 @@ namespace (netns.py), asking for one Bash tool call (`tool_bash`).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,6 @@ import pytest
 from tests.e2e.realagents.harness import (
     FAKE_PORT,
     REPO,
-    TESTS,
     Expect,
     Launched,
     Scenario,
@@ -43,7 +41,7 @@ def test_installed_hooks_fire_in_the_real_cli(tmp_path: Path) -> None:
     theirs: dict[str, Any] = {"env": {"OTW_HOP_MARK": "1"}, "hooks": {"PreToolUse": [{"matcher": "Bash", "hooks": [
         {"type": "command", "command": f"cat >> {audit}"}]}]}}
     settings.write_text(json.dumps(theirs, indent=2) + "\n")
-    env = {**base_env(home), "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+    env = {**base_env(home), "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "otelwatch", "hooks", "install", "claude"], capture_output=True,
                        text=True, env={**env, "OTELWATCH_STATE_DIR": str(state)}, cwd=REPO, timeout=60, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
