@@ -133,11 +133,24 @@ class TranscriptSourceConfig:
 
 
 @dataclass(frozen=True)
+class OtlpSourceConfig:
+    """The agents' own OpenTelemetry in (sources/otlp.py); off by default."""
+
+    enabled: bool = False
+    listen: str = ""  # "": on the [http] listener; else a loopback address of its own
+    forward: str = ""  # the user's OTLP/HTTP endpoint (base URL): every record is sent on there
+    forward_timeout: float = 5.0  # one forwarded request may take this long
+    queue: int = 20_000  # log records waiting for the loop; past it they are dropped (counted)
+    forward_queue_bytes: int = 32 << 20  # bodies waiting to be forwarded; past it dropped (counted)
+
+
+@dataclass(frozen=True)
 class SourcesConfig:
     registry: RegistrySourceConfig = field(default_factory=RegistrySourceConfig)
     processes: ProcessSourceConfig = field(default_factory=ProcessSourceConfig)
     tmux: TmuxSourceConfig = field(default_factory=TmuxSourceConfig)
     transcripts: TranscriptSourceConfig = field(default_factory=TranscriptSourceConfig)
+    otlp: OtlpSourceConfig = field(default_factory=OtlpSourceConfig)
 
 
 @dataclass(frozen=True)
@@ -467,6 +480,12 @@ _VALIDATORS: dict[str, Any] = {
     "sources.tmux.timeout": _duration_in(0.01, 60.0),
     "sources.transcripts.enabled": _bool,
     "sources.transcripts.home": _string,
+    "sources.otlp.enabled": _bool,
+    "sources.otlp.listen": lambda v, k: _listen(v, k) if _string(v, k) else "",
+    "sources.otlp.forward": _url,
+    "sources.otlp.forward_timeout": _duration_in(0.1, 600.0),
+    "sources.otlp.queue": _bounded(100, 1_000_000, integer=True),
+    "sources.otlp.forward_queue_bytes": _bounded(1 << 16, 1 << 30, integer=True),
     "export.prometheus.enabled": _bool,
     "export.otlp.enabled": _bool,
     "export.otlp.endpoint": _string,
@@ -514,6 +533,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if not cfg.http.allow_remote and not _is_loopback(host):
         raise ConfigError("http.listen", f"{host!r} is not a loopback address: POST /api/events would be open "
                           "to the network; set http.allow_remote = true to accept that")
+    if cfg.sources.otlp.listen and not _is_loopback(split_listen(cfg.sources.otlp.listen)[0]):
+        raise ConfigError("sources.otlp.listen", "must be a loopback address: the agents' telemetry is local")
     r = cfg.recovery
     if r.action == "command" and not r.command:
         raise ConfigError("recovery.command", 'must be set when recovery.action = "command"')

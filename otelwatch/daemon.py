@@ -39,6 +39,7 @@ from otelwatch.sources.hub import Sources
 from otelwatch.sources.inbox import INBOX_DRAIN_PER_TICK, INBOX_MAX, INBOX_MAX_HTTP, Inbox
 
 if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when Telemetry is built
+    from otelwatch.sources.otlp import OtlpReceiver
     from otelwatch.telemetry import TelemetrySink
 
 __all__ = ["INBOX_DRAIN_PER_TICK", "INBOX_MAX", "INBOX_MAX_HTTP", "Subscriber", "Watcher"]
@@ -92,6 +93,8 @@ class Watcher:
         self._sessions = SessionTable(on_end=self._lifecycle.end, on_rekey=self._prober.forget, log=self._log)
         self._explicit: dict[str, SessionSpec] = {}  # track() calls from the Python API
         self._inbox = Inbox(clock, lambda: self._probe_problem("inbox", timeout=False))
+        # The agents' own OpenTelemetry in ([sources.otlp]); the HTTP listener routes /v1/* to it.
+        self.otlp: OtlpReceiver | None = _otlp_receiver(self.cfg, self.telemetry, clock, proc_root)
         self._subscribers: list[Subscriber] = []
         self._snapshots: tuple[SessionSnapshot, ...] = ()
         self._snap_lock = threading.Lock()
@@ -182,7 +185,7 @@ class Watcher:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(max(0.0, deadline - time.monotonic()))
-        for part in (self._prober, self.recovery, self.telemetry):
+        for part in (self._prober, self.recovery, *((self.otlp,) if self.otlp is not None else ()), self.telemetry):
             try:
                 part.shutdown(max(0.1, deadline - time.monotonic()))
             except Exception as exc:  # the other parts must still be shut down
@@ -215,6 +218,12 @@ class Watcher:
         table = self._reader.read()  # one process table for the whole tick
         self._refresh_sources(table, now)
         self._drain_inbox(now)
+        if self.otlp is not None:
+            try:
+                self.otlp.drain(self._sessions, table, now)
+            except Exception as exc:  # a source's failure, never the tick's
+                self._probe_problem("source_otlp", timeout=False)
+                self._log("source.error", {"source": "otlp", "error": repr(exc)}, "error")
         self._sources.poll_tails(self._sessions, now)
         self._sample(table, now)
         for tracked in self._sessions.values():
@@ -349,6 +358,27 @@ class Watcher:
             self.telemetry.log(event, fields, level)
         except Exception:  # logging must never take the loop down
             print(f"otelwatch: {event} {dict(fields)}", file=sys.stderr)
+
+
+def _otlp_receiver(cfg: Config, telemetry: TelemetrySink, clock: Callable[[], float],
+                   proc_root: str) -> OtlpReceiver | None:
+    """The OTLP receiver [sources.otlp] asks for (with its forwarder), or None when it is off."""
+    o = cfg.sources.otlp
+    if not o.enabled:
+        return None
+    from otelwatch.sources.otlp import OtlpReceiver
+    from otelwatch.sources.otlp_forward import Forwarder
+
+    def failed(signal: str, n: int) -> None:
+        count = getattr(telemetry, "count_export_failure", None)
+        if count is not None:
+            for _ in range(n):
+                count(f"agent_{signal}")
+
+    forwarder = Forwarder(o.forward, timeout=o.forward_timeout, queue_bytes=o.forward_queue_bytes,
+                          failed=failed) if o.forward else None
+    return OtlpReceiver(forwarder=forwarder, queue_max=o.queue, clock=clock, proc_root=proc_root,
+                        usage_counter=getattr(telemetry, "on_agent_usage", None))
 
 
 def _boottime_clock(fallback: Callable[[], float]) -> Callable[[], float]:

@@ -541,6 +541,9 @@ class SessionSnapshot:
     # The last stalled/stuck report's evidence (processes with wait channels, TCP
     # remotes, stderr tail, summary), so /api/sessions can show it without /proc.
     last_report: Mapping[str, Any] | None = None
+    # Tokens, cost and API calls the agent's own OpenTelemetry reported (sources/otlp.py);
+    # None: it reported none.
+    usage: Mapping[str, Any] | None = None
 
     @property
     def live(self) -> bool:
@@ -576,6 +579,7 @@ class SessionSnapshot:
             "recent_events": [e.to_json() for e in self.recent_events],
             "recoveries": [r.to_json() for r in self.recoveries],
             "last_report": None if self.last_report is None else dict(self.last_report),
+            "usage": None if self.usage is None else dict(self.usage),
         }
 
 

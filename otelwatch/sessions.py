@@ -80,6 +80,8 @@ PENDING_EVENTS_PER_SESSION = 50
 # create_time read from /proc is boot time (whole seconds) + start ticks, so it may be
 # up to a second off a wall-clock file time; a little margin on top.
 REGISTRATION_SKEW_S = 1.5
+# Events that are observed, not own (DESIGN.md "Trust boundaries"): they never stand for a reaction.
+_OBSERVED_SOURCES = frozenset({"http", "otlp_observed"})
 
 
 class AliasMap:
@@ -198,6 +200,7 @@ class Tracked:
     # an event alone (a forged or stray turn start) must never open the recovery gate.
     reacted_turn: float | None = None
     untracked: bool = False  # its registration was removed: ends once the process is gone or at once
+    usage: Mapping[str, Any] | None = None  # tokens and cost from the agent's own OTLP (sources/otlp.py)
     dropped: bool = False  # no longer listed at all (untracked while alive)
 
     @property
@@ -480,6 +483,7 @@ def snapshot_of(tracked: Tracked, now: float) -> SessionSnapshot:
         evidence=verdict.evidence if verdict else {},
         sample_status=sample.status if sample else SampleStatus.OK,
         last_report=tracked.snapshot.last_report if tracked.snapshot else None,
+        usage=tracked.usage,
     )
 
 
@@ -543,8 +547,8 @@ def reaction_seen(samples: Sequence[TreeSample], activity: Activity, since: floa
             return True
         if before_children is None:
             before_children = children
-    return any(e.time > since and e.kind is EventKind.PROGRESS and e.turn != "open" and e.source != "http"
-               for e in activity.recent)
+    return any(e.time > since and e.kind is EventKind.PROGRESS and e.turn != "open"
+               and e.source not in _OBSERVED_SOURCES for e in activity.recent)
 
 
 def _may_be_same_process(tracked: Tracked, spec: SessionSpec) -> bool:

@@ -97,6 +97,20 @@ def run_daemon(cfg: Config) -> int:
                 if notifier is not None:
                     notifier.shutdown(0.5)
                 return 1
+            otlp_server = None
+            if watcher.otlp is not None and cfg.sources.otlp.listen:
+                # [sources.otlp] listen: the agents' telemetry on an address of its own.
+                from otelwatch.config import split_listen
+
+                try:
+                    otlp_server = HttpServer(*split_listen(cfg.sources.otlp.listen, "sources.otlp.listen"),
+                                             watcher, None).start()
+                except OSError as exc:
+                    print(f"otelwatch: cannot listen on {cfg.sources.otlp.listen}: {exc.strerror or exc}",
+                          file=sys.stderr)
+                    server.shutdown(1.0)
+                    watcher.stop()
+                    return 1
             stop = threading.Event()
 
             def on_signal(signum: int, frame: Any) -> None:
@@ -116,6 +130,8 @@ def run_daemon(cfg: Config) -> int:
                 pass
             watcher._log("daemon.stopping", {})
             server.shutdown(1.0)
+            if otlp_server is not None:
+                otlp_server.shutdown(1.0)
             watcher.stop(1.5)
             if notifier is not None:
                 notifier.shutdown(1.0)
