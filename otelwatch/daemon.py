@@ -32,6 +32,7 @@ from otelwatch.config import Config, Paths, default_paths
 from otelwatch.fdmemo import STEADY_STATES
 from otelwatch.lifecycle import Effects, Lifecycle, add_sample, record_step, recovery_view
 from otelwatch.model import Event, Mode, ProcessIdentity, SessionSnapshot, SessionSpec
+from otelwatch.own_connections import without_own_connections
 from otelwatch.proctable import ProcessTable
 from otelwatch.recovery import Recovery
 from otelwatch.sessions import SessionTable, Tracked
@@ -95,6 +96,9 @@ class Watcher:
         self._inbox = Inbox(clock, lambda: self._probe_problem("inbox", timeout=False))
         # The agents' own OpenTelemetry in ([sources.otlp]); the HTTP listener routes /v1/* to it.
         self.otlp: OtlpReceiver | None = _otlp_receiver(self.cfg, self.telemetry, clock, proc_root)
+        # otelwatch's own listening ports (HttpServer adds them): with [sources.otlp] on, an
+        # agent's connection to them is not its network (own_connections.py).
+        self.own_ports: set[int] = set()
         self._subscribers: list[Subscriber] = []
         self._snapshots: tuple[SessionSnapshot, ...] = ()
         self._snap_lock = threading.Lock()
@@ -166,8 +170,11 @@ class Watcher:
         age = None if self._last_tick_mono is None else now - self._last_tick_mono
         # 503 once the loop has not ticked for 3 intervals (DESIGN.md, Interfaces).
         ok = age is not None and age <= 3 * self.cfg.interval and not self._stopped
-        return {"ok": ok, "ticks": self._ticks, "last_tick_age_s": None if age is None else round(age, 3),
-                "sessions": len(self._snapshots)}
+        out: dict[str, Any] = {"ok": ok, "ticks": self._ticks, "sessions": len(self._snapshots),
+                               "last_tick_age_s": None if age is None else round(age, 3)}
+        if self.otlp is not None:
+            out["otlp"] = self.otlp.health()
+        return out
 
     def start(self) -> Watcher:
         if self._thread is None:
@@ -284,6 +291,8 @@ class Watcher:
         for key, sample in samples.items():
             found = self._sessions.get(key)
             if found is not None:
+                if self.otlp is not None and self.own_ports:
+                    sample = without_own_connections(sample, self.own_ports)
                 add_sample(found, sample, horizon)
 
     def _release(self, tracked: Tracked) -> None:

@@ -230,6 +230,9 @@ class HttpServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listen = socket.create_server((host, port), family=family, backlog=4096)
         self._listen.setblocking(False)
+        own_ports = getattr(watcher, "own_ports", None)
+        if isinstance(own_ports, set):
+            own_ports.add(int(self._listen.getsockname()[1]))
         self._work: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._front = Front(self._listen, hosts=HostPolicy.for_listen(host, http.allow_remote),
                             timeout=float(http.request_timeout), max_connections=self.max_connections,

@@ -104,7 +104,7 @@ def test_what_each_agents_records_mean() -> None:
     assert gem[0].pid == 77 and gem[0].session_ids == ("g",)
     kinds = [(m.event.type, m.event.kind, m.event.retry, m.event.retry_attempt) for m in gem if m.event]
     assert kinds[:3] == [("otlp.api_request", EventKind.HEARTBEAT, False, None),
-                         ("otlp.api_error", EventKind.HEARTBEAT, False, None),
+                         ("otlp.api_error", EventKind.HEARTBEAT, True, None),
                          ("otlp.network_retry_attempt", EventKind.HEARTBEAT, True, 1)]
     assert gem[2].event is not None and gem[2].event.retry_max == 5
     assert gem[2].event.retry_delay_s == pytest.approx(4.6097)
@@ -300,7 +300,7 @@ class _Sink:
         class H(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if sink.delay:
                     time.sleep(sink.delay)
@@ -403,3 +403,51 @@ def test_a_flood_is_answered_fast_and_held_in_bounded_memory(tmp_path: Path) -> 
     finally:
         server.shutdown()
         w.stop()
+
+
+# --------------------------------------------------------------------------- the agent's side
+
+
+def test_an_agents_connection_to_otelwatch_is_not_its_network() -> None:
+    from otelwatch.model import ProcessSample, SampleStatus, TcpConnection, TreeSample
+    from otelwatch.own_connections import without_own_connections
+
+    api = TcpConnection("ESTABLISHED", "10.0.0.2:40000", "10.0.0.9:443")
+    mine = TcpConnection("ESTABLISHED", "127.0.0.1:40001", "127.0.0.1:9464")
+    v6 = TcpConnection("TIME_WAIT", "[::1]:40002", "[::1]:9464")
+    other_port = TcpConnection("ESTABLISHED", "127.0.0.1:40003", "127.0.0.1:8080")
+    p = ProcessSample(pid=10, ppid=1, create_time=1.0, name="claude", status="S", cpu_seconds=0.0, cpu_percent=0.0,
+                      rss_bytes=1, threads=1, tcp={"ESTABLISHED": 3, "TIME_WAIT": 1},
+                      connections=(api, mine, v6, other_port))
+    s = TreeSample(time=1.0, status=SampleStatus.OK, processes=(p,), tcp={"ESTABLISHED": 3, "TIME_WAIT": 1})
+    out = without_own_connections(s, {9464})
+    assert out.tcp == {"ESTABLISHED": 2} and out.processes[0].connections == (api, other_port)
+    assert out.processes[0].tcp == {"ESTABLISHED": 2}
+    assert without_own_connections(s, {1234}) is s and without_own_connections(s, set()) is s
+
+
+def test_agent_env_prints_what_each_agent_needs(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[http]\nlisten = "127.0.0.1:19464"\n[sources.otlp]\nenabled = true\n')
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def run(agent: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "otelwatch", "agent-env", agent, *extra], capture_output=True,
+                              text=True, env=env, timeout=30)
+
+    claude = run("claude", "--config", str(cfg))
+    assert claude.returncode == 0 and claude.stderr == ""
+    assert "export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:19464\n" in claude.stdout
+    assert "export CLAUDE_CODE_ENABLE_TELEMETRY=1\n" in claude.stdout
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf" in claude.stdout
+    gemini = run("gemini", "--config", str(cfg)).stdout
+    assert "export GEMINI_TELEMETRY_OTLP_ENDPOINT=http://127.0.0.1:19464\n" in gemini
+    assert "GEMINI_TELEMETRY_OTLP_PROTOCOL=http\n" in gemini
+    import tomllib
+
+    codex = tomllib.loads(run("codex", "--config", str(cfg)).stdout)
+    assert codex["otel"]["exporter"] == {"otlp-http": {"endpoint": "http://127.0.0.1:19464/v1/logs",
+                                                       "protocol": "binary"}}
+    assert codex["otel"]["metrics_exporter"]["otlp-http"]["endpoint"].endswith("/v1/metrics")
+    off = run("claude")  # defaults: the receiver is off, and it says so on stderr
+    assert "http://127.0.0.1:9464" in off.stdout and "[sources.otlp] enabled = true" in off.stderr

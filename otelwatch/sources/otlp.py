@@ -26,11 +26,12 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from otelwatch.model import same_process
 from otelwatch.sources.otlp_decode import OtlpDecodeError, OtlpRecord, decode_request
 from otelwatch.sources.otlp_events import USAGE_KEYS, meaning, usage_json
 
@@ -48,6 +49,7 @@ DRAIN_PER_TICK = 10_000
 PENDING_USAGE_MAX = 1000  # sessions not (yet) known whose tokens are kept for when they appear
 PEER_CACHE = 512
 MAX_CANDIDATES = 512  # processes whose fds one request's sender is searched among
+OLDER_CANDIDATES = 32
 MODELS_MAX = 64  # distinct (agent, model) label pairs on the counters; the rest are "other"
 _PB = "application/x-protobuf"
 
@@ -86,6 +88,7 @@ class OtlpReceiver:
         # sessions' processes and those started since (an agent not discovered yet).
         self._tree_pids: frozenset[int] = frozenset()
         self._known_pids: frozenset[int] | None = None
+        self._self_pid = os.getpid()
         self._pending_usage: OrderedDict[str, tuple[dict[str, float], str]] = OrderedDict()
         self._models: set[tuple[str, str]] = set()
 
@@ -136,7 +139,7 @@ class OtlpReceiver:
                 return self._peers[peer_socket]
         target = f"socket:[{peer_socket[1]}]"
         found: int | None = None
-        for pid in self._candidates():
+        for pid in self._candidates(peer_socket[0]):
             fd_dir = f"{self._proc}/{pid}/fd"
             try:
                 names = os.listdir(fd_dir)
@@ -151,33 +154,67 @@ class OtlpReceiver:
                     continue
             if found is not None:
                 break
-        if found is not None:  # only a hit is cached: a miss may be a process not yet tracked
+        if found is not None:  # the socket's owner, whatever it is; a miss is looked for again
             with self._lock:
                 self._peers[peer_socket] = found
                 while len(self._peers) > PEER_CACHE:
                     self._peers.popitem(last=False)
         return found
 
-    def _candidates(self) -> list[int]:
-        """The sessions' processes, then those newer than the loop's last process table."""
-        out = list(self._tree_pids)
-        known = self._known_pids
+    def _candidates(self, uid: int) -> Iterator[int]:
+        """Where the sender is looked for, most likely first: the sessions' processes, the
+        sender's user's processes newer than the loop's last process table (an agent
+        started since), then that user's OLDER_CANDIDATES newest other processes (an agent
+        the loop has seen but not yet taken for a session); at most MAX_CANDIDATES in all."""
+        tree = self._tree_pids
+        yield from tree
+        known = self._known_pids or frozenset()
         try:
-            new = [int(n) for n in os.listdir(self._proc) if n.isdigit()]
+            pids = sorted((int(n) for n in os.listdir(self._proc) if n.isdigit()), reverse=True)
         except OSError:
-            return out
-        out += [pid for pid in new if (known is None or pid not in known) and pid not in self._tree_pids]
-        return out[:MAX_CANDIDATES]
+            return
+        rest: list[int] = []
+        given = len(tree)
+        for pid in pids:
+            if pid in tree or pid == self._self_pid:
+                continue
+            try:
+                if uid != 0 and os.stat(f"{self._proc}/{pid}").st_uid != uid:
+                    continue
+            except OSError:
+                continue
+            if pid in known:
+                rest.append(pid)
+                continue
+            given += 1
+            yield pid
+            if given >= MAX_CANDIDATES:
+                return
+        yield from rest[:min(OLDER_CANDIDATES, max(0, MAX_CANDIDATES - given))]
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    def health(self) -> dict[str, Any]:
+        """The receiver's counts for /healthz: requests, records, own/observed/unjoined, drops,
+        and the forwarder's."""
+        with self._lock:
+            out: dict[str, Any] = dict(self.stats.__dict__)
+        out["queued"] = len(self._queue)
+        fwd = self.forwarder
+        if fwd is not None:
+            out["forward"] = {"sent": fwd.sent, "dropped": fwd.dropped, "failures": fwd.failures,
+                              "failed_by_signal": dict(fwd.failed_by_signal), "queued_bytes": fwd.queued_bytes}
+        return out
 
     # ------------------------------------------------------------------ loop side
 
     def drain(self, sessions: SessionTable, table: ProcessTable, now: float) -> None:
         """Join at most DRAIN_PER_TICK queued records to their sessions and deliver them."""
         live = [t for t in sessions.values() if t.ended_at is None and t.spec.pid is not None]
-        roots = {t.spec.pid: t for t in live if t.spec.pid is not None}
+        # Ended sessions (still listed) too: an agent flushes its last records as it exits.
+        roots = {t.spec.pid: t for t in sessions.values() if t.ended_at is not None and t.spec.pid is not None}
+        roots.update((t.spec.pid, t) for t in live if t.spec.pid is not None)
         tree: set[int] = set()
         for t in live:
             assert t.spec.pid is not None
@@ -218,6 +255,8 @@ class OtlpReceiver:
             if tracked is not None:
                 break
         peer_session = _session_of(peer, table, roots)
+        if peer_session is not None and peer is not None and not _same(peer_session, peer, table):
+            peer_session = None  # the pid of an ended session, reused by another process
         if tracked is None and said.pid is not None:
             claimed = _session_of(said.pid, table, roots)
             # A pid in a record is a claim (Gemini's process.pid): it joins only a process of the
@@ -246,6 +285,12 @@ class OtlpReceiver:
                 if said.usage:
                     self._keep_pending(said.session_ids[0], said.usage, said.model)
             return
+        if own:
+            # The session's own process names its ids: they lead to it from now on (records
+            # that come before otelwatch matched its transcript, records from other senders).
+            for sid in said.session_ids:
+                if sessions.find(sid) is None:
+                    sessions.adopt(sid, tracked)
         if event is not None:
             sessions.deliver(tracked.key, event, None)
         if said.usage:
@@ -285,6 +330,14 @@ def _session_of(pid: int | None, table: ProcessTable, roots: Mapping[int, Tracke
     return None
 
 
+def _same(tracked: Tracked, pid: int, table: ProcessTable) -> bool:
+    """Whether `pid` (in the table now, or gone) can still be the process `tracked` names."""
+    if tracked.spec.pid != pid or tracked.identity is None:
+        return True
+    info = table.get(pid)
+    return info is None or same_process(info.identity, tracked.identity)
+
+
 def _add_usage(tracked: Tracked, usage: Mapping[str, float], model: str) -> None:
     totals = dict(tracked.usage or {})
     for key in USAGE_KEYS:
@@ -294,6 +347,9 @@ def _add_usage(tracked: Tracked, usage: Mapping[str, float], model: str) -> None
         totals["model"] = model
     tracked.usage = usage_json({k: v for k, v in totals.items() if k != "model"},
                                str(totals.get("model") or ""))
+    if tracked.ended_at is not None and tracked.snapshot is not None:
+        # An ended session is no longer classified: its listed snapshot takes the late figures.
+        tracked.snapshot = replace(tracked.snapshot, usage=tracked.usage)
 
 
 def _error_body(message: str, media: str) -> bytes:

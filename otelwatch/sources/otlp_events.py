@@ -12,9 +12,10 @@ agents' own OpenTelemetry") to otelwatch's vocabulary:
   heartbeat (with its attempt) when not; `codex.sse_event` is progress, and its
   `response.completed` carries the tokens.
 - Gemini CLI (`gemini-cli`): resource `process.pid` and `session.id`;
-  `api_request` (sent when each attempt starts) is a heartbeat, `api_error` a
-  heartbeat counted as an error, `network_retry_attempt` a retry heartbeat with
-  its attempt, maximum and delay (what makes `stalled/api_retrying` exact),
+  `api_request` (sent when each attempt starts) is a heartbeat, `api_error` (one
+  per failed attempt) a retry heartbeat counted as an error,
+  `network_retry_attempt` a retry heartbeat with its attempt, maximum and delay
+  (what makes `stalled/api_retrying` exact),
   `api_response` (tokens) and `tool_call` are progress.
 
 Anything else an agent logs (configuration, plugin loads, startup phases) is a
@@ -129,7 +130,10 @@ def _event(agent: str, name: str, attrs: Mapping[str, Any], t: float, source: st
     if name == "api_error":
         usage["api_errors"] = 1
         status = attrs.get("status_code")
-        return mk(HEARTBEAT, detail=f"status {status}" if status is not None else _str(attrs.get("error"))[:80])
+        # Gemini CLI sends one per failed attempt (another follows): the agent is retrying.
+        # Claude Code sends it once its retries are exhausted: the loop alive, no retry.
+        return mk(HEARTBEAT, retry=agent == "gemini",
+                  detail=f"status {status}" if status is not None else _str(attrs.get("error"))[:80])
     if name == "network_retry_attempt":
         attempt, most = _int(attrs.get("attempt")), _int(attrs.get("max_attempts"))
         delay = _float(attrs.get("delay_ms"))

@@ -57,6 +57,7 @@ class Forwarder:
         self.sent = 0  # bodies delivered upstream
         self.dropped = 0  # bodies dropped (queue full or a failed batch)
         self.failures = 0  # failed upstream requests
+        self.failed_by_signal: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="otelwatch-otlp-forward", daemon=True)
         self._thread.start()
 
@@ -142,6 +143,7 @@ class Forwarder:
             self.sent += len(bodies)
         else:
             self.failures += 1
+            self.failed_by_signal[signal] = self.failed_by_signal.get(signal, 0) + 1
             self.dropped += len(bodies)
             self._count(signal, 1)
 
