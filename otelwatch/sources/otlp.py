@@ -22,6 +22,7 @@ listener's rules hold here too (loopback, allowed users, bounded bodies).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -48,6 +49,7 @@ QUEUE_MAX = 20_000  # log records waiting for the loop
 DRAIN_PER_TICK = 10_000
 PENDING_USAGE_MAX = 1000  # sessions not (yet) known whose tokens are kept for when they appear
 PEER_CACHE = 512
+MISS_TTL_S = 10.0  # a client socket found in no candidate process is looked for again after this
 MAX_CANDIDATES = 512  # processes whose fds one request's sender is searched among
 OLDER_CANDIDATES = 32
 MODELS_MAX = 64  # distinct (agent, model) label pairs on the counters; the rest are "other"
@@ -83,6 +85,7 @@ class OtlpReceiver:
         self.stats = OtlpStats()
         self._lock = threading.Lock()  # stats and the peer cache, shared by the workers
         self._peers: OrderedDict[tuple[int, int], int | None] = OrderedDict()  # (uid, inode) -> pid
+        self._missed: OrderedDict[tuple[int, int], float] = OrderedDict()  # (uid, inode) -> when
         # Every pid of every live session's process tree, and every pid of the whole table,
         # published by the loop each tick: a client socket is searched for only among the
         # sessions' processes and those started since (an agent not discovered yet).
@@ -133,10 +136,13 @@ class OtlpReceiver:
         not one of the sessions' processes (or the socket is gone)."""
         if peer_socket is None or peer_socket[1] == 0:
             return None
+        now = time.monotonic()
         with self._lock:
             if peer_socket in self._peers:
                 self._peers.move_to_end(peer_socket)
                 return self._peers[peer_socket]
+            if self._missed.get(peer_socket, -math.inf) > now - MISS_TTL_S:
+                return None
         target = f"socket:[{peer_socket[1]}]"
         found: int | None = None
         for pid in self._candidates(peer_socket[0]):
@@ -154,11 +160,16 @@ class OtlpReceiver:
                     continue
             if found is not None:
                 break
-        if found is not None:  # the socket's owner, whatever it is; a miss is looked for again
-            with self._lock:
+        with self._lock:
+            if found is not None:  # the socket's owner, whatever it is
                 self._peers[peer_socket] = found
                 while len(self._peers) > PEER_CACHE:
                     self._peers.popitem(last=False)
+            else:  # not one of the candidates: not looked for again on this connection for a while
+                self._missed[peer_socket] = now
+                self._missed.move_to_end(peer_socket)
+                while len(self._missed) > PEER_CACHE:
+                    self._missed.popitem(last=False)
         return found
 
     def _candidates(self, uid: int) -> Iterator[int]:
@@ -228,17 +239,22 @@ class OtlpReceiver:
                 del self._pending_usage[sid]
                 _add_usage(tracked, usage, model)
         owners: dict[int, int | None] = {}
+        counted: dict[tuple[str, str], dict[str, float]] = {}  # usage by (agent, model), added once
         for _ in range(min(len(self._queue), DRAIN_PER_TICK)):
             arrived, peer, uid, record = self._queue.popleft()
             try:
-                self._deliver(sessions, table, roots, arrived, peer, uid, record, owners)
+                self._deliver(sessions, table, roots, arrived, peer, uid, record, owners, counted)
             except Exception:  # one bad record never costs the others
                 with self._lock:
                     self.stats.dropped += 1
+        if self._usage_counter is not None:
+            for (agent, model), usage in counted.items():
+                with contextlib.suppress(Exception):
+                    self._usage_counter(agent, model, usage)
 
     def _deliver(self, sessions: SessionTable, table: ProcessTable, roots: Mapping[int, Tracked],
                  arrived: float, peer: int | None, uid: int | None, record: OtlpRecord,
-                 owners: dict[int, int | None]) -> None:
+                 owners: dict[int, int | None], counted: dict[tuple[str, str], dict[str, float]]) -> None:
         said = meaning(record, arrived, OWN)
         if said.usage and self._usage_counter is not None:
             model = said.model or "unknown"
@@ -247,8 +263,9 @@ class OtlpReceiver:
                     model = "other"
                 else:
                     self._models.add((said.agent, model))
-            with contextlib.suppress(Exception):
-                self._usage_counter(said.agent, model, said.usage)
+            sums = counted.setdefault((said.agent, model), {})
+            for key, value in said.usage.items():
+                sums[key] = sums.get(key, 0) + value
         tracked = None
         for sid in said.session_ids:
             tracked = sessions.find(sid)
@@ -268,9 +285,7 @@ class OtlpReceiver:
         if tracked is None and peer_session is not None:
             tracked = peer_session
         own = tracked is not None and peer_session is tracked
-        event = said.event
-        if event is not None and not own:
-            event = replace(event, source=OBSERVED, time=arrived)
+        event = said.event_at(said.time, OWN) if own else said.event_at(arrived, OBSERVED)
         with self._lock:
             if tracked is None:
                 self.stats.unjoined += 1

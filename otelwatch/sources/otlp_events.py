@@ -44,16 +44,29 @@ USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creat
 MAX_NAME = 64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RecordMeaning:
-    """One record's part: whose it is, what happened, what it cost."""
+    """One record's part: whose it is, what happened, what it cost. The event is built
+    once its provenance is known (`event_at`): own records keep their own time."""
 
     agent: str  # "claude-code", "codex", "gemini", or "unknown"
     session_ids: tuple[str, ...]  # ids it names, most specific first
     pid: int | None  # the sender's pid where the record says it (Gemini)
-    event: Event | None
     model: str
     usage: Mapping[str, float]  # deltas of USAGE_KEYS (only those it carries)
+    time: float  # the record's own time, never later than when it was seen
+    source: str = ""
+    spec: tuple[str, str | None, EventKind, Mapping[str, Any]] | None = None  # type, tool, kind, fields
+
+    @property
+    def event(self) -> Event | None:
+        return self.event_at(self.time, self.source)
+
+    def event_at(self, t: float, source: str) -> Event | None:
+        if self.spec is None:
+            return None
+        typ, tool, kind, fields = self.spec
+        return Event(time=t, type=typ, kind=kind, tool=tool, source=source, **fields)
 
 
 def agent_of(resource: Mapping[str, Any]) -> str:
@@ -84,17 +97,19 @@ def meaning(record: OtlpRecord, seen_at: float, source: str) -> RecordMeaning:
     model = _str(attrs.get("model")) or _str(attrs.get("model_name"))
     t = seen_at if record.time is None else min(record.time, seen_at)
     usage: dict[str, float] = {}
-    event = _event(agent, name, attrs, t, source, usage) if name else None
-    return RecordMeaning(agent, ids, pid if pid and pid > 0 else None, event, model[:MAX_NAME], usage)
+    spec = _event(agent, name, attrs, usage) if name else None
+    return RecordMeaning(agent, ids, pid if pid and pid > 0 else None, model[:MAX_NAME], usage, t, source, spec)
 
 
-def _event(agent: str, name: str, attrs: Mapping[str, Any], t: float, source: str,
-           usage: dict[str, float]) -> Event:
+_Spec = tuple[str, "str | None", EventKind, Mapping[str, Any]]
+
+
+def _event(agent: str, name: str, attrs: Mapping[str, Any], usage: dict[str, float]) -> _Spec:
     tool = _str(attrs.get("tool_name") or attrs.get("function_name")) or None
     ev = "otlp." + name
 
-    def mk(kind: EventKind = PROGRESS, **extra: Any) -> Event:
-        return Event(time=t, type=ev, kind=kind, tool=tool, source=source, **extra)
+    def mk(kind: EventKind = PROGRESS, **extra: Any) -> _Spec:
+        return ev, tool, kind, extra
 
     if name == "user_prompt":
         return mk(turn="open", awaiting_input=False)
