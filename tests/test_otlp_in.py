@@ -107,6 +107,9 @@ def test_what_each_agents_records_mean() -> None:
                          ("otlp.api_error", EventKind.HEARTBEAT, True, None),
                          ("otlp.network_retry_attempt", EventKind.HEARTBEAT, True, 1)]
     assert gem[2].event is not None and gem[2].event.retry_max == 5
+    dirty = decode_request("logs", logs_pb(CLAUDE_RESOURCE, [("claude_code.api_request", {
+        "session.id": "s", "event.name": "api_request", "model": "opus\x1b[2J\x07", "input_tokens": 1})]), PB)
+    assert meaning(dirty.records[0], now, "otlp").model == "opus[2J"  # nothing reaches a terminal unescaped
     assert gem[2].event.retry_delay_s == pytest.approx(4.6097)
     assert sum(m.usage.get("api_errors", 0) for m in gem) == 2
 
@@ -451,3 +454,19 @@ def test_agent_env_prints_what_each_agent_needs(tmp_path: Path) -> None:
     assert codex["otel"]["metrics_exporter"]["otlp-http"]["endpoint"].endswith("/v1/metrics")
     off = run("claude")  # defaults: the receiver is off, and it says so on stderr
     assert "http://127.0.0.1:9464" in off.stdout and "[sources.otlp] enabled = true" in off.stderr
+
+
+def test_tops_drill_down_and_the_session_summary_show_the_usage() -> None:
+    from otelwatch.commands.top import History, render_detail
+    from otelwatch.model import SessionSnapshot
+    from otelwatch.report import session_summary
+
+    usage = {"input_tokens": 12, "output_tokens": 9, "cache_read_tokens": 3, "cache_creation_tokens": 0,
+             "cost_usd": 0.000228, "api_requests": 1, "api_errors": 2, "model": "claude-opus-5-5"}
+    snap = SessionSnapshot(session_id="s", agent="claude-code", pid=1, state=State.ACTIVE,
+                           reason=Reason.RECENT_PROGRESS, state_since=0.0, last_event_time=None,
+                           last_event_age_s=None, silence_s=0.0, cpu_percent=None, rss_bytes=0, open_fds=None,
+                           threads=0, tcp={}, usage=usage)
+    text = "\n".join("".join(t for t, _ in line) for line in render_detail(snap.to_json(), History(), time.time()))
+    assert "tokens in 12 out 9 cache 3  cost $0.0002  API requests 1 failed 2  model claude-opus-5-5" in text
+    assert session_summary(snap, ended_at=1.0, longest_silence_s=0, stalls=0, recoveries=0)["usage"] == usage

@@ -179,7 +179,11 @@ def usage_json(totals: Mapping[str, float], model: str) -> dict[str, Any]:
 
 
 def _str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
+    """A string attribute, printable characters only (it may reach a terminal), bounded."""
+    if not isinstance(value, str):
+        return ""
+    value = value[:256]
+    return value if value.isprintable() else "".join(c for c in value if c.isprintable())
 
 
 def _int(value: Any) -> int | None:
