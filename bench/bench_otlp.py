@@ -1,7 +1,7 @@
 """Benchmark: what the agents' own OpenTelemetry costs otelwatch, and what otelwatch costs the agents.
 
     python bench/bench_otlp.py                      # both parts, about two minutes
-    python bench/bench_otlp.py --skip-agents        # only the receiver's cost
+    python bench/bench_otlp.py --skip-agents        # only the receiver's cost and the flood
 
 (1) Receiver cost. `otelwatch run` as a subprocess ([sources.otlp] on, interval
     1 s, no session discovery, so that the daemon's own tick costs next to
@@ -12,10 +12,15 @@
     was posted, minus its idle rate over as long; reported per 1,000 records,
     median of 3 rounds.
     Twice: without forwarding, and forwarding to a local OTLP/HTTP sink.
-(2) Exit time. `claude -p` against the fake Anthropic API in its own network
+(2) Flood: two clients post as fast as they can for --flood seconds while the
+    upstream accepts and never answers: answer times, records queued and
+    dropped, the daemon's RSS over the flood (it must level off).
+(3) Exit time. `claude -p` against the fake Anthropic API in its own network
     namespace (tests/realagents), bare (no telemetry), with its telemetry sent to
     a real `otelwatch run` (what `otelwatch agent-env claude` prints), and the
-    same forwarding to an upstream that answers each request only after 20 s.
+    same forwarding to an upstream that answers each request only after 20 s;
+    and, to tell otelwatch's share from the CLI's own telemetry's, with its
+    telemetry sent to a plain local receiver that answers at once.
     Median of --runs runs each, wall time from start to exit.
 
 Writes markdown to bench/results/otlp.md. A script, not a test.
@@ -150,15 +155,94 @@ def receiver_cost(records: int, forward: str, tmp: Path, rounds: int = 3) -> dic
         daemon.wait(10)
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def flood(seconds: float, tmp: Path) -> dict:
+    """Post as fast as two clients can for `seconds`, forwarding to an upstream that accepts
+    and never answers: the daemon's RSS over time, what it answered, what it dropped."""
+    from otlp_agent_payloads import CLAUDE_RESOURCE, claude_turn, logs_pb
+
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead.listen(1)
+    port = free_port()
+    state = tmp / "state-flood"
+    state.mkdir(mode=0o700)
+    config = tmp / "flood.toml"
+    config.write_text("\n".join([
+        "interval = 1", f'state_dir = "{state}"', "[http]", f'listen = "127.0.0.1:{port}"',
+        "[sources.registry]", "enabled = false", "[sources.processes]", "enabled = false",
+        "[sources.tmux]", "enabled = false", "[sources.transcripts]", "enabled = false",
+        "[sources.otlp]", "enabled = true", f'forward = "http://127.0.0.1:{dead.getsockname()[1]}"',
+        "forward_timeout = 2",
+    ]) + "\n")
+    daemon = subprocess.Popen([sys.executable, "-m", "otelwatch", "run", "--config", str(config)],
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    body = logs_pb(CLAUDE_RESOURCE, (claude_turn("3f1c6a0e-flood") * 25)[:100])
+    answered: list[float] = []
+    stop = time.monotonic() + seconds
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while time.monotonic() < stop:
+            s = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/logs", body=body, headers={"Content-Type": "application/x-protobuf"})
+                conn.getresponse().read()
+            except OSError:
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                continue
+            answered.append(time.perf_counter() - s)
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health(port)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        time.sleep(2)
+        rss = [rss_mb(daemon.pid)]
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        while time.monotonic() < stop:
+            time.sleep(seconds / 6)
+            rss.append(rss_mb(daemon.pid))
+        for t in threads:
+            t.join(15)
+        h = health(port)["otlp"]
+        answered.sort()
+        return {"rss": rss, "requests": len(answered), "p50_ms": answered[len(answered) // 2] * 1000,
+                "max_ms": answered[-1] * 1000, "records": h["records"], "dropped": h["dropped"],
+                "forward": h["forward"]}
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        dead.close()
+
+
 def exit_times(runs: int, tmp: Path) -> dict:
     from realagents.harness import FAKE_PORT, base_env, kill_tree, launch_in_netns, require_real_agents
 
     clis = require_real_agents()
-    out: dict[str, list[float]] = {"bare": [], "otelwatch": [], "otelwatch, 20 s upstream": []}
+    out: dict[str, list[float]] = {"telemetry off": [], "telemetry to a plain receiver": [],
+                                   "telemetry to otelwatch": [], "telemetry to otelwatch, 20 s upstream": []}
     for n in range(runs):
-        for name, extra in (("bare", ["--bare"]), ("otelwatch", ["--after", "0"]),
-                            ("otelwatch, 20 s upstream", ["--slow-sink", "20", "--after", "0"])):
-            work = tmp / f"exit-{n}-{name.replace(' ', '').replace(',', '')}"
+        for name, extra in (("telemetry off", ["--bare"]), ("telemetry to a plain receiver", ["--plain"]),
+                            ("telemetry to otelwatch", ["--after", "0"]),
+                            ("telemetry to otelwatch, 20 s upstream", ["--slow-sink", "20", "--after", "0"])):
+            work = tmp / f"exit-{n}-{''.join(c for c in name if c.isalnum())}"
             (work / "cwd").mkdir(parents=True)
             (work / "state").mkdir(mode=0o700)
             (work / "home").mkdir()
@@ -188,6 +272,7 @@ def main() -> int:
     p.add_argument("--records", type=int, default=10_000, help="records per round (3 rounds)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--skip-agents", action="store_true")
+    p.add_argument("--flood", type=float, default=30.0, help="seconds of flood (0: none)")
     args = p.parse_args()
     lines = ["# OTLP in: receiver cost and agents' exit times", "",
              f"host: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start", ""]
@@ -203,6 +288,15 @@ def main() -> int:
                          f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | "
                          f"{r['records']} | {r['forwarded'] if r['forwarded'] is not None else '-'} |")
             print(lines[-1], flush=True)
+        if args.flood:
+            f = flood(args.flood, tmp)
+            lines += ["", f"Flood: two clients posting 100-record requests for {args.flood:g} s, forwarding to an "
+                      "upstream that never answers.", "",
+                      "| requests answered | answer p50 / max ms | records queued / dropped | forward dropped "
+                      "| RSS over the flood, MB |", "|---|---|---|---|---|",
+                      f"| {f['requests']} | {f['p50_ms']:.1f} / {f['max_ms']:.0f} | {f['records']} / {f['dropped']} "
+                      f"| {f['forward']['dropped']} | {' '.join(f'{r:.0f}' for r in f['rss'])} |"]
+            print("\n".join(lines[-3:]), flush=True)
         if not args.skip_agents:
             ex = exit_times(args.runs, tmp)
             lines += ["", f"| `claude -p` against the fake API (median of {args.runs}) | exit after, s | all runs |",

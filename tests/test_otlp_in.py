@@ -470,3 +470,26 @@ def test_tops_drill_down_and_the_session_summary_show_the_usage() -> None:
     text = "\n".join("".join(t for t, _ in line) for line in render_detail(snap.to_json(), History(), time.time()))
     assert "tokens in 12 out 9 cache 3  cost $0.0002  API requests 1 failed 2  model claude-opus-5-5" in text
     assert session_summary(snap, ended_at=1.0, longest_silence_s=0, stalls=0, recoveries=0)["usage"] == usage
+
+
+def test_otelwatch_run_serves_otlp_on_its_own_address_too(tmp_path: Path) -> None:
+    from e2e_support import start_daemon
+    from procs import free_port
+
+    otlp_port = free_port()
+    daemon = start_daemon(tmp_path, {"sources": {"otlp": {"enabled": True, "listen": f"127.0.0.1:{otlp_port}"}}})
+    try:
+        body = logs_pb(CLAUDE_RESOURCE, claude_turn("own-address"))
+        assert post(otlp_port, "/v1/logs", body, PB)[0] == 200
+        main_port = int(daemon.url.rsplit(":", 1)[1])
+        assert post(main_port, "/v1/logs", body, PB, chunked=True)[0] == 200  # and on the main listener
+
+        def counted() -> Any:
+            h = json.loads(_get(main_port, "/healthz"))
+            return h["otlp"]["requests"] == 2 and h["otlp"]
+        stats = wait_for(counted, timeout=15)
+        assert stats["records"] == 8  # type: ignore[index]
+        # The protobuf media type stays refused off the OTLP paths.
+        assert post(main_port, "/api/events", b"x", PB)[0] == 415
+    finally:
+        daemon.stop()

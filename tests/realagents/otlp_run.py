@@ -11,7 +11,8 @@ Options add an upstream the receiver forwards to: `--sink` (a local OTLP/HTTP
 receiver that stores what it gets), `--slow-sink S` (one that answers each
 request only after S seconds), `--vm BINARY` (a real VictoriaMetrics, queried for
 the agent's metrics afterwards). `--bare` runs the CLI without telemetry and
-without otelwatch (the baseline for exit times).
+without otelwatch, `--plain` with its telemetry sent to a plain local receiver
+that answers at once (the baselines for exit times).
 
 Never leaves anything running: the netns runner kills what is left.
 """
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-sink", type=float, default=0.0)
     p.add_argument("--vm", default="")
     p.add_argument("--bare", action="store_true")
+    p.add_argument("--plain", action="store_true", help="telemetry on, sent to a plain local receiver, no otelwatch")
     p.add_argument("--stall-after", type=float, default=10.0)
     p.add_argument("--max-s", type=float, default=600.0, help="end the CLI (SIGTERM) after this long")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -172,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(args.home)
     result: dict[str, Any] = {"agent": args.agent}
     env = dict(os.environ)
-    if args.bare:
+    if args.bare or args.plain:
+        if args.plain:
+            env.update(agent_env(args.agent, Sink().url, home))
         t0 = time.monotonic()
         proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, timeout=600)
         result.update(rc=proc.returncode, elapsed_s=time.monotonic() - t0)
