@@ -19,8 +19,10 @@
     namespace (tests/realagents), bare (no telemetry), with its telemetry sent to
     a real `otelwatch run` (what `otelwatch agent-env claude` prints), and the
     same forwarding to an upstream that answers each request only after 20 s;
-    and, to tell otelwatch's share from the CLI's own telemetry's, with its
-    telemetry sent to a plain local receiver that answers at once.
+    and, to tell otelwatch's share from the CLI's own telemetry's and from the
+    CPU a running daemon takes on a 2-core host, with its telemetry sent to a
+    plain local receiver that answers at once, with and without otelwatch
+    running beside it.
     Median of --runs runs each, wall time from start to exit.
 
 Writes markdown to bench/results/otlp.md. A script, not a test.
@@ -237,9 +239,11 @@ def exit_times(runs: int, tmp: Path) -> dict:
 
     clis = require_real_agents()
     out: dict[str, list[float]] = {"telemetry off": [], "telemetry to a plain receiver": [],
+                                   "otelwatch running, telemetry to a plain receiver": [],
                                    "telemetry to otelwatch": [], "telemetry to otelwatch, 20 s upstream": []}
     for n in range(runs):
         for name, extra in (("telemetry off", ["--bare"]), ("telemetry to a plain receiver", ["--plain"]),
+                            ("otelwatch running, telemetry to a plain receiver", ["--beside", "--after", "0"]),
                             ("telemetry to otelwatch", ["--after", "0"]),
                             ("telemetry to otelwatch, 20 s upstream", ["--slow-sink", "20", "--after", "0"])):
             work = tmp / f"exit-{n}-{''.join(c for c in name if c.isalnum())}"

@@ -52,6 +52,9 @@ PEER_CACHE = 512
 MISS_TTL_S = 10.0  # a client socket found in no candidate process is looked for again after this
 MAX_CANDIDATES = 512  # processes whose fds one request's sender is searched among
 OLDER_CANDIDATES = 32
+# How long one request's sender may be looked for before it is answered without (its
+# records then count as observed): the agent waits for the answer.
+SEARCH_BUDGET_S = 0.02
 MODELS_MAX = 64  # distinct (agent, model) label pairs on the counters; the rest are "other"
 _PB = "application/x-protobuf"
 
@@ -89,6 +92,7 @@ class OtlpReceiver:
         # Every pid of every live session's process tree, and every pid of the whole table,
         # published by the loop each tick: a client socket is searched for only among the
         # sessions' processes and those started since (an agent not discovered yet).
+        self._root_pids: frozenset[int] = frozenset()
         self._tree_pids: frozenset[int] = frozenset()
         self._known_pids: frozenset[int] | None = None
         self._self_pid = os.getpid()
@@ -145,6 +149,7 @@ class OtlpReceiver:
                 return None
         target = f"socket:[{peer_socket[1]}]"
         found: int | None = None
+        give_up = time.monotonic() + SEARCH_BUDGET_S  # the agent is waiting for its answer
         for pid in self._candidates(peer_socket[0]):
             fd_dir = f"{self._proc}/{pid}/fd"
             try:
@@ -158,7 +163,7 @@ class OtlpReceiver:
                         break
                 except OSError:
                     continue
-            if found is not None:
+            if found is not None or time.monotonic() > give_up:
                 break
         with self._lock:
             if found is not None:  # the socket's owner, whatever it is
@@ -173,22 +178,26 @@ class OtlpReceiver:
         return found
 
     def _candidates(self, uid: int) -> Iterator[int]:
-        """Where the sender is looked for, most likely first: the sessions' processes, the
-        sender's user's processes newer than the loop's last process table (an agent
-        started since), then that user's OLDER_CANDIDATES newest other processes (an agent
-        the loop has seen but not yet taken for a session); at most MAX_CANDIDATES in all."""
-        tree = self._tree_pids
-        yield from tree
+        """Where the sender is looked for, most likely first: the sessions' root processes,
+        the sender's user's processes newer than the loop's last process table (an agent
+        started since), the rest of the sessions' trees, then that user's OLDER_CANDIDATES
+        newest other processes (an agent the loop has seen but not yet taken for a
+        session); at most MAX_CANDIDATES in all, within SEARCH_BUDGET_S (the caller's)."""
+        roots, tree = self._root_pids, self._tree_pids
+        yield from roots
         known = self._known_pids or frozenset()
         try:
             pids = sorted((int(n) for n in os.listdir(self._proc) if n.isdigit()), reverse=True)
         except OSError:
             return
         rest: list[int] = []
-        given = len(tree)
+        given = len(roots)
         for pid in pids:
-            if pid in tree or pid == self._self_pid:
+            if pid in roots or pid == self._self_pid:
                 continue
+            if pid in tree:
+                continue  # after the new ones
+
             try:
                 if uid != 0 and os.stat(f"{self._proc}/{pid}").st_uid != uid:
                     continue
@@ -201,6 +210,10 @@ class OtlpReceiver:
             yield pid
             if given >= MAX_CANDIDATES:
                 return
+        for pid in tree:
+            if pid not in roots:
+                given += 1
+                yield pid
         yield from rest[:min(OLDER_CANDIDATES, max(0, MAX_CANDIDATES - given))]
 
     def __len__(self) -> int:
@@ -229,8 +242,8 @@ class OtlpReceiver:
         tree: set[int] = set()
         for t in live:
             assert t.spec.pid is not None
-            tree.add(t.spec.pid)
             tree.update(table.descendants(t.spec.pid))
+        self._root_pids = frozenset(t.spec.pid for t in live if t.spec.pid is not None)
         self._tree_pids = frozenset(tree)
         self._known_pids = frozenset(info.pid for info in table)
         for sid, (usage, model) in list(self._pending_usage.items()):

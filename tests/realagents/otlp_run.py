@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vm", default="")
     p.add_argument("--bare", action="store_true")
     p.add_argument("--plain", action="store_true", help="telemetry on, sent to a plain local receiver, no otelwatch")
+    p.add_argument("--beside", action="store_true",
+                   help="otelwatch runs and watches, but the telemetry goes to a plain local receiver")
     p.add_argument("--stall-after", type=float, default=10.0)
     p.add_argument("--max-s", type=float, default=600.0, help="end the CLI (SIGTERM) after this long")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -208,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                                   env={**env, "HOME": str(home)}, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not _get(base, "/healthz"):
-            time.sleep(0.1)
-        env.update(agent_env(args.agent, base, home))
+        while time.monotonic() < deadline and (_get(base, "/healthz") or {}).get("ticks", 0) < 3:
+            time.sleep(0.1)  # warm: its first ticks (discovering the host's agents) are behind it
+        env.update(agent_env(args.agent, Sink().url if args.beside else base, home))
         rows: list[dict[str, Any]] = []
         t0 = time.monotonic()
         proc2 = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
