@@ -102,9 +102,9 @@ def test_a_claude_turn_counts_its_tokens_and_cost_and_arrives_in_victoria_metric
     # Joined by the session id (the transcript's id), sent by the session's own process.
     assert s["session_id"] == result_line[-1]["session_id"] or any(
         r["session_id"] == s["session_id"] for r in result["rows"])
-    own_rows = [r for r in result["rows"] if r["session_id"] == s["session_id"] and r["otlp_sources"]]
-    assert own_rows and own_rows[-1]["otlp_sources"] == ["otlp"], own_rows[-1:]
-    assert result["stats"]["own"] > 0 and result["stats"]["observed"] == 0
+    # (Its events are in recent_events only while it runs: a 1 s turn may end before they come.)
+    assert result["stats"]["own"] == result["stats"]["records"] > 0, result["stats"]
+    assert result["stats"]["observed"] == result["stats"]["unjoined"] == 0
     # Forwarded unchanged: the CLI's metrics are in VictoriaMetrics, with their attributes.
     names = {m["__name__"] for m in result["vm_series"]}
     assert any(n.startswith("claude_code_token_usage") for n in names), names
