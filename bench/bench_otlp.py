@@ -276,6 +276,7 @@ def main() -> int:
     p.add_argument("--records", type=int, default=10_000, help="records per round (3 rounds)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--skip-agents", action="store_true")
+    p.add_argument("--skip-receiver", action="store_true", help="only the exit times")
     p.add_argument("--flood", type=float, default=30.0, help="seconds of flood (0: none)")
     args = p.parse_args()
     lines = ["# OTLP in: receiver cost and agents' exit times", "",
@@ -286,13 +287,14 @@ def main() -> int:
         lines += ["| receiver | CPU ms per 1,000 records, median (rounds) | answer p50 / p99 ms | records "
                   "| forwarded bodies |",
                   "|---|---|---|---|---|"]
-        for name, forward in (("no forwarding", ""), ("forwarding to a local OTLP/HTTP sink", sink.url)):
+        for name, forward in () if args.skip_receiver else (("no forwarding", ""),
+                                                             ("forwarding to a local OTLP/HTTP sink", sink.url)):
             r = receiver_cost(args.records, forward, tmp)
             lines.append(f"| {name} | {r['cpu_ms_per_1000']:.1f} ({', '.join(f'{c:.0f}' for c in r['all'])}) | "
                          f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | "
                          f"{r['records']} | {r['forwarded'] if r['forwarded'] is not None else '-'} |")
             print(lines[-1], flush=True)
-        if args.flood:
+        if args.flood and not args.skip_receiver:
             f = flood(args.flood, tmp)
             lines += ["", f"Flood: two clients posting 100-record requests for {args.flood:g} s, forwarding to an "
                       "upstream that never answers.", "",

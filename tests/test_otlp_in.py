@@ -446,7 +446,10 @@ def test_agent_env_prints_what_each_agent_needs(tmp_path: Path) -> None:
     gemini = run("gemini", "--config", str(cfg)).stdout
     assert "export GEMINI_TELEMETRY_OTLP_ENDPOINT=http://127.0.0.1:19464\n" in gemini
     assert "GEMINI_TELEMETRY_OTLP_PROTOCOL=http\n" in gemini
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
 
     codex = tomllib.loads(run("codex", "--config", str(cfg)).stdout)
     assert codex["otel"]["exporter"] == {"otlp-http": {"endpoint": "http://127.0.0.1:19464/v1/logs",

@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         reader = threading.Thread(target=lambda: out_chunks.append(proc2.stdout.read() if proc2.stdout else b""),
                                   daemon=True)
         reader.start()
+        exit_time: list[float] = []  # taken the moment the CLI exits, not at the next poll
+        waiter = threading.Thread(target=lambda: (proc2.wait(), exit_time.append(time.monotonic())), daemon=True)
+        waiter.start()
         exited_at = None
         sessions: list[Any] = []
         mine: set[int] = {proc2.pid}  # the CLI's processes (other people's agents run on this host too)
@@ -242,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(POLL_S)
         reader.join(5)
         health = _get(base, "/healthz") or {}
-        result.update(rc=proc2.returncode, elapsed_s=(exited_at or time.monotonic()) - t0, rows=rows,
+        waiter.join(5)
+        result.update(rc=proc2.returncode, elapsed_s=(exit_time[0] if exit_time else time.monotonic()) - t0, rows=rows,
                       sessions=sessions, stats=health.get("otlp"),
                       stdout_tail=b"".join(out_chunks)[-3000:].decode("utf-8", "replace"))
     finally:
