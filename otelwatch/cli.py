@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
 
     cc = sub.add_parser("check-config", help="validate a config file and exit")
     cc.add_argument("file")
+
+    ae = sub.add_parser("agent-env", help="what to set to send an agent's own OpenTelemetry to otelwatch")
+    ae.add_argument("agent", choices=("claude", "codex", "gemini"))
+    ae.add_argument("--config", metavar="FILE", help="the daemon's config (its OTLP listen address)")
     return p
 
 
@@ -182,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return top_main(args.url or default_url(cfg.http.listen), args.interval,
                         color=False if args.no_color else None, user=args.user)
+    if command == "agent-env":
+        from otelwatch.commands.agent_env import agent_env_main
+
+        return agent_env_main(args.agent, cfg)
     if command == "demo":
         from otelwatch.commands.demo import demo_main
 

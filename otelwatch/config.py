@@ -387,12 +387,29 @@ class TranscriptSourceConfig(_Checked):
 
 
 @dataclass(frozen=True)
+class OtlpSourceConfig(_Checked):
+    """The agents' own OpenTelemetry in (sources/otlp.py); off by default."""
+
+    _section = "sources.otlp."
+    enabled: bool = _f(False, _bool)
+    # "": on the [http] listener; else a loopback address of its own
+    listen: str = _f("", lambda v, k: _listen(v, k) if _string(v, k) else "")
+    forward: str = _f("", _url)  # the user's OTLP/HTTP endpoint (base URL): every record is sent on there
+    forward_timeout: float = _f(5.0, _duration_in(0.1, 600.0))  # one forwarded request may take this long
+    # log records waiting for the loop; past it they are dropped (counted)
+    queue: int = _f(20_000, _bounded(100, 1_000_000, integer=True))
+    # bodies waiting to be forwarded; past it dropped (counted)
+    forward_queue_bytes: int = _f(32 << 20, _bounded(1 << 16, 1 << 30, integer=True))
+
+
+@dataclass(frozen=True)
 class SourcesConfig(_Checked):
     _section = "sources."
     registry: RegistrySourceConfig = field(default_factory=RegistrySourceConfig)
     processes: ProcessSourceConfig = field(default_factory=ProcessSourceConfig)
     tmux: TmuxSourceConfig = field(default_factory=TmuxSourceConfig)
     transcripts: TranscriptSourceConfig = field(default_factory=TranscriptSourceConfig)
+    otlp: OtlpSourceConfig = field(default_factory=OtlpSourceConfig)
 
 
 @dataclass(frozen=True)
@@ -544,6 +561,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if not cfg.http.allow_remote and not _is_loopback(host):
         raise ConfigError("http.listen", f"{host!r} is not a loopback address: POST /api/events would be open "
                           "to the network; set http.allow_remote = true to accept that")
+    if cfg.sources.otlp.listen and not _is_loopback(split_listen(cfg.sources.otlp.listen)[0]):
+        raise ConfigError("sources.otlp.listen", "must be a loopback address: the agents' telemetry is local")
     notify = data.get("notify")
     if isinstance(notify, Mapping) and notify.get("states") and "min_state" in notify:
         raise ConfigError("notify.states", "set notify.states or notify.min_state, not both")

@@ -31,6 +31,7 @@ from otelwatch.classify.lateness import is_late_tick
 from otelwatch.config import Config, Paths, default_paths
 from otelwatch.model import STEADY_STATES, Event, Mode, ProcessIdentity, SessionSnapshot, SessionSpec
 from otelwatch.probe.backends import probe_backend
+from otelwatch.probe.own_connections import without_own_connections
 from otelwatch.probe.proctable import ProcessTable
 from otelwatch.recovery import Recovery
 from otelwatch.sessions.lifecycle import Effects, Lifecycle, add_sample, record_step, recovery_view
@@ -43,6 +44,7 @@ from otelwatch.sources.inbox import INBOX_DRAIN_PER_TICK, INBOX_MAX, INBOX_MAX_H
 from otelwatch.sources.spool import spool_path
 
 if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when Telemetry is built
+    from otelwatch.sources.otlp import OtlpReceiver
     from otelwatch.telemetry import TelemetrySink
 
 __all__ = ["INBOX_DRAIN_PER_TICK", "INBOX_MAX", "INBOX_MAX_HTTP", "Subscriber", "Watcher"]
@@ -96,6 +98,11 @@ class Watcher:
         self._sessions = SessionTable(on_end=self._lifecycle.end, on_rekey=self._prober.forget, log=self._log)
         self._explicit: dict[str, SessionSpec] = {}  # track() calls from the Python API
         self._inbox = Inbox(clock, lambda: self._probe_problem("inbox", timeout=False))
+        # The agents' own OpenTelemetry in ([sources.otlp]); the HTTP listener routes /v1/* to it.
+        self.otlp: OtlpReceiver | None = _otlp_receiver(self.cfg, self.telemetry, clock, proc_root)
+        # otelwatch's own listening ports (HttpServer adds them): with [sources.otlp] on, an
+        # agent's connection to them is not its network (own_connections.py).
+        self.own_ports: set[int] = set()
         self._subscribers: list[Subscriber] = []
         self._snapshots: tuple[SessionSnapshot, ...] = ()
         self._snap_lock = threading.Lock()
@@ -182,8 +189,11 @@ class Watcher:
         age = None if self._last_tick_mono is None else now - self._last_tick_mono
         # 503 once the loop has not ticked for 3 intervals (DESIGN.md, Interfaces).
         ok = age is not None and age <= 3 * self.cfg.interval and not self._stopped
-        return {"ok": ok, "ticks": self._ticks, "last_tick_age_s": None if age is None else round(age, 3),
-                "sessions": len(self._snapshots)}
+        out: dict[str, Any] = {"ok": ok, "ticks": self._ticks, "sessions": len(self._snapshots),
+                               "last_tick_age_s": None if age is None else round(age, 3)}
+        if self.otlp is not None:
+            out["otlp"] = self.otlp.health()
+        return out
 
     def start(self) -> Watcher:
         if self._thread is None:
@@ -206,7 +216,7 @@ class Watcher:
             self._memory.save(self._sessions.values(), self._clock(), force=True)
         except Exception as exc:  # the parts below must still be shut down
             self._log("memory.error", {"error": repr(exc)}, "error")
-        for part in (self._prober, self.recovery, self.telemetry):
+        for part in (self._prober, self.recovery, *((self.otlp,) if self.otlp is not None else ()), self.telemetry):
             try:
                 part.shutdown(max(0.1, deadline - time.monotonic()))
             except Exception as exc:  # the other parts must still be shut down
@@ -239,6 +249,12 @@ class Watcher:
         table = self._reader.read()  # one process table for the whole tick
         self._refresh_sources(table, now)
         self._drain_inbox(now)
+        if self.otlp is not None:
+            try:
+                self.otlp.drain(self._sessions, table, now)
+            except Exception as exc:  # a source's failure, never the tick's
+                self._probe_problem("source_otlp", timeout=False)
+                self._log("source.error", {"source": "otlp", "error": repr(exc)}, "error")
         self._sources.poll_tails(self._sessions, now)
         self._sources.judge_turns(self._sessions)
         self._sample(table, now)
@@ -350,6 +366,8 @@ class Watcher:
         for key, sample in samples.items():
             found = self._sessions.get(key)
             if found is not None:
+                if self.otlp is not None and self.own_ports:
+                    sample = without_own_connections(sample, self.own_ports)
                 add_sample(found, sample, horizon)
 
     def _release(self, tracked: Tracked) -> None:
@@ -427,6 +445,27 @@ class Watcher:
             self.telemetry.log(event, fields, level)
         except Exception:  # logging must never take the loop down
             print(f"otelwatch: {event} {dict(fields)}", file=sys.stderr)
+
+
+def _otlp_receiver(cfg: Config, telemetry: TelemetrySink, clock: Callable[[], float],
+                   proc_root: str) -> OtlpReceiver | None:
+    """The OTLP receiver [sources.otlp] asks for (with its forwarder), or None when it is off."""
+    o = cfg.sources.otlp
+    if not o.enabled:
+        return None
+    from otelwatch.sources.otlp import OtlpReceiver
+    from otelwatch.sources.otlp_forward import Forwarder
+
+    def failed(signal: str, n: int) -> None:
+        count = getattr(telemetry, "count_export_failure", None)
+        if count is not None:
+            for _ in range(n):
+                count(f"agent_{signal}")
+
+    forwarder = Forwarder(o.forward, timeout=o.forward_timeout, queue_bytes=o.forward_queue_bytes,
+                          failed=failed) if o.forward else None
+    return OtlpReceiver(forwarder=forwarder, queue_max=o.queue, clock=clock, proc_root=proc_root,
+                        usage_counter=getattr(telemetry, "on_agent_usage", None))
 
 
 def _boottime_clock(fallback: Callable[[], float]) -> Callable[[], float]:

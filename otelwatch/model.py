@@ -466,6 +466,9 @@ class SessionSnapshot:
     # Names a person recognises (names.py); never metric labels.
     name: str | None = None  # the agent's own name for the session (Claude Code's `name`)
     cwd: str | None = None  # the agent's working directory
+    # Tokens, cost and API calls the agent's own OpenTelemetry reported (sources/otlp.py);
+    # None: it reported none.
+    usage: Mapping[str, Any] | None = None
 
     @property
     def live(self) -> bool:
@@ -507,6 +510,7 @@ class SessionSnapshot:
             "recent_events": [{**e.to_json(), "own": True} if e.own else e.to_json() for e in self.recent_events],
             "recoveries": [r.to_json() for r in self.recoveries],
             "last_report": None if self.last_report is None else dict(self.last_report),
+            "usage": None if self.usage is None else dict(self.usage),
         }
 
 

@@ -132,6 +132,20 @@ def run_daemon(cfg: Config, *, config_file: str | None = None, log_format: str =
                     notifier.shutdown(0.5)
                 return 1
             hooks = start_hook_sockets(cfg, paths, watcher)
+            otlp_server = None
+            if watcher.otlp is not None and cfg.sources.otlp.listen:
+                # [sources.otlp] listen: the agents' telemetry on an address of its own.
+                from otelwatch.config import split_listen
+
+                try:
+                    otlp_server = HttpServer(*split_listen(cfg.sources.otlp.listen, "sources.otlp.listen"),
+                                             watcher, None).start()
+                except OSError as exc:
+                    print(f"otelwatch: cannot listen on {cfg.sources.otlp.listen}: {exc.strerror or exc}",
+                          file=sys.stderr)
+                    server.shutdown(1.0)
+                    watcher.stop()
+                    return 1
             stop = threading.Event()
 
             def on_signal(signum: int, frame: Any) -> None:
@@ -157,6 +171,8 @@ def run_daemon(cfg: Config, *, config_file: str | None = None, log_format: str =
             server.shutdown(1.0)
             for hook_socket in hooks:
                 hook_socket.shutdown(0.5)
+            if otlp_server is not None:
+                otlp_server.shutdown(1.0)
             watcher.stop(1.5)
             if notifier is not None:
                 notifier.shutdown(1.0)

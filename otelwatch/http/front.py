@@ -27,7 +27,16 @@ from email.message import Message
 from http import HTTPStatus
 from typing import Any
 
-from otelwatch.http.policy import MAX_HEAD_BYTES, Head, HeadError, HostPolicy, parse_head, refusal, writer_uid
+from otelwatch.http.policy import (
+    MAX_BODY_BYTES,
+    MAX_HEAD_BYTES,
+    Head,
+    HeadError,
+    HostPolicy,
+    parse_head,
+    refusal,
+    writer_of,
+)
 
 __all__ = ["Conn", "Front", "Reporter", "Request", "Response", "Work", "encode", "error_response", "json_response"]
 
@@ -84,6 +93,9 @@ class Request:
     # (a GET); -1: nobody can tell (a remote listener). Events naming a PID are checked
     # against it (DESIGN "Users are walls").
     uid: int | None = None
+    # (uid, socket inode) of the client's end of a loopback connection, for OTLP POSTs:
+    # who sent them (sources/otlp.py); None when not looked up or not found.
+    peer_socket: tuple[int, int] | None = None
 
 
 class Conn:
@@ -117,7 +129,7 @@ class Front:
 
     def __init__(self, listen: socket.socket, *, hosts: HostPolicy, timeout: float, max_connections: int,
                  fd_ceiling: int, writers: frozenset[int] | None, submit: Callable[[Work], None],
-                 report: Reporter) -> None:
+                 report: Reporter, otlp: bool = False) -> None:
         self._listen = listen
         self._hosts = hosts
         self._timeout = timeout
@@ -127,6 +139,7 @@ class Front:
         self._writers = writers
         self._submit = submit
         self._report = report
+        self._otlp = otlp  # [sources.otlp] on: protobuf and chunked POSTs on the OTLP paths
         self.stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -277,32 +290,45 @@ class Front:
             except HeadError as exc:
                 self._refuse(conn, exc.status, str(exc))
                 return
-            problem = refusal(head, self._hosts)
+            problem = refusal(head, self._hosts, self._otlp)
             if problem is not None:
                 self._refuse(conn, *problem, head=head)
                 return
             conn.head = head
             conn.need = end + 4 + max(0, head.length)
-            if head.expect_continue and len(conn.buf) < conn.need:
+            if head.expect_continue and (head.chunked or len(conn.buf) < conn.need):
                 with contextlib.suppress(OSError):
                     conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if len(conn.buf) < conn.need:
-            return
         head = conn.head
-        body = bytes(conn.buf[conn.need - max(0, head.length):conn.need])
-        del conn.buf[:conn.need]
+        if head.chunked:
+            try:
+                framed = dechunk(conn.buf, conn.need)
+            except HeadError as exc:
+                self._refuse(conn, exc.status, str(exc), head=head)
+                return
+            if framed is None:
+                return
+            body, end = framed
+            del conn.buf[:end]
+        else:
+            if len(conn.buf) < conn.need:
+                return
+            body = bytes(conn.buf[conn.need - max(0, head.length):conn.need])
+            del conn.buf[:conn.need]
         conn.head, conn.need = None, 0
         uid: int | None = None
+        peer_socket = None
         if head.method == "POST":
             uid = -1
             if self._writers is not None:
-                foreign, uid = writer_uid(conn.sock, self._writers)
-                if foreign:
-                    self._refuse(conn, HTTPStatus.FORBIDDEN, foreign, head=head)
+                writer = writer_of(conn.sock, self._writers)
+                if writer.why:
+                    self._refuse(conn, HTTPStatus.FORBIDDEN, writer.why, head=head)
                     return
+                uid, peer_socket = writer.uid, writer.peer_socket
         conn.busy = True
         self._sel.unregister(conn.sock)
-        self._submit((conn, Request(head.method, head.target, head.headers, body, conn.peer, uid), head))
+        self._submit((conn, Request(head.method, head.target, head.headers, body, conn.peer, uid, peer_socket), head))
 
     def _refuse(self, conn: Conn, status: int, reason: str, head: Head | None = None) -> None:
         """Answer an error from the front and close, after a short linger that reads (and
@@ -404,3 +430,47 @@ class Front:
         """Interrupt the selector's wait (thread-safe)."""
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
+
+
+def dechunk(buf: bytearray, start: int) -> tuple[bytes, int] | None:
+    """A `Transfer-Encoding: chunked` body that begins at `buf[start]`: (body, the offset
+    just past it, trailers included), or None while it is incomplete. Raises HeadError
+    for a malformed one or one larger than MAX_BODY_BYTES (the buffer never holds more
+    than that plus the chunks' framing)."""
+    pos = start
+    parts: list[bytes] = []
+    size_total = 0
+    while True:
+        eol = buf.find(b"\r\n", pos, pos + 1024)
+        if eol < 0:
+            if len(buf) - pos > 1024:
+                raise HeadError(HTTPStatus.BAD_REQUEST, "malformed chunk size line")
+            return None
+        size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise HeadError(HTTPStatus.BAD_REQUEST, "malformed chunk size") from None
+        if size < 0 or size_total + size > MAX_BODY_BYTES:
+            raise HeadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {MAX_BODY_BYTES} bytes")
+        pos = eol + 2
+        if size == 0:
+            break
+        if len(buf) < pos + size + 2:
+            if len(buf) - start > MAX_BODY_BYTES + (64 << 10):
+                raise HeadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {MAX_BODY_BYTES} bytes")
+            return None
+        if buf[pos + size:pos + size + 2] != b"\r\n":
+            raise HeadError(HTTPStatus.BAD_REQUEST, "chunk not followed by CRLF")
+        parts.append(bytes(buf[pos:pos + size]))
+        size_total += size
+        pos += size + 2
+    while True:  # trailers, up to the blank line
+        eol = buf.find(b"\r\n", pos, pos + 8192)
+        if eol < 0:
+            if len(buf) - pos > 8192:
+                raise HeadError(HTTPStatus.BAD_REQUEST, "trailers too long")
+            return None
+        if eol == pos:
+            return b"".join(parts), eol + 2
+        pos = eol + 2

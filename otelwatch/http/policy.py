@@ -21,14 +21,20 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from email.message import Message
 from http import HTTPStatus
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from otelwatch.probe.procfs import tcp_peer_uid
+from otelwatch.probe.procfs import tcp_peer_socket
 
-__all__ = ["MAX_BODY_BYTES", "MAX_HEAD_BYTES", "Head", "HeadError", "HostPolicy", "foreign_writer",
-           "is_loopback_name", "parse_head", "refusal", "writer_uid"]
+__all__ = ["CHUNKED", "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "OTLP_PATHS", "Head", "HeadError", "HostPolicy",
+           "Writer", "foreign_writer", "is_loopback_name", "parse_head", "refusal", "writer_of"]
 
 MAX_BODY_BYTES = 1 << 20
+CHUNKED = -2  # Head.length of a `Transfer-Encoding: chunked` body (only on OTLP paths)
+# The agents' own OpenTelemetry (sources/otlp.py): the only paths that take protobuf or
+# chunked bodies, and only when [sources.otlp] is on.
+OTLP_PATHS = frozenset({"/v1/logs", "/v1/metrics", "/v1/traces"})
+_OTLP_MEDIA = frozenset({"application/json", "application/x-protobuf", "application/protobuf"})
 MAX_HEAD_BYTES = 16 << 10  # request line and headers
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
@@ -47,9 +53,13 @@ class Head:
     target: str
     version: str
     headers: Message
-    length: int  # of the body
+    length: int  # of the body; CHUNKED for a chunked body
     keep_alive: bool
     expect_continue: bool
+
+    @property
+    def chunked(self) -> bool:
+        return self.length == CHUNKED
 
 
 @dataclass(frozen=True)
@@ -137,22 +147,26 @@ def parse_head(raw: bytes) -> Head:
         raise HeadError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many or too long headers") from None
     if len(headers.get_all("Host") or ()) > 1:
         raise HeadError(HTTPStatus.BAD_REQUEST, "more than one Host header")
-    if headers.get("Transfer-Encoding") is not None:
-        raise HeadError(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not accepted; send a Content-Length")
     lengths = {v.strip() for v in headers.get_all("Content-Length") or ()}
     if len(lengths) > 1 or not all(v.isdigit() for v in lengths):
         raise HeadError(HTTPStatus.BAD_REQUEST, "malformed Content-Length")
     length = int(lengths.pop()) if lengths else -1
+    if headers.get("Transfer-Encoding") is not None:
+        codings = [c.strip().lower() for c in ",".join(headers.get_all("Transfer-Encoding") or ()).split(",")]
+        if codings != ["chunked"] or length >= 0 or urlsplit(target).path.rstrip("/") not in OTLP_PATHS:
+            raise HeadError(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not accepted; send a Content-Length")
+        length = CHUNKED
     tokens = {t.strip().lower() for t in (headers.get("Connection") or "").split(",")}
     return Head(method=method, target=target, version=version, headers=headers, length=length,
                 keep_alive=version == "HTTP/1.1" and "close" not in tokens,
                 expect_continue=(headers.get("Expect") or "").strip().lower() == "100-continue")
 
 
-def refusal(head: Head, hosts: HostPolicy) -> tuple[int, str] | None:
+def refusal(head: Head, hosts: HostPolicy, otlp: bool = False) -> tuple[int, str] | None:
     """(status, why) when the request must not be served; None when it may.
 
-    Decided on the head alone, before any body is read."""
+    Decided on the head alone, before any body is read. With `otlp` ([sources.otlp]
+    on), POSTs to OTLP_PATHS may also be protobuf and chunked."""
     host = head.headers.get("Host")
     if host is not None and not hosts.allows(host):
         return HTTPStatus.MISDIRECTED_REQUEST, "Host does not name this listener (DNS rebinding?)"
@@ -163,9 +177,15 @@ def refusal(head: Head, hosts: HostPolicy) -> tuple[int, str] | None:
         return HTTPStatus.FORBIDDEN, "cross-origin request refused"
     if head.method == "POST":
         media = (head.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
-        if media != "application/json":
+        if otlp and urlsplit(head.target).path.rstrip("/") in OTLP_PATHS:
+            if media not in _OTLP_MEDIA:
+                return (HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                        "OTLP needs Content-Type: application/x-protobuf or application/json")
+        elif media != "application/json":
             return HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "POST needs Content-Type: application/json"
-        if head.length < 0:
+        elif head.chunked:
+            return HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not accepted; send a Content-Length"
+        if head.length < 0 and not head.chunked:
             return HTTPStatus.LENGTH_REQUIRED, "POST needs a Content-Length"
     if head.length > MAX_BODY_BYTES:
         return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {MAX_BODY_BYTES} bytes"
@@ -174,22 +194,29 @@ def refusal(head: Head, hosts: HostPolicy) -> tuple[int, str] | None:
 
 def foreign_writer(sock: socket.socket, writers: Collection[int]) -> str:
     """Why a POST on this loopback connection is refused for who sent it; "" when it is not."""
-    return writer_uid(sock, writers)[0]
+    return writer_of(sock, writers).why
 
 
-def writer_uid(sock: socket.socket, writers: Collection[int]) -> tuple[str, int]:
+class Writer(NamedTuple):
+    why: str  # why a POST is refused for who sent it; "" when it is not
+    uid: int  # the sending user; -1: nobody can tell
+    peer_socket: tuple[int, int] | None  # (uid, socket inode) of the client's end; None: not found
+
+
+def writer_of(sock: socket.socket, writers: Collection[int]) -> Writer:
     """Why a POST on this loopback connection is refused for who sent it; "" when it is not.
 
     Events can open turns, so only otelwatch's own user, root and the
     `recovery.users` (`writers`) may add them: the kernel says which uid owns the
     client's end of the connection (as identd would). Not found (the client is
-    gone, or /proc hides it) fails closed. Returns (why refused or "", the uid or -1)."""
+    gone, or /proc hides it) fails closed. Returns the reason (or ""), the uid and the client socket (`Writer`)."""
     try:
-        uid = tcp_peer_uid(sock.getpeername()[:2], sock.getsockname()[:2])
+        entry = tcp_peer_socket(sock.getpeername()[:2], sock.getsockname()[:2])
     except OSError:
-        uid = None
+        entry = None
+    uid = None if entry is None else entry[0]
     if uid is None:
-        return "cannot tell which user sent this request", -1
+        return Writer("cannot tell which user sent this request", -1, None)
     if uid not in writers:
-        return f"uid {uid} may not post events (allowed: otelwatch's user, root, recovery.users)", uid
-    return "", uid
+        return Writer(f"uid {uid} may not post events (allowed: otelwatch's user, root, recovery.users)", uid, entry)
+    return Writer("", uid, entry)

@@ -55,7 +55,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from otelwatch.config import HttpConfig
 from otelwatch.http.front import Front, Reporter, Request, Response, Work, encode, error_response, json_response
-from otelwatch.http.policy import MAX_BODY_BYTES, HostPolicy, is_loopback_name, parse_head, refusal
+from otelwatch.http.policy import MAX_BODY_BYTES, OTLP_PATHS, HostPolicy, is_loopback_name, parse_head, refusal
 from otelwatch.sources.trust import resolve_users
 
 if TYPE_CHECKING:
@@ -150,6 +150,14 @@ class _App:
 
     def _post(self, req: Request) -> Response:
         path = urlsplit(req.target).path.rstrip("/")
+        otlp = getattr(self.watcher, "otlp", None)
+        if path in OTLP_PATHS and otlp is not None:
+            # The agents' own OpenTelemetry ([sources.otlp]): decoded, queued, answered at once.
+            status, body, media = otlp.handle(path[len("/v1/"):], req.body, req.headers.get("Content-Type") or "",
+                                              req.headers.get("Content-Encoding") or "", req.peer_socket)
+            if status >= 400:
+                self.report("http_client", "http.client_error", "bad OTLP request", req.peer, status=int(status))
+            return Response(status, body, media)
         if path != "/api/events":
             return error_response(HTTPStatus.NOT_FOUND, f"no such endpoint {path!r}")
         try:
@@ -227,11 +235,15 @@ class HttpServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listen = socket.create_server((host, port), family=family, backlog=4096)
         self._listen.setblocking(False)
+        own_ports = getattr(watcher, "own_ports", None)
+        if isinstance(own_ports, set):
+            own_ports.add(int(self._listen.getsockname()[1]))
         self._work: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._front = Front(self._listen, hosts=HostPolicy.for_listen(host, http.allow_remote),
                             timeout=float(http.request_timeout), max_connections=self.max_connections,
                             fd_ceiling=fd_ceiling, writers=None if self._remote else writers,
-                            submit=self._work.put, report=self._report)
+                            submit=self._work.put, report=self._report,
+                            otlp=getattr(watcher, "otlp", None) is not None)
         self._stopped = False
         self._front_thread = threading.Thread(target=self._front.serve, name="otelwatch-http", daemon=True)
         self._workers = [threading.Thread(target=self._work_loop, name=f"otelwatch-http-{n}", daemon=True)

@@ -433,6 +433,14 @@ def tcp_peer_uid(peer: tuple[str, int], local: tuple[str, int], proc_root: str =
     IPv4 client of an IPv6 listener shows as ::ffff:a.b.c.d in tcp6. None when
     the socket is not found (the client already closed): callers fail closed.
     """
+    entry = tcp_peer_socket(peer, local, proc_root)
+    return None if entry is None else entry[0]
+
+
+def tcp_peer_socket(peer: tuple[str, int], local: tuple[str, int],
+                    proc_root: str = "/proc") -> tuple[int, int] | None:
+    """(uid, socket inode) of the client end of a loopback TCP connection to us, or None
+    (as `tcp_peer_uid`); the inode names the socket in its owner's /proc/PID/fd."""
     want_local = _endpoint_key(*peer)
     want_remote = _endpoint_key(*local)
     for name, v6 in (("tcp", False), ("tcp6", True)):
@@ -448,7 +456,7 @@ def tcp_peer_uid(peer: tuple[str, int], local: tuple[str, int], proc_root: str =
                     except (ValueError, struct.error):
                         continue
                     if (_mapped(laddr), lport) == want_local and (_mapped(raddr), rport) == want_remote:
-                        return int(f[7])
+                        return int(f[7]), int(f[9])
         except FileNotFoundError:
             continue
     return None

@@ -202,5 +202,6 @@ def session_summary(snap: SessionSnapshot, *, ended_at: float, longest_silence_s
         "longest_silence_s": round(longest_silence_s, 1),
         "stalls": stalls,
         "recoveries": recoveries,
+        **({"usage": dict(snap.usage)} if snap.usage else {}),
     }
 

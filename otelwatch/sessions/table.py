@@ -213,6 +213,7 @@ class Tracked:
     user: str | None = None
     names_read_at: float = 0.0
     untracked: bool = False  # its registration was removed: ends once the process is gone or at once
+    usage: Mapping[str, Any] | None = None  # tokens and cost from the agent's own OTLP (sources/otlp.py)
     dropped: bool = False  # no longer listed at all (untracked while alive)
     # Whether its turn information could be read: "ok", "denied", "disabled" or "none"
     # (sessions/visibility.py); set by the sources each tick.
@@ -549,6 +550,7 @@ def snapshot_of(tracked: Tracked, now: float) -> SessionSnapshot:
         user=tracked.user or user_name(uid),
         name=tracked.name,
         cwd=tracked.cwd,
+        usage=tracked.usage,
     )
 
 

@@ -138,6 +138,14 @@ class Telemetry:
             names.PROBE_ERRORS, unit="{error}", description="Probes that failed")
         self._export_failures = meter.create_counter(
             names.EXPORT_FAILURES, unit="{failure}", description="Failed OTLP exports by signal")
+        self._agent_tokens = meter.create_counter(
+            names.AGENT_TOKENS, unit="{token}", description="Tokens the agents' own telemetry reported")
+        self._agent_cost = meter.create_counter(
+            names.AGENT_COST, unit="{USD}", description="Cost in US dollars the agents' own telemetry reported")
+        self._agent_requests = meter.create_counter(
+            names.AGENT_API_REQUESTS, unit="{request}", description="Model API requests the agents reported")
+        self._agent_errors = meter.create_counter(
+            names.AGENT_API_ERRORS, unit="{error}", description="Failed model API attempts the agents reported")
         self.gauges = SessionGauges(meter)
         self._pruner = AsyncStatePruner(self.meter_provider)
         # Who reads the per-session gauges: /metrics renders them from the snapshots
@@ -244,6 +252,19 @@ class Telemetry:
         """A `logging.Handler` writing to this telemetry's JSON lines and OTel log records
         (`otelwatch run` installs it on the "otelwatch" logger)."""
         return JsonLogHandler(self._log, level)
+
+    def on_agent_usage(self, agent: str, model: str, usage: Mapping[str, float]) -> None:
+        """Tokens, cost and API calls from one agent record (sources/otlp.py)."""
+        for key, kind in (("input_tokens", "input"), ("output_tokens", "output"),
+                          ("cache_read_tokens", "cache_read"), ("cache_creation_tokens", "cache_creation")):
+            if usage.get(key):
+                self._agent_tokens.add(usage[key], {"agent": agent, "model": model, "type": kind})
+        if usage.get("cost_usd"):
+            self._agent_cost.add(usage["cost_usd"], {"agent": agent, "model": model})
+        if usage.get("api_requests"):
+            self._agent_requests.add(usage["api_requests"], {"agent": agent, "model": model})
+        if usage.get("api_errors"):
+            self._agent_errors.add(usage["api_errors"], {"agent": agent, "model": model})
 
     def count_export_failure(self, signal: str) -> None:
         """One failed export of `signal` (metrics, traces, logs, notify):

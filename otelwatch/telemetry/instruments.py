@@ -47,6 +47,11 @@ TICK_DURATION = "otelwatch.collector.tick.duration"
 PROBE_TIMEOUTS = "otelwatch.probe.timeouts"
 PROBE_ERRORS = "otelwatch.probe.errors"
 EXPORT_FAILURES = "otelwatch.export.failures"
+# What the agents' own OpenTelemetry reports (sources/otlp.py), by agent and model.
+AGENT_TOKENS = "otelwatch.agent.tokens"
+AGENT_COST = "otelwatch.agent.cost.usd"
+AGENT_API_REQUESTS = "otelwatch.agent.api.requests"
+AGENT_API_ERRORS = "otelwatch.agent.api.errors"
 
 # Attribute keys (Prometheus labels: dots become underscores).
 A_SESSION_ID = "session.id"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -40,7 +41,9 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, TcpS
     # Recovery in dry run: the hung agent gets a recovery record (and the dashboards'
     # recovery panels data) while nothing is signalled.
     daemon = start_daemon(tmp_path_factory.mktemp("zoo"),
-                          {"recovery": {"enabled": True, "dry_run": True, "recover_after": 2}})
+                          {"recovery": {"enabled": True, "dry_run": True, "recover_after": 2},
+                           # the agents' own OpenTelemetry in: the token/cost/API panels get data
+                           "sources": {"otlp": {"enabled": True}}})
     try:
         for sid, (kind, extra, mode, _, _) in ZOO.items():
             proc, events = daemon.agent(kind, "--port", str(server.port), *extra)
@@ -227,6 +230,17 @@ def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data(
              timeout=20)
     prom = start_prometheus(tmp_path, [daemon.url.removeprefix("http://")])
     try:
+        # An agent's own telemetry, as Claude Code sends it: twice, so that increase() and rate()
+        # see the counters move between scrapes.
+        from tests.support.otlp_agent_payloads import CLAUDE_RESOURCE, claude_turn, gemini_retries, logs_pb, post
+
+        port = int(daemon.url.rsplit(":", 1)[1])
+        for _ in range(2):
+            claude = logs_pb(CLAUDE_RESOURCE, claude_turn("z-otlp"))
+            assert post(port, "/v1/logs", claude, "application/x-protobuf")[0] == 200
+            assert post(port, "/v1/logs", gemini_retries("z-gemini", 1, 2), "application/json", chunked=True)[0] == 200
+            prom.wait_for("otelwatch_agent_tokens_total > 0")
+            time.sleep(2.5)
         prom.wait_for('otelwatch_session_tcp_connections{session_id="z-socket",tcp_state="ESTABLISHED"} == 1')
         prom.wait_for('otelwatch_session_status{session_id="z-hung",state="stuck",reason="no_activity"} == 1')
         prom.wait_for('otelwatch_sessions{state="stuck"} >= 1')

@@ -29,6 +29,11 @@ CONTRACT_COUNTERS = frozenset({
     "otelwatch_probe_timeouts_total",
     "otelwatch_probe_errors_total",
     "otelwatch_export_failures_total",  # optional: present only when the exporter counts failures
+    # optional: present only once the agents' own OpenTelemetry reported them ([sources.otlp])
+    "otelwatch_agent_tokens_total",
+    "otelwatch_agent_cost_usd_total",
+    "otelwatch_agent_api_requests_total",
+    "otelwatch_agent_api_errors_total",
 })
 CONTRACT_HISTOGRAMS = frozenset({
     "otelwatch_session_stalled_age_seconds",

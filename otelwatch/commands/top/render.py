@@ -379,6 +379,12 @@ def render_detail(session: Mapping[str, Any] | None, history: History, now: floa
     labels = s.get("labels") or {}
     if labels:
         lines.append([("labels " + " ".join(f"{k}={v}" for k, v in sorted(labels.items())), "dim")])
+    usage = s.get("usage")
+    if isinstance(usage, Mapping):  # from the agent's own OpenTelemetry ([sources.otlp])
+        lines.append([(f"tokens in {usage.get('input_tokens', 0)} out {usage.get('output_tokens', 0)}"
+                       f" cache {usage.get('cache_read_tokens', 0)}  cost ${num(usage.get('cost_usd')):.4f}"
+                       f"  API requests {usage.get('api_requests', 0)} failed {usage.get('api_errors', 0)}"
+                       + (f"  model {_cmd(usage['model'], 64)}" if usage.get("model") else ""), "")])
     evidence = s.get("evidence") or {}
     if s.get("sample_status") not in (None, "ok"):
         lines.append([(f"last sample: {s.get('sample_status')}", "error")])
