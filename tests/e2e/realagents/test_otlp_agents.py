@@ -142,7 +142,7 @@ def test_a_slow_upstream_never_delays_the_clis_exit(tmp_path: Path, clis: Any) -
     """Codex's own exporter waits on a slow collector (1.5 s -> 22 s, REAL_AGENTS.md); with
     otelwatch in the path, forwarding to an upstream that answers after 20 s, it must not."""
     exits = {}
-    for name, extra in (("bare", ("--bare",)), ("slow", ("--slow-sink", "20", "--after", "1"))):
+    for name, extra in (("fast", ("--sink", "--after", "1")), ("slow", ("--slow-sink", "20", "--after", "1"))):
         home = tmp_path / f"home-{name}"
         write_codex_config(home / ".codex")
         env = {**base_env(home), "OTELWATCH_FAKE_KEY": "sk-otelwatch-tests-dummy"}
@@ -151,8 +151,9 @@ def test_a_slow_upstream_never_delays_the_clis_exit(tmp_path: Path, clis: Any) -
                      extra=extra)
         assert result["rc"] == 0
         exits[name] = result["elapsed_s"]
-    print(f"codex exec exit: bare {exits['bare']:.2f} s, via otelwatch with a 20 s upstream {exits['slow']:.2f} s")
-    assert exits["slow"] < exits["bare"] + 5.0, exits
+    print(f"codex exec exit via otelwatch: upstream answering at once {exits['fast']:.2f} s, "
+          f"after 20 s {exits['slow']:.2f} s")
+    assert exits["slow"] < min(exits["fast"] + 3.0, 10.0), exits  # its own exporter alone: 22 s
 
 
 def _gemini() -> str:
