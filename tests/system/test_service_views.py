@@ -27,10 +27,13 @@ def test_unknown_numbers_show_as_question_marks_never_zero() -> None:
             "open_fds": None}
     gone = {**live, "session_id": "gone", "state": "exited", "reason": "process_exited"}
     seen = {**live, "session_id": "seen", "state": "active", "tcp": {}, "open_fds": 7}
-    rows = {line.split()[0]: line.split() for line in format_table([live, gone, seen], now).splitlines()[1:]}
-    assert rows["blind"][-2:] == ["?", "?"]  # TCP, FDS
-    assert rows["gone"][-2:] == ["-", "-"]
-    assert rows["seen"][-2:] == ["0", "7"]
+    lines = format_table([live, gone, seen], now).splitlines()
+    header = lines[0].split()
+    tcp, fds = header.index("TCP"), header.index("FDS")
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert [rows["blind"][tcp], rows["blind"][fds]] == ["?", "?"]
+    assert [rows["gone"][tcp], rows["gone"][fds]] == ["-", "-"]
+    assert [rows["seen"][tcp], rows["seen"][fds]] == ["0", "7"]
 
 
 def test_own_sessions_first_for_a_non_root_caller() -> None:
