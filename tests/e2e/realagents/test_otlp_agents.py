@@ -87,8 +87,10 @@ def test_a_claude_turn_counts_its_tokens_and_cost_and_arrives_in_victoria_metric
     home.mkdir()
     # VictoriaMetrics takes cumulative sums only (Claude Code's default is delta): the agent's own setting.
     env = {**_claude_env(home), "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "cumulative"}
+    # The answer streams for 3 s, so that the daemon (ticking every 0.5 s on a loaded host)
+    # sees the process before it exits: a turn of one second can end unseen.
     result = run(tmp_path, "claude", "claude", [clis.claude, "-p", PROMPT, "--output-format", "stream-json",
-                                                "--verbose"], env, extra=("--vm", vm))
+                                                "--verbose"], env, extra=("--vm", vm), stream_seconds=3)
     assert result["rc"] == 0, result.get("stdout_tail")
     s = _session(result, "claude")
     # The fake API answers 12 input and 9 output tokens (its message_start and message_delta);
