@@ -5,7 +5,10 @@ Owns speaking just enough HTTP/1.1 and server-sent events for `claude -p` and
 real APIs do (see REAL_AGENTS.md). Standalone, so it can be started inside the
 agent's own network namespace:
 
-    python3 -m realagents.fakeapi --api anthropic --behaviour never_answer --port 8080
+    python3 -m tests.e2e.realagents.fakeapi --api anthropic --behaviour never_answer --port 8080
+
+`--api gemini` (Gemini CLI's streamGenerateContent) and `--api chat` (OpenAI Chat
+Completions, for opencode and aider) are spoken by `fakeapi_more`, with the same behaviours.
 
 It prints one JSON line (`{"ready": true, "port": N, "pid": P}`) on stdout once
 it listens, and appends one JSON line per connection and request to `--log`.
@@ -15,8 +18,8 @@ Behaviours (for the model call; other paths always get harmless answers):
 on the open connection; `partial_then_silence` sends the headers and the first
 content block, then stays silent; `tool_bash` asks for a Bash tool call
 (`--tool-command`) and answers normally once the tool's result comes back;
-`drop` closes every connection as soon as it is accepted; `by_prompt` (Anthropic
-only) takes each call's behaviour from a marker such as `[fake:never_answer]` in
+`drop` closes every connection as soon as it is accepted; `by_prompt` (not Responses)
+takes each call's behaviour from a marker such as `[fake:never_answer]` in
 the conversation's last user text, so one interactive session can go through
 several behaviours turn by turn (no marker: `normal`; `slow`: a normal answer
 streamed over SLOW_S).
@@ -42,7 +45,7 @@ from typing import Any
 
 __all__ = ["APIS", "BEHAVIOURS", "Request", "main"]
 
-APIS = ("anthropic", "openai")
+APIS = ("anthropic", "openai", "gemini", "chat")  # the last two: fakeapi_more
 BEHAVIOURS = ("normal", "never_answer", "partial_then_silence", "tool_bash", "drop", "by_prompt")
 # by_prompt: the marker in the last user text names the behaviour of that call.
 _MARKER = re.compile(r"\[fake:(normal|slow|never_answer|partial_then_silence|tool_bash)\]")
@@ -238,6 +241,13 @@ class FakeApi:
             return True
         if self.api == "openai" and req.path.endswith("/responses"):
             return await self.openai(req, conn, reader, cid)
+        if self.api in ("gemini", "chat"):  # Gemini CLI, opencode and aider: fakeapi_more
+            from tests.e2e.realagents import fakeapi_more
+
+            if self.api == "gemini" and ":" in req.path:
+                return await fakeapi_more.gemini(self, req, conn, reader, cid)
+            if self.api == "chat" and req.path.endswith("/chat/completions"):
+                return await fakeapi_more.chat(self, req, conn, reader, cid)
         await conn.json({})
         return True
 

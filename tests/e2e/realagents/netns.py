@@ -1,7 +1,7 @@
 """Run a command next to a fake API inside a fresh network namespace.
 
-Used as `unshare -n -- python3 -m realagents.netns --server-json '[...]' --info F -- CMD ...`:
-brings the namespace's loopback up, starts `realagents.fakeapi` with the given
+Used as `unshare -n -- python3 -m tests.e2e.realagents.netns --server-json '[...]' --info F -- CMD ...`:
+brings the namespace's loopback up, starts `tests.e2e.realagents.fakeapi` with the given
 arguments, waits until it listens, writes `--info` (JSON: this runner's pid,
 the server's pid and port, the command's pid, the namespace), runs CMD with
 stdio inherited, and exits with CMD's status (128+N when killed by signal N).

@@ -1,6 +1,6 @@
 """One real agent CLI with its own OpenTelemetry pointed at a real otelwatch.
 
-Runs as the command of `realagents.netns` (so inside the agent's own network
+Runs as the command of `tests.e2e.realagents.netns` (so inside the agent's own network
 namespace, next to the fake API): starts `otelwatch run` on this namespace's
 loopback with [sources.otlp] on (a sibling of the CLI, as a user runs it), sets the agent up with exactly
 what `otelwatch agent-env AGENT` prints, runs the CLI, records the daemon's view

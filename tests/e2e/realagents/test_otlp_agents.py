@@ -1,6 +1,6 @@
 """The real CLIs' own OpenTelemetry into otelwatch ([sources.otlp]).
 
-Each run: the CLI, its fake API and an in-process otelwatch (`realagents.otlp_run`)
+Each run: the CLI, its fake API and an in-process otelwatch (`tests.e2e.realagents.otlp_run`)
 together in one network namespace; the CLI set up with exactly what `otelwatch
 agent-env AGENT` prints. A complete Claude Code turn and a complete Codex turn
 count their tokens (and Claude's cost) on the right session, joined by the
@@ -48,7 +48,7 @@ def _claude_env(home: Path) -> dict[str, str]:
 def run(tmp_path: Path, name: str, agent: str, cli: list[str], env: dict[str, str], *, behaviour: str = "normal",
         api: str = "anthropic", extra: tuple[str, ...] = (), timeout: float = 300,
         stream_seconds: float = 0.0) -> dict[str, Any]:
-    """One CLI run under `realagents.otlp_run` in its own network namespace; its result JSON."""
+    """One CLI run under `tests.e2e.realagents.otlp_run` in its own network namespace; its result JSON."""
     work = tmp_path / name
     (work / "cwd").mkdir(parents=True, exist_ok=True)
     (work / "state").mkdir(mode=0o700, exist_ok=True)

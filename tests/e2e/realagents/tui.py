@@ -8,7 +8,7 @@ a tmux server on a private socket inside `unshare -n` next to the fake API
 `send-keys`, reading it with `capture-pane`, reading the CLI's own session file
 (`~/.claude/sessions/<pid>.json`), and ending everything it started.
 
-Run inside the namespace as `python3 -m realagents.tui --socket S --name N --
+Run inside the namespace as `python3 -m tests.e2e.realagents.tui --socket S --name N --
 CLAUDE ARGS...` (the netns runner's command): it starts the tmux server, whose
 pane runs the CLI directly (so the pane, and with it the server, ends when the
 CLI does), and waits until that server is gone, at most `--lifetime` seconds.
