@@ -339,12 +339,22 @@ def _secs(x: float) -> str:
     return f"{round(x, 1):g} s"
 
 
+# A loop starved by other work is runnable all the time: its demand (on a CPU or waiting
+# on a run queue) is a whole core whatever CPU it got (98-101% measured at 2-9% usage).
+# A process that only wakes now and then also waits on a busy host's run queue each time
+# it wakes: a TUI spinner at 11-16% usage read as a spin on the loaded CI box. So demand
+# stands in for usage only when the tree was runnable nearly the whole interval.
+STARVED_DEMAND_PERCENT = 90.0
+
+
 def _demand(s: TreeSample) -> float | None:
-    """What the spin rule reads: the tree's CPU demand (on a CPU or runnable on a run
-    queue), so a loop starved by other work still reads as one; its usage where the
-    demand is not known."""
-    d = s.cpu_demand_percent
-    return s.cpu_percent if d is None else d
+    """What the spin rule reads: the tree's CPU demand when it was runnable nearly all the
+    time (a loop starved by other work still reads as one), else its usage; its usage
+    where the demand is not known."""
+    d, used = s.cpu_demand_percent, s.cpu_percent
+    if d is None or used is None:
+        return used
+    return d if d >= STARVED_DEMAND_PERCENT else used
 
 
 def _pids(pids: Sequence[int]) -> str:

@@ -214,6 +214,12 @@ CASES = [
         history(cpu=20.0, demand=20.5),
     ),
     Case(
+        "a TUI spinner waking on a busy host: 15% CPU, runnable 60% of the time: not a spin",
+        State.STALLED,
+        Reason.TOOL_CALL_WITHOUT_PROGRESS,
+        history(cpu=15.0, demand=60.0),
+    ),
+    Case(
         "demand unknown (psutil backend): the spin rule reads usage",
         State.STALLED,
         Reason.TOOL_CALL_WITHOUT_PROGRESS,
