@@ -29,7 +29,7 @@ from typing import Any
 
 from otelwatch.events.activity import Activity
 from otelwatch.model import Event, EventKind
-from otelwatch.sources.hookpath import hook_fields
+from otelwatch.sources.hookpath import hook_fields, opt_str, short, str_or_empty
 
 __all__ = [
     "MAX_LINE_BYTES",
@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 MAX_LINE_BYTES = 1 << 20  # a longer line is malformed (and never buffered whole by readers)
-DETAIL_CHARS = 120  # diagnostics keep a short excerpt, not the agent's output
 
 PROGRESS = EventKind.PROGRESS
 HEARTBEAT = EventKind.HEARTBEAT
@@ -97,7 +96,7 @@ def parse_events(raw: bytes, seen_at: float, source: str, *, json_only: bool = T
     if json_only:
         return None
     text = line.decode("utf-8", "replace")
-    return [Event(time=seen_at, type="line", source=source, detail=_short(text))]
+    return [Event(time=seen_at, type="line", source=source, detail=short(text))]
 
 
 def parse_object(obj: Mapping[str, Any], seen_at: float, source: str) -> list[Event]:
@@ -115,16 +114,16 @@ def parse_object(obj: Mapping[str, Any], seen_at: float, source: str) -> list[Ev
     if typ == "system":
         return [_claude_system(obj, t, source)]
     if typ == "result":
-        return [Event(time=t, type="result", turn="close", source=source, detail=_str(obj.get("subtype")))]
+        return [Event(time=t, type="result", turn="close", source=source, detail=str_or_empty(obj.get("subtype")))]
     if typ == "tool_progress":
-        return [Event(time=t, type="tool_progress", kind=HEARTBEAT, tool=_opt(obj.get("tool_name")),
-                      tool_id=_opt(obj.get("tool_use_id")), source=source)]
+        return [Event(time=t, type="tool_progress", kind=HEARTBEAT, tool=opt_str(obj.get("tool_name")),
+                      tool_id=opt_str(obj.get("tool_use_id")), source=source)]
     if typ == "stream_event":
         inner = obj.get("event")
         inner_type = inner.get("type") if isinstance(inner, dict) else None
         # An SSE ping only shows the connection is alive; deltas are real output.
         kind = HEARTBEAT if inner_type == "ping" else PROGRESS
-        return [Event(time=t, type="stream_event", kind=kind, source=source, detail=_str(inner_type))]
+        return [Event(time=t, type="stream_event", kind=kind, source=source, detail=str_or_empty(inner_type))]
     if typ in ("tool_use", "tool_result", "message") or (typ == "error" and "severity" in obj):
         return [_gemini_stream(obj, typ, t, source)]
     if "." in typ or typ == "error":
@@ -180,8 +179,8 @@ def _claude_message(obj: Mapping[str, Any], typ: str, t: float, source: str) -> 
     if typ == "assistant":
         for b in blocks:
             if b.get("type") == "tool_use":
-                out.append(Event(time=t, type="tool_use", tool=_opt(b.get("name")),
-                                 tool_id=_opt(b.get("id")), tool_call="open", source=source))
+                out.append(Event(time=t, type="tool_use", tool=opt_str(b.get("name")),
+                                 tool_id=opt_str(b.get("id")), tool_call="open", source=source))
         stop = message.get("stop_reason") if isinstance(message, dict) else None
         if stop == "end_turn" and not sidechain:
             out.append(Event(time=t, type="assistant", turn="close", source=source, detail="end_turn"))
@@ -190,7 +189,7 @@ def _claude_message(obj: Mapping[str, Any], typ: str, t: float, source: str) -> 
         return out
     for b in blocks:
         if b.get("type") == "tool_result":
-            out.append(Event(time=t, type="tool_result", tool_id=_opt(b.get("tool_use_id")),
+            out.append(Event(time=t, type="tool_result", tool_id=opt_str(b.get("tool_use_id")),
                              tool_call="close", source=source))
     if out:
         return out
@@ -205,13 +204,13 @@ def _claude_message(obj: Mapping[str, Any], typ: str, t: float, source: str) -> 
 
 
 def _claude_system(obj: Mapping[str, Any], t: float, source: str) -> Event:
-    subtype = _str(obj.get("subtype"))
+    subtype = str_or_empty(obj.get("subtype"))
     if subtype == "api_retry":
         # {"attempt": 6, "max_retries": 10, "retry_delay_ms": 17816, "error": "unknown", ...}
         return Event(time=t, type="api_retry", kind=HEARTBEAT, retry=True, source=source,
                      retry_attempt=_count(obj.get("attempt")), retry_max=_count(obj.get("max_retries")),
                      retry_delay_s=_delay(obj.get("retry_delay_ms"), 1e-3),
-                     detail=_short(_str(obj.get("error"))))
+                     detail=short(str_or_empty(obj.get("error"))))
     if subtype == "api_error":
         # Claude Code's transcript records each retry as {"subtype": "api_error", "retryAttempt": 6,
         # "maxRetries": 10, "retryInMs": 17816, "error": {...}}: the same schedule as api_retry.
@@ -227,8 +226,8 @@ def _claude_system(obj: Mapping[str, Any], t: float, source: str) -> Event:
         # {"tasks": [{"task_id": "b87qhzozz", "task_type": "local_bash", ...}]}: the whole
         # set of the agent's background tasks. Where it stands, not work that moved.
         tasks = obj.get("tasks")
-        ids = tuple(_str(task.get("task_id"))[:64] for task in tasks if isinstance(task, Mapping)
-                    and _str(task.get("task_id"))) if isinstance(tasks, list) else ()
+        ids = tuple(str_or_empty(task.get("task_id"))[:64] for task in tasks if isinstance(task, Mapping)
+                    and str_or_empty(task.get("task_id"))) if isinstance(tasks, list) else ()
         return Event(time=t, type="system/background_tasks_changed", kind=EventKind.STATE, background=ids,
                      source=source)
     return Event(time=t, type=f"system/{subtype}"[:64] if subtype else "system", source=source)
@@ -250,16 +249,16 @@ def _codex_exec(obj: Mapping[str, Any], typ: str, t: float, source: str) -> Even
     if typ == "error":
         # Codex reports stream disconnects it is about to retry as error events
         # ("Reconnecting... 2/5"); a fatal error is followed by turn.failed.
-        message = _str(obj.get("message"))
+        message = str_or_empty(obj.get("message"))
         return _codex_retry(typ, message, t, source)
     item = obj.get("item")
     if typ.startswith("item.") and isinstance(item, dict):
-        item_type = _str(item.get("type") or item.get("item_type"))
+        item_type = str_or_empty(item.get("type") or item.get("item_type"))
         if item_type in _CODEX_TOOL_ITEMS and typ in ("item.started", "item.completed"):
             tool = item_type
             if item_type == "mcp_tool_call" and item.get("tool"):
-                tool = f"{_str(item.get('server'))}/{_str(item.get('tool'))}".lstrip("/")
-            return Event(time=t, type=typ, tool=tool[:64], tool_id=_opt(item.get("id")),
+                tool = f"{str_or_empty(item.get('server'))}/{str_or_empty(item.get('tool'))}".lstrip("/")
+            return Event(time=t, type=typ, tool=tool[:64], tool_id=opt_str(item.get("id")),
                          tool_call="open" if typ == "item.started" else "close", source=source)
         return Event(time=t, type=typ, source=source, detail=item_type)
     return Event(time=t, type=typ[:64], source=source)
@@ -269,11 +268,11 @@ def _codex_rollout(obj: Mapping[str, Any], typ: str, t: float, source: str) -> E
     payload = obj.get("payload")
     if not isinstance(payload, dict):
         return Event(time=t, type=typ, source=source)
-    ptype = _str(payload.get("type"))
-    call_id = _opt(payload.get("call_id"))
+    ptype = str_or_empty(payload.get("type"))
+    call_id = opt_str(payload.get("call_id"))
     if typ == "response_item":
         if ptype in _ROLLOUT_TOOL_OPEN:
-            tool = _opt(payload.get("name")) or ("shell" if ptype == "local_shell_call" else ptype)
+            tool = opt_str(payload.get("name")) or ("shell" if ptype == "local_shell_call" else ptype)
             return Event(time=t, type=ptype, tool=tool, tool_id=call_id, tool_call="open", source=source)
         if ptype in _ROLLOUT_TOOL_CLOSE:
             return Event(time=t, type=ptype, tool_id=call_id, tool_call="close", source=source)
@@ -288,7 +287,7 @@ def _codex_rollout(obj: Mapping[str, Any], typ: str, t: float, source: str) -> E
         if ptype == "exec_command_end":
             return Event(time=t, type=ptype, tool="shell", tool_id=call_id, tool_call="close", source=source)
         if ptype == "stream_error":
-            return _codex_retry(ptype, _str(payload.get("message")), t, source)
+            return _codex_retry(ptype, str_or_empty(payload.get("message")), t, source)
         return Event(time=t, type=f"event_msg/{ptype}"[:64], source=source)
     return Event(time=t, type=typ, source=source)
 
@@ -304,7 +303,7 @@ def _codex_retry(typ: str, message: str, t: float, source: str) -> Event:
         if m.group(3) is not None:
             delay = min(float(m.group(3)) * _DURATION_UNITS[m.group(4).lower()], MAX_RETRY_DELAY_S)
     return Event(time=t, type=typ, kind=HEARTBEAT, retry=True, retry_attempt=attempt,
-                 retry_max=retry_max, retry_delay_s=delay, source=source, detail=_short(message))
+                 retry_max=retry_max, retry_delay_s=delay, source=source, detail=short(message))
 
 
 # --------------------------------------------------------------------------- Gemini CLI
@@ -315,13 +314,14 @@ def _gemini_stream(obj: Mapping[str, Any], typ: str, t: float, source: str) -> E
     `tool_name`), `tool_result` when it ends, `message` (role user / assistant, deltas),
     `error` with a `severity` (a warning or a failed turn: not a retry announcement)."""
     if typ == "tool_use":
-        return Event(time=t, type=typ, tool=_opt(obj.get("tool_name")), tool_id=_opt(obj.get("tool_id")),
+        return Event(time=t, type=typ, tool=opt_str(obj.get("tool_name")), tool_id=opt_str(obj.get("tool_id")),
                      tool_call="open", source=source)
     if typ == "tool_result":
-        return Event(time=t, type=typ, tool_id=_opt(obj.get("tool_id")), tool_call="close", source=source,
-                     detail=_str(obj.get("status")))
+        return Event(time=t, type=typ, tool_id=opt_str(obj.get("tool_id")), tool_call="close", source=source,
+                     detail=str_or_empty(obj.get("status")))
     if typ == "error":
-        return Event(time=t, type="error", kind=HEARTBEAT, source=source, detail=_short(_str(obj.get("message"))))
+        return Event(time=t, type="error", kind=HEARTBEAT, source=source,
+                     detail=short(str_or_empty(obj.get("message"))))
     if obj.get("role") == "user":
         return Event(time=t, type="prompt", turn="open", awaiting_input=False, source=source)
     return Event(time=t, type="message", source=source)
@@ -335,16 +335,16 @@ def _spool_record(obj: Mapping[str, Any], t: float, source: str) -> Event:
     kind = _KINDS.get(raw_kind, PROGRESS) if isinstance(raw_kind, str) else PROGRESS
     turn = obj.get("turn") if obj.get("turn") in ("open", "close") else None
     tasks = obj.get("background")
-    background = (tuple(_str(task)[:64] for task in tasks[:256] if isinstance(task, str) and task)
+    background = (tuple(str_or_empty(task)[:64] for task in tasks[:256] if isinstance(task, str) and task)
                   if isinstance(tasks, list) else None)
     tool_call = obj.get("tool_call") if obj.get("tool_call") in ("open", "close") else None
     awaiting = obj.get("awaiting_input")
     return Event(
         time=t,
-        type=_str(obj.get("type"))[:64] or "event",
+        type=str_or_empty(obj.get("type"))[:64] or "event",
         kind=kind,
-        tool=_opt(obj.get("tool")),
-        tool_id=_opt(obj.get("tool_id")),
+        tool=opt_str(obj.get("tool")),
+        tool_id=opt_str(obj.get("tool_id")),
         turn=turn,
         tool_call=tool_call,
         awaiting_input=awaiting if isinstance(awaiting, bool) else None,
@@ -353,8 +353,8 @@ def _spool_record(obj: Mapping[str, Any], t: float, source: str) -> Event:
         retry_max=_count(obj.get("retry_max")),
         retry_delay_s=_delay(obj.get("retry_delay_s"), 1.0),
         background=background,
-        source=_str(obj.get("source"))[:32] or source,
-        detail=_short(_str(obj.get("detail"))),
+        source=str_or_empty(obj.get("source"))[:32] or source,
+        detail=short(str_or_empty(obj.get("detail"))),
     )
 
 
@@ -380,7 +380,7 @@ def _event_time(obj: Mapping[str, Any], seen_at: float) -> float:
 def _first_text(blocks: list[dict[str, Any]]) -> str:
     for b in blocks:
         if b.get("type") == "text" and isinstance(b.get("text"), str):
-            return _short(b["text"])
+            return short(b["text"])
     return ""
 
 
@@ -407,26 +407,13 @@ def _error_text(value: object) -> str:
     kind = ""
     for _ in range(4):
         if isinstance(value, str):
-            return _short(value)
+            return short(value)
         if not isinstance(value, dict):
             break
         message, typ = value.get("message"), value.get("type")
         if isinstance(message, str) and message:
-            return _short(message)
+            return short(message)
         if isinstance(typ, str) and typ and typ != "error":
             kind = typ
         value = value.get("error")
-    return _short(kind)
-
-
-def _str(value: object) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _opt(value: object) -> str | None:
-    return value[:200] if isinstance(value, str) and value else None
-
-
-def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 1] + "…"
+    return short(kind)

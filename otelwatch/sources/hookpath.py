@@ -29,13 +29,32 @@ TYPE_CHECKING = False  # typing costs milliseconds to import; the checkers read 
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["AGENT_NAMES", "MAX_RECORD_BYTES", "SHELLS", "agent_pid", "append_records", "event_json", "hook_fields",
-           "make_record", "payload_fields", "pid_identity", "read_stat", "safe_name", "send", "socket_message",
-           "socket_paths", "spool_dir", "state_dir"]
+__all__ = [
+    "AGENT_NAMES",
+    "MAX_RECORD_BYTES",
+    "SHELLS",
+    "agent_pid",
+    "append_records",
+    "event_json",
+    "hook_fields",
+    "make_record",
+    "opt_str",
+    "payload_fields",
+    "pid_identity",
+    "read_stat",
+    "safe_name",
+    "send",
+    "short",
+    "socket_message",
+    "socket_paths",
+    "spool_dir",
+    "state_dir",
+    "str_or_empty",
+]
 
 PROGRESS = "progress"  # model.EventKind values
 HEARTBEAT = "heartbeat"
-DETAIL_CHARS = 120  # as events.DETAIL_CHARS: diagnostics keep a short excerpt
+DETAIL_CHARS = 120  # diagnostics keep a short excerpt, not the agent's output (events/lines.py too)
 MAX_RECORD_BYTES = 4096  # one record; longer details are cut so the append stays one small write
 AGENT_NAMES = {"claude": "claude-code"}  # the hook's argument -> the agent label sessions get
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "fish", "ksh", "mksh", "busybox"})
@@ -64,11 +83,11 @@ HOOK_NAMES = frozenset({
 # --------------------------------------------------------------------------- payload -> event
 
 
-def _str(value: object) -> str:
+def str_or_empty(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _opt(value: object) -> str | None:
+def opt_str(value: object) -> str | None:
     return value[:200] if isinstance(value, str) and value else None
 
 
@@ -88,8 +107,8 @@ def hook_fields(payload: Mapping[str, Any]) -> dict[str, Any]:
     something they set awaiting_input.
     """
     name = str(payload.get("hook_event_name"))[:64]
-    tool = _opt(payload.get("tool_name"))
-    tool_id = _opt(payload.get("tool_use_id"))
+    tool = opt_str(payload.get("tool_name"))
+    tool_id = opt_str(payload.get("tool_use_id"))
     if name == "UserPromptSubmit":
         return {"type": name, "turn": "open", "awaiting_input": False}
     if name == "PreToolUse":
@@ -97,12 +116,12 @@ def hook_fields(payload: Mapping[str, Any]) -> dict[str, Any]:
     if name in ("PostToolUse", "PostToolUseFailure"):
         return {"type": name, "tool": tool, "tool_id": tool_id, "tool_call": "close"}
     if name in ("Stop", "SessionEnd"):
-        return {"type": name, "turn": "close", "detail": _str(payload.get("reason"))}
+        return {"type": name, "turn": "close", "detail": str_or_empty(payload.get("reason"))}
     if name == "PermissionRequest":
         return {"type": name, "kind": HEARTBEAT, "tool": tool, "awaiting_input": True}
     if name == "Notification":
-        ntype = _str(payload.get("notification_type"))
-        message = _str(payload.get("message"))
+        ntype = str_or_empty(payload.get("notification_type"))
+        message = str_or_empty(payload.get("message"))
         waiting = ntype in WAITING_NOTIFICATIONS or (
             not ntype and any(p in message.lower() for p in WAITING_PHRASES)
         )

@@ -214,7 +214,7 @@ def _from_json(signal: str, doc: Mapping[str, Any]) -> Decoded:
                 attrs = _json_attrs(lr.get("attributes"))
                 body = _json_value(lr.get("body"))
                 name = _event_name(attrs, _get(lr, "eventName") or "", body)
-                t = _nanos(_int(_get(lr, "timeUnixNano")) or _int(_get(lr, "observedTimeUnixNano")))
+                t = _nanos(as_int(_get(lr, "timeUnixNano")) or as_int(_get(lr, "observedTimeUnixNano")))
                 records.append(OtlpRecord(name, t, attrs, resource))
     return Decoded(signal, tuple(records), items, dropped, tuple(resources))
 
@@ -248,7 +248,7 @@ def _json_value(value: Any, depth: int = 0) -> Any:
         s = _get(value, "stringValue")
         return s[:MAX_STR] if isinstance(s, str) else None
     if "intValue" in value or "int_value" in value:
-        return _int(_get(value, "intValue"))
+        return as_int(_get(value, "intValue"))
     if "doubleValue" in value or "double_value" in value:
         d = _get(value, "doubleValue")
         return float(d) if isinstance(d, (int, float, str)) and _is_number(d) else None
@@ -272,7 +272,7 @@ def _is_number(value: Any) -> bool:
         return False
 
 
-def _int(value: Any) -> int | None:
+def as_int(value: Any) -> int | None:
     """OTLP JSON writes 64-bit integers as strings (and some senders as numbers)."""
     if isinstance(value, bool):
         return None

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from otelwatch.model import Event, EventKind
-from otelwatch.sources.otlp_decode import OtlpRecord
+from otelwatch.sources.otlp_decode import OtlpRecord, as_int
 
 __all__ = ["USAGE_KEYS", "RecordMeaning", "agent_of", "meaning", "usage_json"]
 
@@ -191,8 +191,9 @@ def _str(value: Any) -> str:
 
 
 def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
+    """A non-negative integer attribute (a pid, an attempt, a token count); None otherwise."""
+    n = as_int(value)
+    return n if n is not None and n >= 0 else None
     if isinstance(value, int):
         return value
     if isinstance(value, float) and math.isfinite(value):
