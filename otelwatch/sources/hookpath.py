@@ -284,7 +284,6 @@ def socket_paths(state: str | os.PathLike[str], environ: Mapping[str, str]) -> l
 
 def send(paths: Iterable[str | os.PathLike[str]], message: Mapping[str, Any], timeout: float = 1.0) -> bool:
     """Deliver one message to the first daemon socket that answers `ok`; False when none did."""
-    import socket  # only when there is something to send
     import stat
 
     data = json.dumps(message, separators=(",", ":")).encode("utf-8", "replace")
@@ -298,6 +297,8 @@ def send(paths: Iterable[str | os.PathLike[str]], message: Mapping[str, Any], ti
             continue
         if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in (me, 0):
             continue  # only a daemon of our own user or root hears our events
+        import socket  # only once a daemon's socket is there: no daemon, no cost
+
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(timeout)
