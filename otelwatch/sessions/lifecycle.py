@@ -188,6 +188,8 @@ class Lifecycle:
             # run for a moment): never a session, so no summary and no exited row.
             tracked.ended_at = now
             self._windows.pop(id(tracked), None)
+            self._events_seen.pop(id(tracked), None)
+            self._turned.discard(id(tracked))
             self.effects.release(tracked)
             tracked.dropped = True
             return
