@@ -7,6 +7,7 @@ the real CLIs themselves are in tests/e2e/realagents/test_otlp_agents.py."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -484,6 +485,12 @@ def test_otelwatch_run_serves_otlp_on_its_own_address_too(tmp_path: Path) -> Non
     daemon = start_daemon(tmp_path, {"sources": {"otlp": {"enabled": True, "listen": f"127.0.0.1:{otlp_port}"}}})
     try:
         body = logs_pb(CLAUDE_RESOURCE, claude_turn("own-address"))
+
+        def listening() -> bool:  # the OTLP address is bound just after the main listener
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", otlp_port), timeout=1):
+                return True
+            return False
+        wait_for(listening, timeout=15)
         assert post(otlp_port, "/v1/logs", body, PB)[0] == 200
         main_port = int(daemon.url.rsplit(":", 1)[1])
         assert post(main_port, "/v1/logs", body, PB, chunked=True)[0] == 200  # and on the main listener
