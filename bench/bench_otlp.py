@@ -46,7 +46,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))  # the tests' support modules: tests.support.*, tests.e2e.realagents.*
+
+from tests.support.procs import free_port  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -56,15 +58,22 @@ def cpu_s(pid: int) -> float:
     return (int(stat[11]) + int(stat[12])) / TICKS
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def health(port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
         return json.loads(resp.read())
+
+
+def wait_healthy(port: int, timeout: float = 30.0) -> None:
+    """Until the daemon on `port` answers /healthz (its OSError past `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            health(port)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 class Sink:
@@ -94,7 +103,7 @@ class Sink:
 
 
 def receiver_cost(records: int, forward: str, tmp: Path, rounds: int = 3) -> dict:
-    from otlp_agent_payloads import CLAUDE_RESOURCE, claude_turn, logs_pb
+    from tests.support.otlp_agent_payloads import CLAUDE_RESOURCE, claude_turn, logs_pb
 
     port = free_port()
     state = tmp / f"state-{bool(forward)}"
@@ -110,15 +119,7 @@ def receiver_cost(records: int, forward: str, tmp: Path, rounds: int = 3) -> dic
     daemon = subprocess.Popen([sys.executable, "-m", "otelwatch", "run", "--config", str(config)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health(port)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_healthy(port)
         time.sleep(2)  # warm: imports done, first ticks made
         per_request = 100
         body = logs_pb(CLAUDE_RESOURCE, (claude_turn("3f1c6a0e-bench") * 25)[:per_request])
@@ -167,7 +168,7 @@ def rss_mb(pid: int) -> float:
 def flood(seconds: float, tmp: Path) -> dict:
     """Post as fast as two clients can for `seconds`, forwarding to an upstream that accepts
     and never answers: the daemon's RSS over time, what it answered, what it dropped."""
-    from otlp_agent_payloads import CLAUDE_RESOURCE, claude_turn, logs_pb
+    from tests.support.otlp_agent_payloads import CLAUDE_RESOURCE, claude_turn, logs_pb
 
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
@@ -204,15 +205,7 @@ def flood(seconds: float, tmp: Path) -> dict:
             answered.append(time.perf_counter() - s)
 
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health(port)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_healthy(port)
         time.sleep(2)
         rss = [rss_mb(daemon.pid)]
         threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
@@ -235,7 +228,7 @@ def flood(seconds: float, tmp: Path) -> dict:
 
 
 def exit_times(runs: int, tmp: Path) -> dict:
-    from realagents.harness import FAKE_PORT, base_env, kill_tree, launch_in_netns, require_real_agents
+    from tests.e2e.realagents.harness import FAKE_PORT, base_env, kill_tree, launch_in_netns, require_real_agents
 
     clis = require_real_agents()
     out: dict[str, list[float]] = {"telemetry off": [], "telemetry to a plain receiver": [],

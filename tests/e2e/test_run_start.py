@@ -24,6 +24,7 @@ import otelwatch.config as config_module
 from otelwatch.config import ConfigError, config_candidates, find_config, load_config, with_listen
 from tests.support.e2e_support import http_get, to_toml
 from tests.support.procs import REPO, free_port, wait_for
+from tests.support.pty_support import read_pty
 from tests.system.test_status import SESSION, FakeApi
 
 
@@ -131,19 +132,7 @@ def _pty_run(argv: list[str], env: dict[str, str], until: bytes, timeout: float 
 
 
 def _drain(master: int, proc: subprocess.Popen[bytes], out: bytes) -> bytes:
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
-        ready, _, _ = select.select([master], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        elif proc.poll() is not None:
-            break
+    out += read_pty(master, proc, timeout=10)
     os.close(master)
     return out
 

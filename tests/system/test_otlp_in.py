@@ -14,10 +14,8 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +42,7 @@ from tests.support.otlp_agent_payloads import (
     metrics_pb,
     post,
 )
+from tests.support.otlp_sink import OtlpSink
 from tests.support.procs import PROBE_BACKEND, REPO, wait_for
 
 PB = "application/x-protobuf"
@@ -294,47 +293,10 @@ def _get(port: int, path: str) -> bytes:
 # --------------------------------------------------------------------------- forwarding
 
 
-class _Sink:
-    """A local OTLP/HTTP receiver that stores what it gets; `delay` makes it slow."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.got: list[tuple[str, str, bytes]] = []
-        sink = self
-
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if sink.delay:
-                    time.sleep(sink.delay)
-                sink.got.append((self.path, self.headers.get("Content-Type", ""), body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.delay = delay
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_every_record_is_forwarded_unchanged(tmp_path: Path) -> None:
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
-    sink = _Sink()
+    sink = OtlpSink()
     w = Watcher(_cfg(tmp_path, forward=sink.url + "/otlp"), environ={})
     server = HttpServer("127.0.0.1", 0, w, None).start()
     try:

@@ -22,6 +22,7 @@ import pytest
 
 from otelwatch.commands.status import LiveScreen, clip, use_color
 from tests.support.procs import REPO, free_port
+from tests.support.pty_support import read_pty
 
 SESSION = {"session_id": "s1", "agent": "claude-code", "pid": 42, "state": "stuck", "reason": "no_activity",
            "state_since": time.time() - 60, "silence_s": 70.0, "cpu_percent": 0.0, "rss_bytes": 1 << 20,
@@ -110,18 +111,7 @@ def test_terminal_gets_frames_in_place(api: FakeApi) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=10)
-        end = time.monotonic() + 2
-        while time.monotonic() < end:
-            ready, _, _ = select.select([master], [], [], 0.1)
-            if not ready:
-                break
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
+        out += read_pty(master, timeout=2, poll=0.1, until_quiet=True)
         os.close(master)
     assert proc.returncode == 0
     assert out.count(b"\x1b[2J") == 1  # the screen is cleared once, then every frame overwrites in place
@@ -259,20 +249,7 @@ def test_status_on_an_80_column_terminal_fits_it() -> None:
         proc = subprocess.Popen([sys.executable, "-m", "otelwatch", "status", "--url", api.url], stdin=slave,
                                 stdout=slave, stderr=slave, cwd=str(REPO), env=env, start_new_session=True)
         os.close(slave)
-        out = b""
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
-            elif proc.poll() is not None:
-                break
+        out = read_pty(master, proc, timeout=20, poll=0.5)
         proc.wait(timeout=10)
     finally:
         os.close(master)

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -31,48 +30,13 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.support.otlp_sink import OtlpSink
+from tests.support.procs import free_port
+
 POLL_S = 0.5
-
-
-class Sink:
-    """A local OTLP/HTTP receiver: stores (path, content type, body length) and the bodies."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.got: list[tuple[str, str, bytes]] = []
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if delay:
-                    time.sleep(delay)
-                sink.got.append((self.path, self.headers.get("Content-Type", ""), body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_vm(binary: str, data: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -178,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if args.bare or args.plain:
         if args.plain:
-            env.update(agent_env(args.agent, Sink().url, home))
+            env.update(agent_env(args.agent, OtlpSink().url, home))
         t0 = time.monotonic()
         proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, timeout=600)
         result.update(rc=proc.returncode, elapsed_s=time.monotonic() - t0)
@@ -192,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         vm, vm_url = start_vm(args.vm, Path(args.state) / "vmdata")
         forward = vm_url + "/opentelemetry"
     elif args.sink or args.slow_sink:
-        sink = Sink(args.slow_sink)
+        sink = OtlpSink(args.slow_sink)
         forward = sink.url
     port = free_port()
     config = Path(args.state) / "otelwatch.toml"
@@ -212,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (_get(base, "/healthz") or {}).get("ticks", 0) < 3:
             time.sleep(0.1)  # warm: its first ticks (discovering the host's agents) are behind it
-        env.update(agent_env(args.agent, Sink().url if args.beside else base, home))
+        env.update(agent_env(args.agent, OtlpSink().url if args.beside else base, home))
         rows: list[dict[str, Any]] = []
         t0 = time.monotonic()
         proc2 = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
