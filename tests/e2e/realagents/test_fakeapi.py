@@ -49,14 +49,15 @@ def sse_events(body: bytes) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def raw_request(port: int, body: dict[str, Any], wait: float = 0.6) -> tuple[bytes, str]:
-    """Send one request; (what arrived, how it ended: "silence" after `wait` s, "closed" or "reset")."""
+def raw_request(port: int, body: dict[str, Any], wait: float = 0.6, path: str = "/v1/messages") -> tuple[bytes, str]:
+    """POST by hand and read until the server closes, resets or goes silent for `wait`:
+    (what came back, how it ended)."""
     data = json.dumps(body).encode()
     got = b""
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
         try:
-            s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                      b"content-length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+            s.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      f"content-length: {len(data)}\r\n\r\n".encode() + data)
             while chunk := s.recv(65536):
                 got += chunk
         except TimeoutError:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
 
-from tests.e2e.realagents.test_fakeapi import fake, post
+from tests.e2e.realagents.test_fakeapi import fake, post, raw_request
 
 GEMINI = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
 SHELL_DECL = {"name": "run_shell_command", "parameters": {"type": "object", "properties": {
@@ -29,19 +28,7 @@ def data_lines(body: bytes) -> list[Any]:
 
 
 def raw(port: int, path: str, body: dict[str, Any], wait: float = 0.6) -> tuple[bytes, str]:
-    data = json.dumps(body).encode()
-    got = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
-        try:
-            s.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                      f"content-length: {len(data)}\r\n\r\n".encode() + data)
-            while chunk := s.recv(65536):
-                got += chunk
-        except TimeoutError:
-            return got, "silence"
-        except (ConnectionResetError, BrokenPipeError):
-            return got, "reset"
-    return got, "closed"
+    return raw_request(port, body, wait, path)
 
 
 def test_gemini_text_then_function_call_then_answer() -> None:
