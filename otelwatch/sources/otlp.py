@@ -52,8 +52,11 @@ PEER_CACHE = 512
 MISS_TTL_S = 10.0  # a client socket found in no candidate process is looked for again after this
 MAX_CANDIDATES = 512  # processes whose fds one request's sender is searched among
 OLDER_CANDIDATES = 32
-# How long one request's sender may be looked for before it is answered without (its
-# records then count as observed): the agent waits for the answer.
+# How much CPU one request's sender may be looked for with before it is answered without
+# (its records then count as observed): the agent waits for the answer. The budget is the
+# worker thread's own CPU time, not the wall clock: on a loaded host a search preempted
+# for 20 ms would otherwise end before reading a single fd, and a session's own records
+# would read as an outsider's.
 SEARCH_BUDGET_S = 0.02
 MODELS_MAX = 64  # distinct (agent, model) label pairs on the counters; the rest are "other"
 _PB = "application/x-protobuf"
@@ -149,7 +152,7 @@ class OtlpReceiver:
                 return None
         target = f"socket:[{peer_socket[1]}]"
         found: int | None = None
-        give_up = time.monotonic() + SEARCH_BUDGET_S  # the agent is waiting for its answer
+        give_up = time.thread_time() + SEARCH_BUDGET_S  # the agent is waiting for its answer
         for pid in self._candidates(peer_socket[0]):
             fd_dir = f"{self._proc}/{pid}/fd"
             try:
@@ -163,7 +166,7 @@ class OtlpReceiver:
                         break
                 except OSError:
                     continue
-            if found is not None or time.monotonic() > give_up:
+            if found is not None or time.thread_time() > give_up:
                 break
         with self._lock:
             if found is not None:  # the socket's owner, whatever it is

@@ -337,7 +337,10 @@ def judge(run: Run, rows: list[Row], end: float) -> list[str]:
     problems.extend(never_stuck_nor_recovered(rows, t0, "a person is the next step"))
     want_rt = ("tmux", run.tui.target)
     first = rows[0].t
-    wrong_rt = [r for r in rows if r.state != "exited" and r.t > first + EDGE_S and r.runtime != want_rt]
+    # Once /exit is typed the pane may close a tick before the process is seen gone: the
+    # pane is owed until then.
+    exiting = next((at for ph, at in zip(run.case.phases, marks, strict=False) if EXITED in ph.want), end)
+    wrong_rt = [r for r in rows if r.state != "exited" and first + EDGE_S < r.t < exiting and r.runtime != want_rt]
     if wrong_rt:
         problems.append(f"runtime {wrong_rt[0].runtime} at {wrong_rt[0].t - t0:.1f}s, not the pane {want_rt}")
     return problems
