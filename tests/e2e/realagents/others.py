@@ -93,7 +93,9 @@ def seed_other_home(home: Path, port: int = FAKE_PORT) -> None:
         # Folder trust off: else headless exits 55 and the TUI opens a trust dialog first.
         "security": {"auth": {"selectedType": "gemini-api-key"}, "folderTrust": {"enabled": False}},
         "privacy": {"usageStatisticsEnabled": False},
-        "general": {"disableAutoUpdate": True, "disableUpdateNag": True},
+        # The current names: older ones (disableAutoUpdate, disableUpdateNag) make every CLI
+        # rewrite this file as it starts, and one starting meanwhile reads it empty and exits 52.
+        "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False},
         "telemetry": {"enabled": False},
     }, indent=2))
     oc = home / ".config" / "opencode"
