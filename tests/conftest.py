@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,13 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from otelwatch.telemetry import Telemetry
+
+# Tests stop the CLIs they start with SIGINT (Ctrl-C). A suite started as a background job of a
+# non-interactive shell (`pytest ... &`) inherits SIGINT ignored, and so would every command it
+# starts (Python then installs no KeyboardInterrupt handler): `status --watch` would never stop.
+# A handled SIGINT here is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
