@@ -15,6 +15,7 @@ Reusable for the interactive TUI later: `launch_in_netns` takes any argv.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -404,16 +405,18 @@ class Row:
     events: int
     runtime: tuple[str, str] | None = None  # (kind, target), e.g. ("tmux", "work:0.0")
     detail: str = ""  # the verdict's evidence detail, for timelines
+    sample: str = "ok"  # the latest sample's status (probe_timeout: the daemon could not read it in time)
 
     @classmethod
     def of(cls, t: float, s: Mapping[str, Any]) -> Row:
         rt = s.get("runtime")
         runtime = (str(rt.get("kind")), str(rt.get("target"))) if isinstance(rt, dict) else None
-        detail = (s.get("evidence") or {}).get("detail") or ""
+        evidence = s.get("evidence") or {}
+        detail = evidence.get("detail") or ""
         return cls(t, s["session_id"], s.get("pid"), s["state"], s["reason"], s.get("cpu_percent"),
                    dict(s.get("tcp") or {}), len(s.get("children") or ()), s.get("last_event_age_s"),
                    len(s.get("recoveries") or ()), s.get("source", ""), float(s.get("started_at") or 0.0),
-                   int(s.get("events") or 0), runtime, str(detail)[:80])
+                   int(s.get("events") or 0), runtime, str(detail)[:80], str(evidence.get("sample_status") or "ok"))
 
 
 class Recorder:
@@ -487,8 +490,10 @@ def segments(rows: Sequence[Row], t0: float) -> list[str]:
         cpus = [r.cpu for r in group if r.cpu is not None]
         tcps = sorted({json.dumps(r.tcp, sort_keys=True) for r in group})
         cpu = f"cpu {min(cpus):.1f}-{max(cpus):.1f}%" if cpus else "cpu -"
+        unread = collections.Counter(r.sample for r in group if r.sample != "ok")
         out.append(f"  {start - t0:6.1f}s..{group[-1].t - t0:6.1f}s  {cur[1]:<12} {cur[2]:<22} "
                    f"[{cur[0]}] {cpu} tcp {' '.join(tcps)} children {max(r.children for r in group)}"
+                   f"{''.join(f' {k} x{n}/{len(group)}' for k, n in sorted(unread.items()))}"
                    f"{' RECOVERIES ' + str(group[-1].recoveries) if group[-1].recoveries else ''}")
 
     for row in rows:

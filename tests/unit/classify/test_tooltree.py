@@ -172,3 +172,31 @@ def test_an_open_tool_call_survives_unreadable_ticks() -> None:
                            error="probe_timeout") for i in range(41)]
     v = classify(CFG, _info(infer=False), samples, activity, NOW, WATCH)
     assert (v.state, v.reason) == (State.LONG_RUNNING, Reason.TOOL_RUNNING)
+
+
+def test_a_tool_call_not_read_since_it_opened_is_not_without_progress() -> None:
+    """aider's `/run` on a loaded box: its history line opens the call, then the probe times out
+    tick after tick before one reading shows the `sh -c` child (measured in CI: stalled/
+    tool_call_without_progress for 3 s, then long_running once read)."""
+    opened = NOW - 400  # past stall_after (its line was progress), well inside tool_stall_after
+    activity = acts(ev(opened - 1, "prompt", turn="open"), ev(opened, "tool", tool="run", tool_id="r1",
+                                                               tool_call="open"))
+    before = [sample(NOW - 600 + 10 * i) for i in range(20)]  # read, no child: up to NOW - 410
+    timeouts = [TreeSample(time=NOW - 400 + 10 * i, status=SampleStatus.PROBE_TIMEOUT, root=ROOT,
+                           error="probe_timeout") for i in range(41)]
+    v = classify(CFG, _info(), before + timeouts, activity, NOW, WATCH)
+    assert (v.state, v.reason) == (State.LONG_RUNNING, Reason.TOOL_RUNNING)
+    # Read after the call opened, with no child and nothing working: that reading stands.
+    read_after = [*before, sample(NOW - 390), *timeouts[2:]]
+    v = classify(CFG, _info(), read_after, activity, NOW, WATCH)
+    assert (v.state, v.reason) == (State.STALLED, Reason.TOOL_CALL_WITHOUT_PROGRESS)
+    # A tick whose FDs could not be read still read the processes: no child is no child.
+    denied = [replace(s, status=SampleStatus.ACCESS_DENIED) for s in timeouts]
+    denied = [replace(s, processes=before[-1].processes, children=0) for s in denied]
+    v = classify(CFG, _info(), before + denied, activity, NOW, WATCH)
+    assert (v.state, v.reason) == (State.STALLED, Reason.TOOL_CALL_WITHOUT_PROGRESS)
+    # Past tool_stall_after the call is stalled, read or not.
+    late = acts(ev(NOW - CFG.tool_stall_after - 60, "prompt", turn="open"),
+                ev(NOW - CFG.tool_stall_after - 50, "tool", tool="run", tool_id="r1", tool_call="open"))
+    v = classify(CFG, _info(), before + timeouts, late, NOW, WATCH)
+    assert (v.state, v.reason) == (State.STALLED, Reason.TOOL_CALL_WITHOUT_PROGRESS)
