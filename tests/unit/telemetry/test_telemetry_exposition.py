@@ -103,15 +103,16 @@ def test_another_reader_still_gets_the_gauges_through_the_sdk() -> None:
 
 def test_a_thousand_sessions_render_in_milliseconds() -> None:
     """Each tick's first scrape renders; the budget is DESIGN's /metrics < 100 ms at
-    1,000 sessions with room for a loaded CI machine."""
+    1,000 sessions (about 10 ms measured). It is CPU time, which preemption does not
+    stretch: on a loaded CI box the wall clock once read 680 ms for the same work."""
     t = Telemetry(Config(), environ={}, log_stream=io.StringIO())
     try:
         snaps = [snap(f"s{i}", tcp={"ESTABLISHED": 2, "CLOSE_WAIT": 1}) for i in range(1000)]
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(5):
             t.update(snaps)
             body = t.prometheus_exposition()[0]
-        per_scrape = (time.perf_counter() - start) / 5
+        per_scrape = (time.process_time() - start) / 5
         assert len(samples(body)) == 7 + 1000 * 9 + 1  # per-state counts, sessions, target_info
         assert per_scrape < 0.1, per_scrape
     finally:
