@@ -183,6 +183,8 @@ class Prober:
         self._history: dict[str, _History] = {}
         self._fds = FdMemo()
         self._inflight: dict[str, Job] = {}
+        self._ticks = 0
+        self._read_at: dict[str, int] = {}  # session -> the tick whose probe of it last finished
         self._problems: list[tuple[str, str]] = []
         self._problems_lock = threading.Lock()
         self._closed = False
@@ -240,10 +242,15 @@ class Prober:
                     continue
                 del self._inflight[sid]
             runnable[sid] = target
+        self._ticks += 1
         batch = Batch(len(runnable))
         tick = _Tick(self)
-        to_run = {sid: Job(self._read_tree, (sid, target, table, tick, with_wchan, sid in steady), batch)
-                  for sid, target in runnable.items()}
+        # Least recently read first: when the deadline cuts a tick short (a loaded host), the
+        # sessions it cut go first next tick, so none stays unread tick after tick behind the
+        # same others (measured: one session of nine timed out 29 ticks in a row).
+        order = sorted(runnable, key=lambda sid: self._read_at.get(sid, 0))
+        to_run = {sid: Job(self._read_tree, (sid, runnable[sid], table, tick, with_wchan, sid in steady), batch)
+                  for sid in order}
         if to_run:
             self._pool.submit(to_run.values())
             # A tree's probe takes well under a millisecond per process; one that runs
@@ -258,6 +265,8 @@ class Prober:
         for sid, job in to_run.items():
             state = job.state if job.state == DONE else self._pool.abandon(job)
             target = targets[sid]
+            if state == DONE:
+                self._read_at[sid] = self._ticks
             if state != DONE:
                 if state == RUNNING:
                     self._inflight[sid] = job
@@ -282,6 +291,7 @@ class Prober:
         """The session ended: drop its CPU history (and stop tracking a hung probe of it)."""
         self._history.pop(session_id, None)
         self._inflight.pop(session_id, None)
+        self._read_at.pop(session_id, None)
 
     def take_problems(self) -> list[tuple[str, str]]:
         """(kind, "timeout" | "error") for each probe problem since the last call.

@@ -345,3 +345,30 @@ def test_sessions_queued_behind_a_hung_probe_still_get_sampled(
     finally:
         release.set()
         p.shutdown()
+
+
+def test_a_tick_cut_short_reads_the_sessions_it_missed_first_next_time(
+    spawn: Spawner, reader: ProcessTableReader,
+) -> None:
+    """A loaded host: the deadline ends each tick before every session is read. The ones it
+    missed go first next tick, so no session is read twice before every one was read once
+    (before: the same tail of the queue timed out tick after tick). A slow read is a sleep
+    in the worker here, under the pool's hang budget (timeout / 10), so no worker is retired."""
+    sleeper = spawn("sleeper")
+    sids = [f"s{i:02d}" for i in range(24)]
+    p = Prober(_before_sample=lambda sid: time.sleep(0.06))  # one worker: about 12 reads a tick
+    try:
+        seen: set[str] = set()
+        for tick in range(12):  # bounded: at least 2 reads a tick even on a loaded box
+            r = p.sample(reader.read(), {sid: sleeper.pid for sid in sids}, 0.8)
+            read = {sid for sid in sids if r[sid].status is SampleStatus.OK}
+            assert read, f"tick {tick} read nothing"
+            if read & seen:  # read one again: only after every one it had not read yet
+                assert set(sids) - seen <= read, (tick, sorted(set(sids) - seen - read))
+            seen |= read
+            if seen == set(sids):
+                break
+            time.sleep(0.2)  # the rest of the interval: the read the deadline cut ends meanwhile
+        assert seen == set(sids) and tick <= 3, (tick, sorted(set(sids) - seen))
+    finally:
+        p.shutdown()
