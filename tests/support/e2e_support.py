@@ -183,7 +183,11 @@ def start_daemon(tmp: Path, extra: dict[str, Any] | None = None, *, wait: bool =
                                 cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, env=full_env)
     daemon = Daemon(proc, f"http://127.0.0.1:{port}", state_dir, registry, config_path, log_path)
     if wait:
-        wait_up(daemon)
+        try:
+            wait_up(daemon)
+        except BaseException:
+            daemon.stop()  # the caller never gets it to stop: a failed start must not leak a daemon
+            raise
     return daemon
 
 
