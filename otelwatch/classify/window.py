@@ -161,8 +161,13 @@ class WindowFacts:
         cpu_mean = math.fsum(cpus) / len(cpus) if cpus else None
         demands = [d for s in window if (d := _demand(s)) is not None]
         demand_mean = math.fsum(demands) / len(demands) if demands else None
+        raw = [d for s in window if (d := s.cpu_demand_percent) is not None]
+        raw_mean = math.fsum(raw) / len(raw) if raw else None
+        starved = raw_mean is not None and raw_mean >= STARVED_DEMAND_PERCENT
+        if starved:
+            demand_mean = raw_mean
         mean_busy = cpu_mean is not None and cpu_mean >= thr
-        timeouts = denied = spins = nets = works = known = 0
+        timeouts = denied = spins = starved_spins = nets = works = known = 0
         earliest_known: float | None = None
         tcp_max: int | None = None
         running: dict[int, None] = {}
@@ -196,6 +201,8 @@ class WindowFacts:
             demand = _demand(s)
             if demand is not None and demand >= spin and demand > floor:
                 spins += 1
+            if s.cpu_demand_percent is not None:
+                starved_spins += 1
             tcp = s.tcp_total
             if tcp is not None:
                 tcp_max = tcp if tcp_max is None else max(tcp_max, tcp)
@@ -230,7 +237,7 @@ class WindowFacts:
             earliest_known=earliest_known,
             first_sight_in_window=first_sight is not None and any(s is first_sight for s in window),
             support={
-                Reason.CPU_SPIN: spins,
+                Reason.CPU_SPIN: starved_spins if starved else spins,
                 Reason.WAITING_ON_NETWORK: nets,
                 Reason.TOOL_CALL_WITHOUT_PROGRESS: works,
                 Reason.PROBE_TIMEOUT: timeouts,
@@ -344,6 +351,10 @@ def _secs(x: float) -> str:
 # A process that only wakes now and then also waits on a busy host's run queue each time
 # it wakes: a TUI spinner at 11-16% usage read as a spin on the loaded CI box. So demand
 # stands in for usage only when the tree was runnable nearly the whole interval.
+# Over a whole window too: the kernel credits run-queue wait when the task gets a CPU, so
+# a loop that gets a slice every few hundred milliseconds reads 20% one tick and 180% the
+# next (measured at 2-4% usage on CI, 100-101% on average). A window whose mean demand is
+# at this level is one runnable loop: every sample of it with a demand counts as spinning.
 STARVED_DEMAND_PERCENT = 90.0
 
 
@@ -419,10 +430,10 @@ class _Mark:
     and the readable sample before it (I/O and child-set changes)."""
 
     __slots__ = ("blocked", "busy", "busy_mean", "children", "denied", "io", "net", "running", "spin",
-                 "timeout", "work", "work_mean", "working")
+                 "spin_starved", "timeout", "work", "work_mean", "working")
 
     def __init__(self) -> None:
-        self.timeout = self.denied = self.spin = self.net = 0
+        self.timeout = self.denied = self.spin = self.spin_starved = self.net = 0
         self.busy = self.busy_mean = self.work = self.work_mean = self.io = self.children = 0
         # (pid, position in the sample): the window lists pids in order of first sight
         self.running: tuple[tuple[int, int], ...] = ()
@@ -430,7 +441,8 @@ class _Mark:
         self.working: tuple[tuple[int, int], ...] = ()
 
 
-_COUNTS = ("timeout", "denied", "spin", "net", "busy", "busy_mean", "work", "work_mean", "io", "children")
+_COUNTS = ("timeout", "denied", "spin", "spin_starved", "net", "busy", "busy_mean", "work", "work_mean", "io",
+           "children")
 
 
 _NO_MARK = _Mark()
@@ -438,7 +450,8 @@ _NO_MARK = _Mark()
 
 def _same_mark(a: _Mark, b: _Mark) -> bool:
     # Spelled out: a generator over __slots__ cost more than the rest of _push.
-    return (a.timeout == b.timeout and a.denied == b.denied and a.spin == b.spin and a.net == b.net
+    return (a.timeout == b.timeout and a.denied == b.denied and a.spin == b.spin
+            and a.spin_starved == b.spin_starved and a.net == b.net
             and a.busy == b.busy and a.busy_mean == b.busy_mean and a.work == b.work
             and a.work_mean == b.work_mean and a.io == b.io and a.children == b.children
             and a.running == b.running and a.blocked == b.blocked and a.working == b.working)
@@ -473,6 +486,8 @@ def _mark(
     demand = _demand(s)
     if demand is not None and demand >= spin and demand > floor:
         m.spin = 1
+    if s.cpu_demand_percent is not None:
+        m.spin_starved = 1
     tcp = s.tcp_total
     if tcp is not None and tcp > 0:
         m.net = 1
@@ -580,6 +595,8 @@ class SampleWindow:
         self._cpu_n = 0
         self._demand_sum = 0
         self._demand_n = 0
+        self._raw_sum = 0  # of cpu_demand_percent, for STARVED_DEMAND_PERCENT over the window
+        self._raw_n = 0
         self._cpu_max: deque[tuple[int, float]] = deque()
         self._tcp_max: deque[tuple[int, int]] = deque()
         self._known: deque[_Rec] = deque()
@@ -673,6 +690,10 @@ class SampleWindow:
         if demand is not None and math.isfinite(demand):
             self._demand_sum += _exact(demand)
             self._demand_n += 1
+        raw = s.cpu_demand_percent
+        if raw is not None and math.isfinite(raw):
+            self._raw_sum += _exact(raw)
+            self._raw_n += 1
         if cpu is not None and math.isfinite(cpu):
             self._cpu_sum += _exact(cpu)
             self._cpu_n += 1
@@ -708,6 +729,10 @@ class SampleWindow:
         if demand is not None and math.isfinite(demand):
             self._demand_sum -= _exact(demand)
             self._demand_n -= 1
+        raw = rec.sample.cpu_demand_percent
+        if raw is not None and math.isfinite(raw):
+            self._raw_sum -= _exact(raw)
+            self._raw_n -= 1
         if cpu is not None and math.isfinite(cpu):
             self._cpu_sum -= _exact(cpu)
             self._cpu_n -= 1
@@ -772,6 +797,10 @@ class SampleWindow:
                 _swap(counts, ok1.mark, new2)
         cpu_mean = (self._cpu_sum / _EXACT_UNIT) / self._cpu_n if self._cpu_n else None
         demand_mean = (self._demand_sum / _EXACT_UNIT) / self._demand_n if self._demand_n else None
+        raw_mean = (self._raw_sum / _EXACT_UNIT) / self._raw_n if self._raw_n else None
+        starved = raw_mean is not None and raw_mean >= STARVED_DEMAND_PERCENT
+        if starved:
+            demand_mean = raw_mean
         mean_busy = cpu_mean is not None and cpu_mean >= thr
         works = counts["work_mean"] if mean_busy else counts["work"]
         busy_any = (counts["busy_mean"] if mean_busy else counts["busy"]) > 0
@@ -787,7 +816,7 @@ class SampleWindow:
             earliest_known=self._known[0].time if self._known else None,
             first_sight_in_window=first is not None and first is self._recs[0] and first.sample.cpu_percent is None,
             support={
-                Reason.CPU_SPIN: counts["spin"],
+                Reason.CPU_SPIN: counts["spin_starved"] if starved else counts["spin"],
                 Reason.WAITING_ON_NETWORK: counts["net"],
                 Reason.TOOL_CALL_WITHOUT_PROGRESS: works,
                 Reason.PROBE_TIMEOUT: counts["timeout"],

@@ -208,6 +208,21 @@ CASES = [
         and "waiting for one" in e["detail"] and "got 20.0%" in e["detail"],
     ),
     Case(
+        "a loop that gets a slice now and then: its wait is credited when it runs, 20% and 180% "
+        "in turn, 100% over the window (measured at 2-4% usage on CI): a spin",
+        State.STALLED,
+        Reason.CPU_SPIN,
+        history(cpu=3.0, at=lambda t: {"demand": 180.0} if int(t) % 20 else {"demand": 20.0}),
+        check=lambda e: e["cpu_demand_window_mean"] >= 90.0,
+    ),
+    Case(
+        "a spinner that wakes now and then, its demand uneven (20% and 100%, 60% over the "
+        "window): not a spin",
+        State.STALLED,
+        Reason.TOOL_CALL_WITHOUT_PROGRESS,
+        history(cpu=15.0, at=lambda t: {"demand": 100.0} if int(t) % 20 else {"demand": 20.0}),
+    ),
+    Case(
         "20% CPU and no run-queue wait: between the thresholds, not a spin",
         State.STALLED,
         Reason.TOOL_CALL_WITHOUT_PROGRESS,

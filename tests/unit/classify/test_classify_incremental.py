@@ -31,7 +31,7 @@ from tests.support.classify_builders import NOW, ROOT_PID, SILENT, acts, info, p
 # Values around the thresholds and the tick floor (1.5 ticks: 3% over 0.5 s, 0.15% over 10 s).
 CPU = st.sampled_from([0.0, 0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 3.5, 5.0, 25.0, 60.0, 0.1 + 0.2, None])
 # CPU demand (usage + run-queue wait) where schedstat is read; None where it is not.
-DEMAND = st.sampled_from([None, None, None, 0.0, 3.0, 30.0, 60.0, 99.5])
+DEMAND = st.sampled_from([None, None, None, 0.0, 3.0, 30.0, 60.0, 99.5, 99.5, 180.0])  # 180: wait credited late
 STEP = st.sampled_from([0.5, 1.0, 1.0, 1.0, 5.0, 10.0, 0.0, 90.0, -3.0])  # 0: same time; <0: clock back
 KIND = st.sampled_from(["idle"] * 6 + ["noisy"] * 3 + ["timeout", "denied", "vanished"])
 CFGS = st.builds(
