@@ -191,8 +191,7 @@ def classify(
         # Its age, like silence, does not count time we were not watching.
         oldest = min(t.since for t in tools)
         tool_age = now - max(oldest, watch_since)
-        if tool_age < cfg.tool_stall_after and (facts.tree_alive or _unread_children(latest, samples)
-                                                or _unread_since(latest, samples, oldest)):
+        if tool_age < cfg.tool_stall_after and (facts.tree_alive or _tool_unread(latest, samples, oldest)):
             return verdict(State.LONG_RUNNING, Reason.TOOL_RUNNING)
         # An open tool call is never stuck: a hung tool deserves a person's look
         # (and a report), not an automatic kill of the agent around it.
@@ -268,24 +267,18 @@ def _last_readable(samples: Sequence[TreeSample]) -> TreeSample | None:
 _READABLE_LOOKBACK = 64
 
 
-def _unread_children(latest: TreeSample | None, samples: Sequence[TreeSample]) -> bool:
-    """The latest sample could not be read, and the last one that could had children:
-    an unreadable tick says nothing about the tool's processes, so they still count."""
+def _tool_unread(latest: TreeSample | None, samples: Sequence[TreeSample], opened: float) -> bool:
+    """The latest sample could not be read, so it says nothing about the tool's processes:
+    they still count when the last readable sample had children, or, after a probe timeout,
+    when no sample has been read since the call `opened` (measured: aider's `/run` on a
+    loaded box, the probe timing out for half a minute, read stalled before its child).
+    An access-denied tick read the processes, and so its children: no child is no child."""
     if latest is None or latest.status is SampleStatus.OK:
         return False
     readable = _last_readable(samples)
-    return readable is not None and readable.children > 0
-
-
-def _unread_since(latest: TreeSample | None, samples: Sequence[TreeSample], since: float) -> bool:
-    """The latest probe timed out and no sample has been read since `since` (the tool call
-    opened): no reading says the tool's process is not there yet. (Measured: aider's `/run`
-    on a loaded box, the probe timing out for half a minute, read stalled before its child.)
-    An access-denied tick is not unread: its processes, and so its children, were read."""
-    if latest is None or latest.status is not SampleStatus.PROBE_TIMEOUT:
-        return False
-    readable = _last_readable(samples)
-    return readable is None or readable.time < since
+    if readable is not None and readable.children > 0:
+        return True
+    return latest.status is SampleStatus.PROBE_TIMEOUT and (readable is None or readable.time < opened)
 
 
 def _tui_spinner_on_network(info: SessionInfo, facts: WindowFacts) -> bool:
