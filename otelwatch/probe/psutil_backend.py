@@ -16,7 +16,8 @@ keeps the recovery gate closed.
 
 What psutil cannot give stays None: wchan (no such call), I/O counters where
 psutil has none (macOS), TCP of processes in other network namespaces (psutil
-reads its own namespace's table only).
+reads its own namespace's table only), CPU demand off Linux (the run-queue wait
+has no psutil call; on Linux it is read from /proc/PID/schedstat).
 
 Run and tested on Linux only. The branches only macOS takes are small: the
 per-process TCP read (`_process_sockets`, also tested on Linux by forcing it),
@@ -253,7 +254,12 @@ class PsutilProber(Prober):
         # proc_root: on Linux, where network namespaces are compared (see _same_netns).
         super().__init__(proc_root=proc_root, max_workers=max_workers, clock=clock, _before_sample=_before_sample)
         self.netlink_ok = False
-        self.schedstat = False  # usage only: the spin rule reads it (no CPU demand)
+        # CPU demand: psutil has no call for a process's run-queue wait. On Linux it is
+        # read from /proc/PID/schedstat as the /proc backend does (Prober found out whether
+        # the kernel has it): without it a spinner starved by other work reads as whatever
+        # its usage says (46% under CI load: tool_call_without_progress, not cpu_spin).
+        # Elsewhere samples carry no demand and the spin rule reads usage.
+        self.schedstat = LINUX and self.schedstat
         self.host_tcp = host_tcp
         self._host_allowed = LINUX or host_tcp is True  # False once the host-wide read was denied
         self._use_host = False  # this tick's choice
@@ -338,6 +344,7 @@ class PsutilProber(Prober):
             cmdline=table.cmdline(pid),
             wchan=None,
             cpu_known=pid not in getattr(table, "unreadable", ()),
+            run_wait=procfs.read_run_wait(pid, self.proc_root) if wait else None,
         )
 
     def _convert(self, fn: Callable[[], T], kind: str) -> T | None:

@@ -1,7 +1,8 @@
 """A spinning process is spinning however little CPU it gets: the cpu_spin rule reads
 demand (time on a CPU plus time runnable on a run queue, /proc/PID/schedstat), not usage.
 
-Real busy loops pinned to two CPUs with other busy loops, sampled by the real probe,
+Real busy loops pinned to two CPUs with other busy loops, sampled by the real probe
+(both backends: /proc, and psutil, which reads the same run-queue wait on Linux),
 classified by the real classifier: three spinners on two cores (each gets two thirds or
 less), then two more burners at a lower nice level than the spinners (the spinner gets
 well under the 50% spin bar). A sleeper beside them never reads cpu_spin.
@@ -23,6 +24,7 @@ from otelwatch.events.activity import Activity
 from otelwatch.model import Mode, Reason, SessionInfo, State, TreeSample
 from otelwatch.probe.prober import Prober
 from otelwatch.probe.proctable import ProcessTableReader
+from otelwatch.probe.psutil_backend import PsutilProber, PsutilTableReader
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="no schedstat on this kernel")
 
@@ -50,6 +52,18 @@ class Procs:
         return self.start([sys.executable, "-c", LOOP], nice)
 
 
+Backend = tuple[type[ProcessTableReader], type[Prober]]  # (table reader, prober)
+BACKENDS: dict[str, Backend] = {
+    "procfs": (ProcessTableReader, Prober),
+    "psutil": (PsutilTableReader, PsutilProber),
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return BACKENDS[request.param]
+
+
 @pytest.fixture
 def procs() -> Iterator[Procs]:
     p = Procs()
@@ -62,9 +76,9 @@ def procs() -> Iterator[Procs]:
             proc.wait()
 
 
-def watch(targets: dict[str, int]) -> dict[str, list[TreeSample]]:
+def watch(targets: dict[str, int], backend: Backend) -> dict[str, list[TreeSample]]:
     """SAMPLES tree samples of each target, INTERVAL apart, by the real probe."""
-    reader, prober = ProcessTableReader(), Prober()
+    reader, prober = backend[0](), backend[1]()
     out: dict[str, list[TreeSample]] = {sid: [] for sid in targets}
     try:
         for _ in range(SAMPLES):
@@ -89,10 +103,10 @@ def verdict(samples: list[TreeSample]) -> tuple[State, Reason, float, float]:
     return v.state, v.reason, usage, demand
 
 
-def test_three_spinners_on_two_cores_each_read_cpu_spin(procs: Procs) -> None:
+def test_three_spinners_on_two_cores_each_read_cpu_spin(procs: Procs, backend: Backend) -> None:
     spinners = [procs.loop() for _ in range(3)]
     sleeper = procs.start(["sleep", "60"])
-    got = watch({"spin": spinners[0].pid, "sleeper": sleeper.pid})
+    got = watch({"spin": spinners[0].pid, "sleeper": sleeper.pid}, backend)
     state, reason, usage, demand = verdict(got["spin"])
     assert (state, reason) == (State.STALLED, Reason.CPU_SPIN), (usage, demand)
     assert usage < 80.0 < demand  # two cores, three loops: nobody gets a whole one
@@ -100,14 +114,14 @@ def test_three_spinners_on_two_cores_each_read_cpu_spin(procs: Procs) -> None:
     assert verdict(got["sleeper"])[1] is not Reason.CPU_SPIN
 
 
-def test_a_spinner_starved_under_the_spin_bar_still_reads_cpu_spin(procs: Procs) -> None:
+def test_a_spinner_starved_under_the_spin_bar_still_reads_cpu_spin(procs: Procs, backend: Backend) -> None:
     """Two burners at a lower nice level than the three spinners (weights 1024 against
     335 each): the spinner gets about a fifth of a core, and wants all of it."""
     spinners = [procs.loop(nice=5) for _ in range(3)]
     for _ in range(2):
         procs.loop(nice=0)
     sleeper = procs.start(["sleep", "60"])
-    got = watch({"spin": spinners[0].pid, "sleeper": sleeper.pid})
+    got = watch({"spin": spinners[0].pid, "sleeper": sleeper.pid}, backend)
     state, reason, usage, demand = verdict(got["spin"])
     assert usage < CFG.cpu_spin_percent, "not starved: the case this test is for did not happen"
     assert (state, reason) == (State.STALLED, Reason.CPU_SPIN), (usage, demand)
