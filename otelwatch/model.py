@@ -218,8 +218,13 @@ class TreeSample:
     error: str = ""  # human-readable detail for non-OK statuses
     # Tree CPU demand, percent of one core: cpu_percent plus the time its processes' main
     # threads waited on a run queue (/proc/PID/schedstat). What a starved spinner wants,
-    # not what it gets; None where schedstat is not read (psutil backend, older kernels).
+    # not what it gets; None where schedstat is not read (off Linux, kernels without it).
     cpu_demand_percent: float | None = None
+    # Since when one of the tree's processes has not gone to sleep of its own accord (its
+    # main thread's voluntary context switches unchanged at every sample since): a loop's
+    # mark, which a timer-driven process kept on a run queue by a busy host lacks. None:
+    # every process slept in the last interval, or it is not known (no schedstat read).
+    awake_since: float | None = None
 
     @property
     def tcp_total(self) -> int | None:

@@ -143,6 +143,7 @@ class WindowFacts:
     children_changed: bool
     tree_alive: bool  # for an open tool: children alive, CPU or TCP in the window
     demand_mean: float | None = None  # the window's mean CPU demand (usage where unknown)
+    starved: bool = False  # a loop starved by other work: spinning reads its demand, not usage
 
     @staticmethod
     def of(
@@ -159,13 +160,10 @@ class WindowFacts:
         # mean says the process keeps using that little all the time.
         cpus = [s.cpu_percent for s in window if s.cpu_percent is not None]
         cpu_mean = math.fsum(cpus) / len(cpus) if cpus else None
-        demands = [d for s in window if (d := _demand(s)) is not None]
-        demand_mean = math.fsum(demands) / len(demands) if demands else None
         raw = [d for s in window if (d := s.cpu_demand_percent) is not None]
         raw_mean = math.fsum(raw) / len(raw) if raw else None
-        starved = raw_mean is not None and raw_mean >= STARVED_DEMAND_PERCENT
-        if starved:
-            demand_mean = raw_mean
+        last_ok = next((s for s in reversed(window) if s.status is SampleStatus.OK), None)
+        starved = _starved(raw_mean, last_ok, window[0].time if window else None)
         mean_busy = cpu_mean is not None and cpu_mean >= thr
         timeouts = denied = spins = starved_spins = nets = works = known = 0
         earliest_known: float | None = None
@@ -198,8 +196,7 @@ class WindowFacts:
             busy_cpu = cpu is not None and cpu >= thr and (cpu > floor or mean_busy)
             worked = busy_cpu
             cpu_busy_any = cpu_busy_any or busy_cpu
-            demand = _demand(s)
-            if demand is not None and demand >= spin and demand > floor:
+            if cpu is not None and cpu >= spin and cpu > floor:
                 spins += 1
             if s.cpu_demand_percent is not None:
                 starved_spins += 1
@@ -243,11 +240,12 @@ class WindowFacts:
                 Reason.PROBE_TIMEOUT: timeouts,
                 Reason.ACCESS_DENIED: denied,
             },
-            spin_mean=demand_mean is not None and demand_mean >= spin,
+            spin_mean=_spin_mean(starved, raw_mean, cpu_mean, spin),
             cpu_latest=latest.cpu_percent if latest is not None else None,
             cpu_max=max(cpus) if cpus else None,
             cpu_mean=cpu_mean,
-            demand_mean=demand_mean,
+            demand_mean=raw_mean if raw_mean is not None else cpu_mean,
+            starved=starved,
             tcp_max=tcp_max,
             running_pids=tuple(running),
             blocked_pids=tuple(blocked),
@@ -317,9 +315,10 @@ class WindowFacts:
         if reason is Reason.ACCESS_DENIED:
             return f"{n} unreadable samples in window"
         if reason is Reason.CPU_SPIN:
-            if self.demand_mean is not None and self.demand_mean != self.cpu_mean:
+            if self.starved:
                 return (f"CPU demand (on a CPU or waiting for one) at the spin bar in {n} of {self.size} "
-                        f"samples, window mean {rounded(self.demand_mean, 1)}% (got {rounded(self.cpu_mean, 1)}%)")
+                        f"samples, window mean {rounded(self.demand_mean, 1)}% (got {rounded(self.cpu_mean, 1)}%); "
+                        f"a process that never went to sleep in the window")
             return f"CPU at the spin bar in {n} of {self.size} samples, window mean {rounded(self.cpu_mean, 1)}%"
         if reason is Reason.WAITING_ON_NETWORK:
             return f"TCP open in {n} of {self.size} samples"
@@ -348,24 +347,33 @@ def _secs(x: float) -> str:
 
 # A loop starved by other work is runnable all the time: its demand (on a CPU or waiting
 # on a run queue) is a whole core whatever CPU it got (98-101% measured at 2-9% usage).
-# A process that only wakes now and then also waits on a busy host's run queue each time
-# it wakes: a TUI spinner at 11-16% usage read as a spin on the loaded CI box. So demand
-# stands in for usage only when the tree was runnable nearly the whole interval.
-# Over a whole window too: the kernel credits run-queue wait when the task gets a CPU, so
-# a loop that gets a slice every few hundred milliseconds reads 20% one tick and 180% the
-# next (measured at 2-4% usage on CI, 100-101% on average). A window whose mean demand is
-# at this level is one runnable loop: every sample of it with a demand counts as spinning.
+# Judged over the window, not per sample: the kernel credits run-queue wait when the task
+# gets a CPU, so a loop that gets a slice every few hundred milliseconds reads 20% one tick
+# and 180% the next (measured at 2-4% usage on CI, 100-101% on average).
+# A timer-driven process on a busy host waits on the run queue each time it wakes, and
+# when every wake-up waits long it is runnable nearly all the time too: the real Gemini
+# CLI and opencode TUIs, each drawing a spinner while a request hangs, read 90-137% demand
+# at 15-25% usage with two burners on 2 cores. What tells them apart is sleep: those TUIs
+# went to sleep of their own accord 1-120 times a second and in every 4-second window,
+# a loop never does (0 voluntary context switches). So a window is starved when its mean
+# demand is at this level and one of the tree's processes has not slept since the
+# window's first sample; then every sample of it with a demand counts as spinning.
 STARVED_DEMAND_PERCENT = 90.0
 
 
-def _demand(s: TreeSample) -> float | None:
-    """What the spin rule reads: the tree's CPU demand when it was runnable nearly all the
-    time (a loop starved by other work still reads as one), else its usage; its usage
-    where the demand is not known."""
-    d, used = s.cpu_demand_percent, s.cpu_percent
-    if d is None or used is None:
-        return used
-    return d if d >= STARVED_DEMAND_PERCENT else used
+def _starved(demand_mean: float | None, last_ok: TreeSample | None, first_time: float | None) -> bool:
+    """Whether the window is one loop starved by other work (see STARVED_DEMAND_PERCENT):
+    its mean CPU demand at the level, and its latest readable sample says a process has
+    not gone to sleep since the window's first sample."""
+    return (demand_mean is not None and demand_mean >= STARVED_DEMAND_PERCENT
+            and last_ok is not None and last_ok.awake_since is not None and first_time is not None
+            and last_ok.awake_since <= first_time)
+
+
+def _spin_mean(starved: bool, demand_mean: float | None, cpu_mean: float | None, spin: float) -> bool:
+    """The window's mean at the spin bar: its demand for a starved loop, else its usage."""
+    mean = demand_mean if starved else cpu_mean
+    return mean is not None and mean >= spin
 
 
 def _pids(pids: Sequence[int]) -> str:
@@ -483,8 +491,7 @@ def _mark(
     over = cpu is not None and cpu >= thr
     m.busy_mean = int(over)
     m.busy = int(over and cpu is not None and cpu > floor)
-    demand = _demand(s)
-    if demand is not None and demand >= spin and demand > floor:
+    if cpu is not None and cpu >= spin and cpu > floor:
         m.spin = 1
     if s.cpu_demand_percent is not None:
         m.spin_starved = 1
@@ -593,8 +600,6 @@ class SampleWindow:
         self._counts = dict.fromkeys(_COUNTS, 0)
         self._cpu_sum = 0
         self._cpu_n = 0
-        self._demand_sum = 0
-        self._demand_n = 0
         self._raw_sum = 0  # of cpu_demand_percent, for STARVED_DEMAND_PERCENT over the window
         self._raw_n = 0
         self._cpu_max: deque[tuple[int, float]] = deque()
@@ -686,10 +691,6 @@ class SampleWindow:
             c[k] += getattr(m, k)
         s = rec.sample
         cpu = s.cpu_percent
-        demand = _demand(s)
-        if demand is not None and math.isfinite(demand):
-            self._demand_sum += _exact(demand)
-            self._demand_n += 1
         raw = s.cpu_demand_percent
         if raw is not None and math.isfinite(raw):
             self._raw_sum += _exact(raw)
@@ -725,10 +726,6 @@ class SampleWindow:
         for k in _COUNTS:
             c[k] -= getattr(m, k)
         cpu = rec.sample.cpu_percent
-        demand = _demand(rec.sample)
-        if demand is not None and math.isfinite(demand):
-            self._demand_sum -= _exact(demand)
-            self._demand_n -= 1
         raw = rec.sample.cpu_demand_percent
         if raw is not None and math.isfinite(raw):
             self._raw_sum -= _exact(raw)
@@ -796,11 +793,9 @@ class SampleWindow:
                              ok1.children, False, thr, spin)
                 _swap(counts, ok1.mark, new2)
         cpu_mean = (self._cpu_sum / _EXACT_UNIT) / self._cpu_n if self._cpu_n else None
-        demand_mean = (self._demand_sum / _EXACT_UNIT) / self._demand_n if self._demand_n else None
         raw_mean = (self._raw_sum / _EXACT_UNIT) / self._raw_n if self._raw_n else None
-        starved = raw_mean is not None and raw_mean >= STARVED_DEMAND_PERCENT
-        if starved:
-            demand_mean = raw_mean
+        starved = _starved(raw_mean, self._ok_in[-1].sample if self._ok_in else None,
+                           first.time if first is not None else None)
         mean_busy = cpu_mean is not None and cpu_mean >= thr
         works = counts["work_mean"] if mean_busy else counts["work"]
         busy_any = (counts["busy_mean"] if mean_busy else counts["busy"]) > 0
@@ -822,11 +817,12 @@ class SampleWindow:
                 Reason.PROBE_TIMEOUT: counts["timeout"],
                 Reason.ACCESS_DENIED: counts["denied"],
             },
-            spin_mean=demand_mean is not None and demand_mean >= spin,
+            spin_mean=_spin_mean(starved, raw_mean, cpu_mean, spin),
             cpu_latest=latest.cpu_percent if latest is not None else None,
             cpu_max=self._cpu_max[0][1] if self._cpu_max else None,
             cpu_mean=cpu_mean,
-            demand_mean=demand_mean,
+            demand_mean=raw_mean if raw_mean is not None else cpu_mean,
+            starved=starved,
             tcp_max=self._tcp_max[0][1] if self._tcp_max else None,
             running_pids=running,
             blocked_pids=blocked,

@@ -57,6 +57,7 @@ class _RawProc:
     wchan: str | None
     cpu_known: bool = True  # False: info.cpu_seconds is a placeholder (not readable)
     run_wait: float | None = None  # seconds on a run queue since start (main thread); None: unknown
+    sleeps: int | None = None  # voluntary context switches since start (main thread); None: unknown
 
 
 @dataclass
@@ -106,6 +107,11 @@ class _History:
     # pid -> its run-queue wait (seconds) in `last`: kept here, not in the samples, as it
     # moves with every wake-up and would end the sharing of quiet processes' samples.
     waits: dict[int, float] = field(default_factory=dict)
+    # pid -> its voluntary context switches in `last`, and since when it has not slept
+    # (read at every sample since then with the count unchanged): what tells a loop from
+    # a timer-driven process that a busy host keeps on a run queue between its sleeps.
+    sleeps: dict[int, int] = field(default_factory=dict)
+    awake: dict[int, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- per-tick sharing
@@ -373,10 +379,11 @@ class Prober:
             return _RawTree(SampleStatus.VANISHED, target, "pid reused")
 
         raw = _RawTree(SampleStatus.OK, info.identity)
-        # The run-queue wait is read for processes that ran or wanted to: on a CPU or a
-        # run queue now, or CPU time moved since the last sample. One that slept through
-        # the interval without a tick of CPU is no loop, and most processes of most trees
-        # do; they cost no schedstat read (their wait counts as none).
+        # The run-queue wait and the count of voluntary sleeps are read for processes that
+        # ran or wanted to: on a CPU or a run queue now, or CPU time moved since the last
+        # sample. One that slept through the interval without a tick of CPU is no loop,
+        # and most processes of most trees do; they cost no read (their wait counts as
+        # none, and they count as having slept).
         hist = self._history.get(sid) if self.schedstat else None
         quiet = {(q.pid, q.create_time): q.cpu_seconds for q in hist.last.processes} if hist is not None else {}
         denied: list[str] = []
@@ -475,6 +482,7 @@ class Prober:
             cmdline=table.cmdline(pid),
             wchan=procfs.read_wchan(pid, root) if with_wchan else None,
             run_wait=procfs.read_run_wait(pid, root) if wait else None,
+            sleeps=procfs.read_voluntary_switches(pid, root) if wait else None,
         )
 
     def _table_for(self, pid: int, tick: _Tick) -> TcpTable | None:
@@ -499,6 +507,9 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
     samples: list[ProcessSample] = []
     waits: dict[int, float] = {}
     before_waits = prev.waits if prev is not None else {}
+    sleeps: dict[int, int] = {}
+    awake: dict[int, float] = {}
+    before_sleeps = prev.sleeps if prev is not None else {}
     wait_rate = 0.0  # run-queue wait of the tree, percent of one core (a process without a reading: none)
     tree_rate = 0.0
     root_rate: float | None = None
@@ -516,17 +527,23 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
         waited: float | None = None  # seconds of run-queue wait in this interval
         if wait is not None:
             waits[p.pid] = wait
+        if rp.sleeps is not None:
+            sleeps[p.pid] = rp.sleeps
         if prev is not None and dt > 0:
             before_ident = None if before_sample is None else ProcessIdentity(p.pid, before_sample.create_time)
             if before_sample is not None and same_process(before_ident, p.identity):
                 rate = max(0.0, p.cpu_seconds - before_sample.cpu_seconds) / dt * 100.0
                 w0 = before_waits.get(p.pid)
                 waited = None if wait is None or w0 is None else max(0.0, wait - w0)
+                if rp.sleeps is not None and before_sleeps.get(p.pid) == rp.sleeps:
+                    awake[p.pid] = prev.awake.get(p.pid, prev.last.time)  # not asleep once since
             elif p.create_time > prev.wall - FOREIGN_CREATE_TIME_SKEW_S:
                 # Born since the previous sample: all its CPU time is new. (A create time
                 # against the wall clock: btime's whole seconds make it up to a second early.)
                 rate = p.cpu_seconds / dt * 100.0
                 waited = wait
+                if rp.sleeps == 0:
+                    awake[p.pid] = prev.last.time
         if not rp.cpu_known:
             rate, cpu_unknown = None, True
         if rate is not None:
@@ -588,8 +605,9 @@ def _tree_sample(raw: _RawTree, prev: _History | None, table: ProcessTable,
         write_bytes=_reuse(write_b, last and last.write_bytes),
         error=raw.error,
         cpu_demand_percent=None if cpu_percent is None or not schedstat else cpu_percent + wait_rate,
+        awake_since=min(awake.values()) if awake else None,
     )
-    return tree, _History(table.monotonic, table.time, tree, waits)
+    return tree, _History(table.monotonic, table.time, tree, waits, sleeps, awake)
 
 
 _T = TypeVar("_T")

@@ -401,6 +401,30 @@ def read_run_wait(pid: int | str, proc_root: str = "/proc") -> float | None:
         return None
 
 
+_VOLUNTARY = b"\nvoluntary_ctxt_switches:"
+
+
+def read_voluntary_switches(pid: int | str, proc_root: str = "/proc") -> int | None:
+    """How many times pid's main thread has gone to sleep of its own accord since it
+    started (/proc/PID/status, voluntary_ctxt_switches): a wait for I/O, a timer, a
+    lock or a child. A loop never does; being preempted is not counted here. None when
+    it cannot be read: never raises. The main thread only, like `read_run_wait`."""
+    try:
+        fd = os.open(f"{proc_root}/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 8192)
+        finally:
+            os.close(fd)
+        at = data.find(_VOLUNTARY)
+        if at < 0:
+            return None
+        at += len(_VOLUNTARY)
+        end = data.find(b"\n", at)
+        return int(data[at:end if end >= 0 else len(data)])
+    except (OSError, ValueError):
+        return None
+
+
 def read_wchan(pid: int, proc_root: str = "/proc") -> str | None:
     """Where pid sleeps in the kernel ("ep_poll", "do_select", ...); "0" while running;
     None when unreadable or hidden (kernels may hide it from other users)."""

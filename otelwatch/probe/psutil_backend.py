@@ -256,9 +256,10 @@ class PsutilProber(Prober):
         self.netlink_ok = False
         # CPU demand: psutil has no call for a process's run-queue wait. On Linux it is
         # read from /proc/PID/schedstat as the /proc backend does (Prober found out whether
-        # the kernel has it): without it a spinner starved by other work reads as whatever
-        # its usage says (46% under CI load: tool_call_without_progress, not cpu_spin).
-        # Elsewhere samples carry no demand and the spin rule reads usage.
+        # the kernel has it), and the voluntary sleeps from /proc/PID/status: without them
+        # a spinner starved by other work reads as whatever its usage says (46% under CI
+        # load: tool_call_without_progress, not cpu_spin). Elsewhere samples carry no
+        # demand and the spin rule reads usage.
         self.schedstat = LINUX and self.schedstat
         self.host_tcp = host_tcp
         self._host_allowed = LINUX or host_tcp is True  # False once the host-wide read was denied
@@ -345,6 +346,7 @@ class PsutilProber(Prober):
             wchan=None,
             cpu_known=pid not in getattr(table, "unreadable", ()),
             run_wait=procfs.read_run_wait(pid, self.proc_root) if wait else None,
+            sleeps=procfs.read_voluntary_switches(pid, self.proc_root) if wait else None,
         )
 
     def _convert(self, fn: Callable[[], T], kind: str) -> T | None:

@@ -72,9 +72,11 @@ def tree(
     read: int | None = None,
     write: int | None = None,
     demand: float | None = None,
+    awake_since: float | None = None,
 ) -> TreeSample:
     """One tree sample: the root agent process plus `children`; `demand`: its CPU demand
-    (usage plus run-queue wait), None as from a backend that does not read it."""
+    (usage plus run-queue wait), None as from a backend that does not read it;
+    `awake_since`: since when a process of it has not gone to sleep (None: it slept)."""
     if status in (SampleStatus.VANISHED, SampleStatus.PROBE_TIMEOUT):
         return TreeSample(time=t, status=status, root=ROOT, error=str(status))
     tcp_map = None if unknown_tcp else ({} if tcp is None else dict(tcp))
@@ -94,6 +96,7 @@ def tree(
         read_bytes=read,
         write_bytes=write,
         cpu_demand_percent=demand,
+        awake_since=awake_since,
     )
 
 

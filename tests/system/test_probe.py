@@ -64,6 +64,10 @@ def test_cpu_busy_loop_and_sleeper(
     assert 0.0 < busy_cpu <= busy_demand + 1.0
     assert second["sleeper"].cpu_percent is not None and second["sleeper"].cpu_percent < 5.0
     assert second["sleeper"].cpu_demand_percent is not None and second["sleeper"].cpu_demand_percent < 5.0
+    # A loop never goes to sleep of its own accord; a sleeper does (and costs no read).
+    assert first["busy"].awake_since is None  # nothing to compare with yet
+    assert second["busy"].awake_since == first["busy"].time
+    assert second["sleeper"].awake_since is None
     assert second["busy"].root == first["busy"].root  # bare pid: the identity it found
     assert second["busy"].cpu_seconds >= first["busy"].cpu_seconds
 

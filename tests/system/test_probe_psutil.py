@@ -182,6 +182,7 @@ def test_cpu_rates_zombies_exits_and_pid_reuse(spawn: Spawner, prober: PsutilPro
     demand = second["busy"].cpu_demand_percent
     if os.path.exists("/proc/self/schedstat"):
         assert demand is not None and demand >= second["busy"].cpu_percent
+        assert second["busy"].awake_since == first["busy"].time  # a loop never slept
     else:
         assert demand is None  # the spin rule reads usage
     zombie = next(p for p in second["parent"].processes if p.pid == child_pid)

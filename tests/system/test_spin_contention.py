@@ -34,6 +34,13 @@ SAMPLES = 14  # 3.25 s: past stall_after with a full window behind it
 # Two CPUs of ours: the contention is the same on a 2-core runner and a 64-core box.
 CPUS = set(sorted(os.sched_getaffinity(0))[:2])
 LOOP = "while True: pass"
+# Work for 4 ms, sleep for 0.5 ms: a timer-driven process that a busy host keeps waiting.
+TICKER = ("import time\n"
+          "while True:\n"
+          "    t = time.perf_counter()\n"
+          "    while time.perf_counter() - t < 0.004:\n"
+          "        pass\n"
+          "    time.sleep(0.0005)\n")
 
 
 class Procs:
@@ -116,15 +123,28 @@ def test_three_spinners_on_two_cores_each_read_cpu_spin(procs: Procs, backend: B
 
 def test_a_spinner_starved_under_the_spin_bar_still_reads_cpu_spin(procs: Procs, backend: Backend) -> None:
     """Two burners at a lower nice level than the three spinners (weights 1024 against
-    335 each): the spinner gets about a fifth of a core, and wants all of it."""
+    335 each): the spinner gets about a fifth of a core, and wants all of it.
+
+    Beside it, at the spinners' nice level, a ticker: 4 ms of work, then half a
+    millisecond asleep, again and again. Starved the same way it is runnable nearly all
+    the time too (96% demand at 17% usage when measured), as the real Gemini CLI and
+    opencode TUIs were while drawing a spinner on a loaded 2-core box (90-137% demand at
+    15-25% usage); but it goes to sleep of its own accord between rounds (about 55 times
+    a second), which a loop never does: not a spin."""
     spinners = [procs.loop(nice=5) for _ in range(3)]
     for _ in range(2):
         procs.loop(nice=0)
+    ticker = procs.start([sys.executable, "-c", TICKER], nice=5)
     sleeper = procs.start(["sleep", "60"])
-    got = watch({"spin": spinners[0].pid, "sleeper": sleeper.pid}, backend)
+    got = watch({"spin": spinners[0].pid, "ticker": ticker.pid, "sleeper": sleeper.pid}, backend)
     state, reason, usage, demand = verdict(got["spin"])
     assert usage < CFG.cpu_spin_percent, "not starved: the case this test is for did not happen"
     assert (state, reason) == (State.STALLED, Reason.CPU_SPIN), (usage, demand)
     assert demand > 80.0
+    assert got["spin"][-1].awake_since is not None and got["spin"][-1].awake_since <= got["spin"][1].time
+    t_state, t_reason, t_usage, t_demand = verdict(got["ticker"])
+    assert t_usage < CFG.cpu_spin_percent and t_demand > 80.0, "not starved: the ticker's case did not happen"
+    assert (t_state, t_reason) == (State.STALLED, Reason.TOOL_CALL_WITHOUT_PROGRESS), (t_usage, t_demand)
+    assert all(s.awake_since is None for s in got["ticker"])
     _, s_reason, _, s_demand = verdict(got["sleeper"])
     assert s_reason is not Reason.CPU_SPIN and s_demand < 5.0

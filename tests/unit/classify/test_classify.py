@@ -200,27 +200,50 @@ CASES = [
         check=lambda e: "window mean" in e["detail"],
     ),
     Case(
-        "a loop starved by other work: 20% CPU, but runnable all the time",
+        "a loop starved by other work: 20% CPU, but runnable all the time and never asleep",
         State.STALLED,
         Reason.CPU_SPIN,
-        history(cpu=20.0, demand=98.0),
+        history(cpu=20.0, demand=98.0, awake_since=NOW - 2000),
         check=lambda e: e["cpu_window_mean"] == 20.0 and e["cpu_demand_window_mean"] == 98.0
-        and "waiting for one" in e["detail"] and "got 20.0%" in e["detail"],
+        and "waiting for one" in e["detail"] and "got 20.0%" in e["detail"] and "never went to sleep" in e["detail"],
     ),
     Case(
         "a loop that gets a slice now and then: its wait is credited when it runs, 20% and 180% "
         "in turn, 100% over the window (measured at 2-4% usage on CI): a spin",
         State.STALLED,
         Reason.CPU_SPIN,
-        history(cpu=3.0, at=lambda t: {"demand": 180.0} if int(t) % 20 else {"demand": 20.0}),
+        history(cpu=3.0, awake_since=NOW - 2000,
+                at=lambda t: {"demand": 180.0} if int(t) % 20 else {"demand": 20.0}),
         check=lambda e: e["cpu_demand_window_mean"] >= 90.0,
+    ),
+    Case(
+        "a TUI drawing a spinner on a busy host: runnable nearly all the time (98% demand at "
+        "20% CPU, as the real Gemini and opencode TUIs read), but it goes to sleep between "
+        "frames: not a spin",
+        State.STALLED,
+        Reason.TOOL_CALL_WITHOUT_PROGRESS,
+        history(cpu=20.0, demand=98.0, awake_since=None),
+        check=lambda e: e["cpu_demand_window_mean"] == 98.0 and "not spinning" in e["detail"],
+    ),
+    Case(
+        "the same TUI with its request open: sleeping on the socket, not spinning",
+        State.STALLED,
+        Reason.WAITING_ON_NETWORK,
+        history(cpu=20.0, demand=98.0, tcp={"ESTABLISHED": 1}),
+    ),
+    Case(
+        "starved, and awake only since the middle of the window: not a spin yet",
+        State.STALLED,
+        Reason.TOOL_CALL_WITHOUT_PROGRESS,
+        history(cpu=20.0, demand=98.0, awake_since=NOW - 100),
     ),
     Case(
         "a spinner that wakes now and then, its demand uneven (20% and 100%, 60% over the "
         "window): not a spin",
         State.STALLED,
         Reason.TOOL_CALL_WITHOUT_PROGRESS,
-        history(cpu=15.0, at=lambda t: {"demand": 100.0} if int(t) % 20 else {"demand": 20.0}),
+        history(cpu=15.0, awake_since=NOW - 2000,
+                at=lambda t: {"demand": 100.0} if int(t) % 20 else {"demand": 20.0}),
     ),
     Case(
         "20% CPU and no run-queue wait: between the thresholds, not a spin",

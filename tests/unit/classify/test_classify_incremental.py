@@ -75,6 +75,8 @@ def stream_st(draw: st.DrawFn) -> list[tuple[float, TreeSample, int, bool]]:
                 children=kids if kind == "noisy" else [],
                 read=draw(st.sampled_from([read, read, None])),
                 demand=draw(DEMAND) if kind == "noisy" else None,
+                # a loop since long ago, since just now, or a process that slept
+                awake_since=draw(st.sampled_from([None, None, NOW - 1000.0, t - 1.0, t])) if kind == "noisy" else None,
             )
         now = t + draw(st.sampled_from([0.0, 0.0, 0.3, -1.0]))
         out.append((now, s, draw(st.sampled_from([0] * 8 + [1, 2])), draw(st.integers(0, 15)) == 0))
