@@ -1,5 +1,6 @@
 """A spinning process is spinning however little CPU it gets: the cpu_spin rule reads
-demand (time on a CPU plus time runnable on a run queue, /proc/PID/schedstat), not usage.
+demand (time on a CPU plus time runnable on a run queue, /proc/PID/schedstat), not usage,
+for a process that never went to sleep; one that sleeps between rounds is no loop.
 
 Real busy loops pinned to two CPUs with other busy loops, sampled by the real probe
 (both backends: /proc, and psutil, which reads the same run-queue wait on Linux),
