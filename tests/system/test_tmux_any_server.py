@@ -53,6 +53,13 @@ def _watcher(tmp: Path, mark: str) -> Watcher:
     return Watcher(cfg, log_stream=io.StringIO())
 
 
+def _ignores_sighup(pid: int) -> bool:
+    """Whether pid has set SIGHUP to ignored (/proc/PID/status SigIgn, signal 1 = bit 0)."""
+    with open(f"/proc/{pid}/status") as fh:
+        line = next(x for x in fh if x.startswith("SigIgn:"))
+    return bool(int(line.split()[1], 16) & 1 << (signal.SIGHUP - 1))
+
+
 def test_same_named_sessions_on_two_servers_and_a_killed_server(
         tmp_path: Path, two_dirs: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
     tmux, socks = two_dirs
@@ -80,6 +87,9 @@ def test_same_named_sessions_on_two_servers_and_a_killed_server(
             assert runtimes[sock]["attach"] == f"tmux -S {sock} attach -t lab:0.0"
         agents = [found[sock].pid for sock in socks]  # type: ignore[index]
         assert len(set(agents)) == 2  # two agents, two runtimes: no collision
+        # Found as soon as it runs; a loaded box may not have let it ignore SIGHUP yet
+        # (one such agent died of the kill below and rightly read exited).
+        wait_for(lambda: all(_ignores_sighup(pid) for pid in agents), timeout=20, interval=0.1)
 
         # Kill the first server: its agent lives on (SIGHUP ignored), its pane does not.
         subprocess.run([tmux, "-S", socks[0], "kill-server"], capture_output=True, timeout=10, check=False)
