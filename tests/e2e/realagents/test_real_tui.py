@@ -323,12 +323,15 @@ def judge(run: Run, rows: list[Row], end: float) -> list[str]:
             problems.append(f"[{ph.label}] not {want} within {ph.within:g}s of {due - t0:.1f}s "
                             f"({'first at ' + format(hit.t - t0, '.1f') + 's' if hit else 'never'}; seen {seen})")
             continue
-        early = [r for r in mine if r.t < hit.t and (r.state, r.reason) not in (prev | ph.before | ph.want)]
+        # A phase's allowed blip (the CLI busy for an instant) may come before the verdict the
+        # phase wants is first seen (the state before was that verdict already) or after it.
+        blips = [r for r in mine if (r.state, r.reason) in ph.blip]
+        brief = bool(blips) and blips[-1].t - blips[0].t <= BLIP_S
+        early = [r for r in mine if r.t < hit.t and (r.state, r.reason) not in (prev | ph.before | ph.want)
+                 and not (brief and (r.state, r.reason) in ph.blip)]
         if early:
             problems.append(f"[{ph.label}] {early[0].state}/{early[0].reason} at {early[0].t - t0:.1f}s "
                             f"before {want}")
-        blips = [r for r in mine if r.t > hit.t and (r.state, r.reason) in ph.blip]
-        brief = bool(blips) and blips[-1].t - blips[0].t <= BLIP_S
         left = [r for r in mine if r.t > hit.t and (r.state, r.reason) not in ph.want
                 and not (brief and (r.state, r.reason) in ph.blip)]
         if left:
