@@ -22,6 +22,8 @@ import struct
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple, NoReturn
 
+from otelwatch.probe.proctable import read_small
+
 __all__ = [
     "TCP_STATES",
     "FdScan",
@@ -360,13 +362,7 @@ def read_io(pid: int, proc_root: str = "/proc") -> IoCounters | None:
     """/proc/PID/io: storage read_bytes/write_bytes, or rchar/wchar when the kernel
     has no storage accounting. None when not readable (another user's process)."""
     try:
-        # os.open/os.read, not open(): no buffered file object (an fstat and a second
-        # read) for a file of about 100 bytes, read for every process on every tick.
-        fd = os.open(f"{proc_root}/{pid}/io", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 1024)
-        finally:
-            os.close(fd)
+        data = read_small(f"{proc_root}/{pid}/io")  # read for every process on every tick
     except PermissionError:
         return None
     except OSError as exc:
@@ -391,12 +387,7 @@ def read_run_wait(pid: int | str, proc_root: str = "/proc") -> float | None:
     (CONFIG_SCHED_INFO off) or it cannot be read: never raises. Only the main thread:
     the whole group would cost a read per thread per tick."""
     try:
-        fd = os.open(f"{proc_root}/{pid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 128)
-        finally:
-            os.close(fd)
-        return int(data.split()[1]) / 1e9
+        return int(read_small(f"{proc_root}/{pid}/schedstat").split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         return None
 
@@ -410,11 +401,7 @@ def read_voluntary_switches(pid: int | str, proc_root: str = "/proc") -> int | N
     lock or a child. A loop never does; being preempted is not counted here. None when
     it cannot be read: never raises. The main thread only, like `read_run_wait`."""
     try:
-        fd = os.open(f"{proc_root}/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 8192)
-        finally:
-            os.close(fd)
+        data = read_small(f"{proc_root}/{pid}/status")
         at = data.find(_VOLUNTARY)
         if at < 0:
             return None

@@ -90,14 +90,15 @@ def read_proc(pid: int, proc_root: str = "/proc", boot_time: float | None = None
     """One process's ProcInfo now, or None when it does not exist (any more)."""
     bt = read_boot_time(proc_root) if boot_time is None else boot_time
     try:
-        return parse_stat(pid, _read_small(f"{proc_root}/{pid}/stat"), bt)
+        return parse_stat(pid, read_small(f"{proc_root}/{pid}/stat"), bt)
     except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
         return None
 
 
-def _read_small(path: str) -> bytes:
-    """The whole of a small /proc file in one read(2): /proc/PID/stat is well under
-    4 KiB, and a buffered file object would cost an fstat and a second read."""
+def read_small(path: str) -> bytes:
+    """The whole of a small /proc file in one read(2): /proc/PID/stat, io, schedstat and
+    status are well under 4 KiB, and a buffered file object would cost an fstat and a
+    second read. Raises OSError."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         data = os.read(fd, 4096)
@@ -200,13 +201,13 @@ class ProcessTableReader:
         root = self.proc_root
         boot_time = self.boot_time
         t0, m0 = self._clock(), self._monotonic()
-        read_small = _read_small
+        read = read_small  # a local name: no global lookup per host process
         for entry in os.listdir(root):
             if not entry.isdigit():
                 continue
             pid = int(entry)
             try:
-                procs[pid] = parse_stat(pid, read_small(f"{root}/{entry}/stat"), boot_time)
+                procs[pid] = parse_stat(pid, read(f"{root}/{entry}/stat"), boot_time)
             except (OSError, IndexError, ValueError):
                 continue  # vanished between listdir and open, or unreadable
         t, m = self._stamp(procs, t0, m0)
